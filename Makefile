@@ -1,0 +1,50 @@
+# gwagent: `make help` lists the targets.
+SHELL       := /bin/bash
+.DEFAULT_GOAL := help
+.SHELLFLAGS := -eu -o pipefail -c
+
+GO          ?= go
+BUILD       ?= build
+PKG         := github.com/gwagent/gwagent
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null | sed 's/^v//' || echo 0.0.0)
+LDFLAGS     := -s -w -X $(PKG)/agent/buildinfo.Version=$(VERSION) -X $(PKG)/agent/buildinfo.Commit=$(shell git rev-parse --short HEAD 2>/dev/null)
+# Tools are run at pinned versions through the Go module proxy.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+# Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian.
+APT_PACKAGES := mosquitto mosquitto-clients grub-common libubootenv-tool u-boot-tools minisign lintian \
+                systemd-container debootstrap time openssl ca-certificates iproute2
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: deps
+deps: ## Install the Debian packages the tests need (apt-get, as root or with sudo)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		$(SUDO) apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+.PHONY: build
+build: ## Build gwagent, gwctl and gwhub into build/
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/ ./cmd/...
+
+.PHONY: lint
+lint: ## go vet, gofmt and staticcheck
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) run $(STATICCHECK) ./...
+
+.PHONY: unit
+unit: deps ## Unit and integration tests with the race detector
+	$(GO) test -race -count=1 ./...
+
+.PHONY: test
+test: deps lint unit ## Everything CI runs: lint, unit/integration tests, interop and systemd end-to-end tests
+
+.PHONY: clean
+clean: ## Remove build output
+	rm -rf $(BUILD)
