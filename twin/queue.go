@@ -1,0 +1,713 @@
+package twin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+	"github.com/google/renameio/v2"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// Publisher sends one reported-properties patch to the hub and waits for
+// its answer. The agent's session implements it over
+// $iothub/twin/PATCH/properties/reported/. It must honour ctx (the queue
+// bounds every request with QueueOptions.RequestTimeout) and return
+// ErrNotConnected while there is no connection and a *StatusError when the
+// hub answers with a status other than 2xx.
+type Publisher interface {
+	PatchReported(ctx context.Context, body []byte) (version int64, err error)
+}
+
+// StatusError is a hub's error answer to a request: $iothub/twin/res/{Status}.
+type StatusError struct {
+	Status int
+	Body   []byte
+}
+
+func (e *StatusError) Error() string {
+	body := strings.TrimSpace(string(e.Body))
+	if len(body) > 256 {
+		body = body[:256] + "…"
+	}
+	if body == "" {
+		return fmt.Sprintf("twin: hub answered %d", e.Status)
+	}
+	return fmt.Sprintf("twin: hub answered %d: %s", e.Status, body)
+}
+
+// Temporary reports whether the same request may succeed later: timeouts
+// (408), throttling (429) and server errors (5xx). Other statuses (400 for
+// a bad key, 413 for a too large patch) will not change on a retry.
+func (e *StatusError) Temporary() bool {
+	return e.Status == 408 || e.Status == 429 || e.Status >= 500
+}
+
+var (
+	// ErrNotConnected is returned by a Publisher while the session is down.
+	// It is transient: the queue keeps the entry and retries.
+	ErrNotConnected = errors.New("twin: not connected")
+	// ErrClosed is returned by a Queue after Close.
+	ErrClosed = errors.New("twin: queue closed")
+	// ErrLocked is returned by OpenQueue when another open Queue (in this
+	// or another process) holds the directory.
+	ErrLocked = errors.New("twin: queue directory in use")
+	// ErrRunning is returned by Run when another Run is active.
+	ErrRunning = errors.New("twin: queue sender already running")
+)
+
+// QueueOptions configure a Queue. Zero durations take the defaults.
+type QueueOptions struct {
+	// Dir holds the queue's files and nothing else. It is created if
+	// missing.
+	Dir string
+	// MinBackoff is the first retry wait after a transient failure
+	// (default 1s); it doubles, with ±50% jitter, up to MaxBackoff
+	// (default 60s), and resets after a success.
+	MinBackoff, MaxBackoff time.Duration
+	// RequestTimeout bounds one PatchReported call (default 30s).
+	RequestTimeout time.Duration
+	// MinInterval, if set, spaces out sends of progress-only entries: one
+	// is sent no sooner than MinInterval after the previous send, and the
+	// reports made meanwhile merge into it. Milestones go at once. IoT Hub
+	// advises about one reported patch per second per device (§9.6).
+	MinInterval time.Duration
+}
+
+// Defaults of QueueOptions (iothub-protocol.md §9.6).
+const (
+	DefaultMinBackoff     = time.Second
+	DefaultMaxBackoff     = time.Minute
+	DefaultRequestTimeout = 30 * time.Second
+)
+
+// formatVersion is written into every entry file. Files of another
+// version are left in place and not sent.
+const formatVersion = 1
+
+// record is the on-disk form of one entry: <Dir>/<seq, 20 digits>.json.
+type record struct {
+	FormatVersion int             `json:"formatVersion"`
+	Seq           uint64          `json:"seq"`
+	Milestone     bool            `json:"milestone"`
+	Patch         json.RawMessage `json:"patch"`
+}
+
+// entry is one pending patch.
+type entry struct {
+	seq       uint64
+	milestone bool
+	patch     map[string]any
+	// sending is set while the sender publishes this entry: Report then
+	// appends instead of merging, so an acknowledgement never covers a
+	// change that was not in the published body.
+	sending bool
+	// delivered is set when the hub accepted the entry but its file could
+	// not be removed; the sender then retries the removal, not the publish.
+	delivered bool
+}
+
+// Queue is a persistent, coalescing, ordered queue of reported-property
+// patches. Report may be called from any goroutine; Run is the one sender.
+type Queue struct {
+	dir  string
+	opts QueueOptions
+	pub  Publisher
+	log  *zap.Logger
+
+	kick    chan struct{} // cap 1: an entry was added or released
+	wake    chan struct{} // cap 1: Wake was called
+	running atomic.Bool   // a Run is active
+
+	mu      sync.Mutex // guards the fields below and all file changes
+	entries []*entry   // in order; entries[0] is the head
+	nextSeq uint64
+	empty   chan struct{} // closed while entries is empty (for Flush)
+	lock    *os.File      // flock(2) on <Dir>/lock, held until Close
+	dirf    *os.File      // Dir, opened for fsync
+	closed  bool
+}
+
+// OpenQueue opens (or creates) the queue in opts.Dir and loads the entries
+// persisted there. Empty or torn entry files and leftover temporary files
+// are removed with a warning: they were never acknowledged by Report.
+// log may be nil.
+func OpenQueue(opts QueueOptions, pub Publisher, log *zap.Logger) (*Queue, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("twin: queue directory not set")
+	}
+	if pub == nil {
+		return nil, errors.New("twin: queue publisher is nil")
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if opts.MinBackoff <= 0 {
+		opts.MinBackoff = DefaultMinBackoff
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = DefaultMaxBackoff
+	}
+	if opts.MaxBackoff < opts.MinBackoff {
+		opts.MaxBackoff = opts.MinBackoff
+	}
+	if opts.RequestTimeout <= 0 {
+		opts.RequestTimeout = DefaultRequestTimeout
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("twin: create queue directory: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(opts.Dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("twin: open queue lock: %w", err)
+	}
+	// Two agents writing one queue would interleave and lose entries.
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s", ErrLocked, opts.Dir)
+		}
+		return nil, fmt.Errorf("twin: lock queue directory: %w", err)
+	}
+	dirf, err := os.Open(opts.Dir)
+	if err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("twin: open queue directory: %w", err)
+	}
+	q := &Queue{
+		dir:   opts.Dir,
+		opts:  opts,
+		pub:   pub,
+		log:   log,
+		kick:  make(chan struct{}, 1),
+		wake:  make(chan struct{}, 1),
+		empty: make(chan struct{}),
+		lock:  lock,
+		dirf:  dirf,
+	}
+	if err := q.load(); err != nil {
+		dirf.Close()
+		lock.Close()
+		return nil, err
+	}
+	if len(q.entries) == 0 {
+		close(q.empty)
+	}
+	return q, nil
+}
+
+// entryName is the file name of entry seq; the fixed width keeps the
+// directory listing in queue order.
+func entryName(seq uint64) string { return fmt.Sprintf("%020d.json", seq) }
+
+func parseEntryName(name string) (uint64, bool) {
+	base, ok := strings.CutSuffix(name, ".json")
+	if !ok || len(base) != 20 {
+		return 0, false
+	}
+	seq, err := strconv.ParseUint(base, 10, 64)
+	return seq, err == nil
+}
+
+func (q *Queue) load() error {
+	des, err := os.ReadDir(q.dir)
+	if err != nil {
+		return fmt.Errorf("twin: read queue directory: %w", err)
+	}
+	removed := false
+	for _, de := range des {
+		name := de.Name()
+		path := filepath.Join(q.dir, name)
+		if strings.HasPrefix(name, ".") && de.Type().IsRegular() {
+			// A temporary file of an interrupted atomic write.
+			q.log.Warn("removing leftover temporary file", zap.String("file", name))
+			if err := os.Remove(path); err != nil {
+				return fmt.Errorf("twin: remove leftover %s: %w", name, err)
+			}
+			removed = true
+			continue
+		}
+		seq, ok := parseEntryName(name)
+		if !ok || !de.Type().IsRegular() {
+			continue
+		}
+		q.nextSeq = max(q.nextSeq, seq+1)
+		e, version, err := readEntry(path, seq)
+		switch {
+		case err != nil:
+			// rename(2) after fsync makes a torn file impossible on a
+			// sound file system; if one shows up anyway it was never
+			// acknowledged, so it counts as missing.
+			q.log.Warn("removing unreadable queue entry", zap.String("file", name), zap.Error(err))
+			if err := os.Remove(path); err != nil {
+				return fmt.Errorf("twin: remove unreadable entry %s: %w", name, err)
+			}
+			removed = true
+		case version != formatVersion:
+			q.log.Error("skipping queue entry of another format version; it stays on disk",
+				zap.String("file", name), zap.Int("format_version", version))
+		default:
+			q.entries = append(q.entries, e)
+		}
+	}
+	slices.SortFunc(q.entries, func(a, b *entry) int {
+		switch {
+		case a.seq < b.seq:
+			return -1
+		case a.seq > b.seq:
+			return 1
+		}
+		return 0
+	})
+	if removed {
+		if err := q.dirf.Sync(); err != nil {
+			return fmt.Errorf("twin: sync queue directory: %w", err)
+		}
+	}
+	if len(q.entries) > 0 {
+		q.log.Info("loaded pending reported patches", zap.Int("entries", len(q.entries)))
+	}
+	return nil
+}
+
+// readEntry reads one entry file. A version other than formatVersion is
+// returned with a nil entry and no error.
+func readEntry(path string, seq uint64) (*entry, int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	if len(b) == 0 {
+		return nil, 0, errors.New("empty file")
+	}
+	var r record
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, 0, err
+	}
+	if r.FormatVersion != formatVersion {
+		if r.FormatVersion == 0 {
+			return nil, 0, errors.New("no format version")
+		}
+		return nil, r.FormatVersion, nil
+	}
+	if r.Seq != seq {
+		return nil, 0, fmt.Errorf("sequence %d does not match the file name", r.Seq)
+	}
+	patch, err := Decode(r.Patch)
+	if err != nil {
+		return nil, 0, err
+	}
+	return &entry{seq: seq, milestone: r.Milestone, patch: patch}, r.FormatVersion, nil
+}
+
+// write stores e durably: atomic replace, then the directory is synced so
+// the new name survives a power cut.
+func (q *Queue) write(e *entry) error {
+	patch, err := json.Marshal(e.patch)
+	if err != nil {
+		return fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
+	}
+	b, err := json.Marshal(record{FormatVersion: formatVersion, Seq: e.seq, Milestone: e.milestone, Patch: patch})
+	if err != nil {
+		return fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
+	}
+	path := filepath.Join(q.dir, entryName(e.seq))
+	// The temporary file goes into Dir itself: same file system, and
+	// renameio does not have to probe for a temporary directory each time.
+	if err := renameio.WriteFile(path, b, 0o600, renameio.WithTempDir(q.dir)); err != nil {
+		return fmt.Errorf("twin: write entry %d: %w", e.seq, err)
+	}
+	if err := q.dirf.Sync(); err != nil {
+		return fmt.Errorf("twin: sync queue directory: %w", err)
+	}
+	return nil
+}
+
+// remove deletes e's file durably.
+func (q *Queue) remove(e *entry) error {
+	err := os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("twin: remove entry %d: %w", e.seq, err)
+	}
+	if err := q.dirf.Sync(); err != nil {
+		return fmt.Errorf("twin: sync queue directory: %w", err)
+	}
+	return nil
+}
+
+// Report queues a reported-properties patch and returns once it is on disk
+// (fsynced), so a crash right after loses nothing. patch may hold any
+// JSON-encodable values; it is copied, checked with ValidatePatch and
+// against MaxReportedSize (errors wrap ErrInvalid). An empty patch is a
+// no-op.
+//
+// The patch is merged into the newest pending entry unless that entry is a
+// milestone, is being sent, or the two cannot be expressed as one merge
+// patch; the merged entry is a milestone if the new patch is. So progress
+// patches collapse into one, and every milestone (a state change) reaches
+// the hub, in order.
+func (q *Queue) Report(patch map[string]any, milestone bool) error {
+	p, err := normalize(patch)
+	if err != nil {
+		return err
+	}
+	if err := ValidatePatch(p); err != nil {
+		return err
+	}
+	if n := Size(p); n > MaxReportedSize {
+		return &ValidationError{Reason: fmt.Sprintf("patch of %d bytes exceeds %d", n, MaxReportedSize)}
+	}
+	if len(p) == 0 {
+		return nil
+	}
+
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return ErrClosed
+	}
+	if n := len(q.entries); n > 0 {
+		tail := q.entries[n-1]
+		if !tail.milestone && !tail.sending && !tail.delivered {
+			merged, ok := composePatches(tail.patch, p)
+			if ok && Size(merged) <= MaxReportedSize {
+				e := &entry{seq: tail.seq, milestone: milestone, patch: merged}
+				if err := q.write(e); err != nil {
+					return err
+				}
+				q.entries[n-1] = e
+				q.signal(q.kick)
+				return nil
+			}
+		}
+	}
+	e := &entry{seq: q.nextSeq, milestone: milestone, patch: p}
+	// Never reuse a number, even after a failed write that may have left
+	// the file behind.
+	q.nextSeq++
+	if err := q.write(e); err != nil {
+		_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+		return err
+	}
+	if len(q.entries) == 0 {
+		q.empty = make(chan struct{})
+	}
+	q.entries = append(q.entries, e)
+	q.signal(q.kick)
+	return nil
+}
+
+// normalize turns a caller's patch into a document as Decode makes it (a
+// private deep copy with json.Number numbers).
+func normalize(patch map[string]any) (map[string]any, error) {
+	if patch == nil {
+		return map[string]any{}, nil
+	}
+	b, err := json.Marshal(patch)
+	if err != nil {
+		return nil, &ValidationError{Reason: "not JSON-encodable: " + err.Error()}
+	}
+	return Decode(b)
+}
+
+// composePatches returns one merge patch r with Merge(Merge(d, a), b) ==
+// Merge(d, r) for every document d, or false when there is none: where a
+// sets a non-object value (or null) and b then sets an object, applying b
+// replaces what a left, but a single patch would merge into the old value.
+// a and b are not modified.
+func composePatches(a, b map[string]any) (map[string]any, bool) {
+	if !composable(a, b) {
+		return nil, false
+	}
+	return composeInto(copyValue(a).(map[string]any), b), true
+}
+
+func composable(a, b map[string]any) bool {
+	for k, bv := range b {
+		bm, bIsObj := bv.(map[string]any)
+		av, present := a[k]
+		if !bIsObj || !present {
+			continue
+		}
+		am, aIsObj := av.(map[string]any)
+		if !aIsObj || !composable(am, bm) {
+			return false
+		}
+	}
+	return true
+}
+
+func composeInto(a, b map[string]any) map[string]any {
+	for k, bv := range b {
+		if bm, ok := bv.(map[string]any); ok {
+			if am, ok := a[k].(map[string]any); ok {
+				a[k] = composeInto(am, bm)
+				continue
+			}
+		}
+		a[k] = copyValue(bv) // nulls stay: they delete on the hub
+	}
+	return a
+}
+
+// signal does a non-blocking send on a 1-slot channel.
+func (q *Queue) signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// Wake tells the sender that the connection is (re)established: a backoff
+// wait in progress ends now and the head entry is retried.
+func (q *Queue) Wake() { q.signal(q.wake) }
+
+// Len is the number of pending entries, including one being sent.
+func (q *Queue) Len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.entries)
+}
+
+// Flush waits until every entry has been acknowledged by the hub (or
+// dropped as rejected), or until ctx is done. It needs Run to be running.
+func (q *Queue) Flush(ctx context.Context) error {
+	q.mu.Lock()
+	empty := q.empty
+	q.mu.Unlock()
+	select {
+	case <-empty:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("twin: flush with %d entries pending: %w", q.Len(), ctx.Err())
+	}
+}
+
+// Close releases the queue directory. Pending entries stay on disk for the
+// next OpenQueue. Call it after Run has returned.
+func (q *Queue) Close() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return nil
+	}
+	q.closed = true
+	return errors.Join(q.dirf.Close(), q.lock.Close())
+}
+
+// Run is the sender: it publishes the head entry, removes it once the hub
+// accepted it, and goes on in order until ctx is done (a normal stop: it
+// then returns nil). Transient failures (ErrNotConnected, timeouts,
+// temporary *StatusError and any other error) are retried with capped,
+// jittered exponential backoff; Wake cuts a wait short. A permanent
+// rejection (a non-temporary 4xx *StatusError) is logged with the patch's
+// keys and the entry dropped. With QueueOptions.MinInterval, progress-only
+// entries are spaced out. An idle queue waits for Report without timers.
+func (q *Queue) Run(ctx context.Context) error {
+	if !q.running.CompareAndSwap(false, true) {
+		return ErrRunning
+	}
+	defer q.running.Store(false)
+
+	b := &backoff.ExponentialBackOff{
+		InitialInterval:     q.opts.MinBackoff,
+		RandomizationFactor: 0.5,
+		Multiplier:          2,
+		MaxInterval:         q.opts.MaxBackoff,
+	}
+	b.Reset()
+	attempt := 0
+	var lastSend time.Time
+	for {
+		var notBefore time.Time
+		if q.opts.MinInterval > 0 && !lastSend.IsZero() {
+			notBefore = lastSend.Add(q.opts.MinInterval)
+		}
+		e, body, wait, err := q.head(notBefore)
+		if err != nil {
+			return err
+		}
+		if e == nil || wait > 0 {
+			// Idle, or a progress entry that is not due yet: sleep until a
+			// Report (which may turn it into a milestone) or until it is due.
+			var due <-chan time.Time
+			var t *time.Timer
+			if wait > 0 {
+				t = time.NewTimer(wait)
+				due = t.C
+			}
+			select {
+			case <-ctx.Done():
+			case <-q.kick:
+			case <-due:
+			}
+			if t != nil {
+				t.Stop()
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			continue
+		}
+		// A Wake that came before this attempt is answered by it.
+		select {
+		case <-q.wake:
+		default:
+		}
+
+		var failure error
+		if body != nil {
+			lastSend = time.Now()
+			attempt++
+			failure = q.send(ctx, e, body, attempt)
+		} else {
+			failure = q.finish(e) // delivered earlier; only the removal is left
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if failure == nil {
+			b.Reset()
+			attempt = 0
+			continue
+		}
+		// Cap the jittered value too: MaxBackoff is a promise.
+		d := min(b.NextBackOff(), q.opts.MaxBackoff)
+		lvl := zap.WarnLevel
+		if errors.Is(failure, ErrNotConnected) {
+			lvl = zap.DebugLevel // expected while offline; the session logs the outage
+		}
+		q.log.Log(lvl, "reported patch not delivered; retrying",
+			zap.Uint64("seq", e.seq), zap.Int("attempt", attempt),
+			zap.Duration("backoff", d), zap.Error(failure))
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-q.wake:
+			t.Stop()
+		case <-t.C:
+		}
+	}
+}
+
+// head returns the head entry, marked as being sent, with its body; a nil
+// body means it was delivered already and only needs removing. A nil entry
+// means the queue is empty. A progress-only head is not due before
+// notBefore: head then returns it unmarked with the time left to wait.
+func (q *Queue) head(notBefore time.Time) (*entry, []byte, time.Duration, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return nil, nil, 0, ErrClosed
+	}
+	if len(q.entries) == 0 {
+		return nil, nil, 0, nil
+	}
+	e := q.entries[0]
+	if e.delivered {
+		return e, nil, 0, nil
+	}
+	if !e.milestone && !notBefore.IsZero() {
+		if wait := time.Until(notBefore); wait > 0 {
+			return e, nil, wait, nil
+		}
+	}
+	body, err := json.Marshal(e.patch)
+	if err != nil {
+		// Cannot happen for a decoded document; keep the entry visible.
+		return nil, nil, 0, fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
+	}
+	e.sending = true
+	return e, body, 0, nil
+}
+
+// send publishes e once. It returns nil when the entry is done with
+// (accepted and removed, or rejected for good and dropped) and the error
+// to back off on otherwise.
+func (q *Queue) send(ctx context.Context, e *entry, body []byte, attempt int) error {
+	rctx, cancel := context.WithTimeout(ctx, q.opts.RequestTimeout)
+	version, err := q.pub.PatchReported(rctx, body)
+	cancel()
+
+	if err == nil {
+		q.log.Debug("reported patch delivered", zap.Uint64("seq", e.seq),
+			zap.Bool("milestone", e.milestone), zap.Int64("version", version), zap.Int("attempt", attempt))
+		q.mu.Lock()
+		e.sending = false
+		e.delivered = true
+		q.mu.Unlock()
+		return q.finish(e)
+	}
+
+	q.mu.Lock()
+	e.sending = false
+	q.mu.Unlock()
+	if se := (*StatusError)(nil); errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && !se.Temporary() {
+		q.log.Error("reported patch rejected by the hub; dropped",
+			zap.Uint64("seq", e.seq), zap.Bool("milestone", e.milestone),
+			zap.Int("status", se.Status), zap.Strings("keys", keyPaths(e.patch, 50)),
+			zap.ByteString("hub_error", se.Body))
+		q.mu.Lock()
+		e.delivered = true // nothing more to send; only the removal is left
+		q.mu.Unlock()
+		return q.finish(e)
+	}
+	if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		err = fmt.Errorf("no answer within %v: %w", q.opts.RequestTimeout, err)
+	}
+	return err
+}
+
+// finish removes the delivered head entry from disk and memory.
+func (q *Queue) finish(e *entry) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return ErrClosed
+	}
+	if err := q.remove(e); err != nil {
+		// Left on disk, a delivered entry would be sent again after a
+		// restart and undo newer values the hub already has; so the
+		// sender retries the removal before anything else.
+		q.log.Error("cannot remove delivered queue entry", zap.Uint64("seq", e.seq), zap.Error(err))
+		return err
+	}
+	q.entries = q.entries[1:]
+	if len(q.entries) == 0 {
+		close(q.empty)
+	}
+	return nil
+}
+
+// keyPaths lists up to limit leaf key paths of a patch, sorted, for logs.
+func keyPaths(patch map[string]any, limit int) []string {
+	var out []string
+	var walk func(m map[string]any, prefix string)
+	walk = func(m map[string]any, prefix string) {
+		for _, k := range sortedKeys(m) {
+			p := joinPath(prefix, k)
+			if sub, ok := m[k].(map[string]any); ok && len(sub) > 0 {
+				walk(sub, p)
+				continue
+			}
+			if len(out) < limit {
+				out = append(out, p)
+			}
+		}
+	}
+	walk(patch, "")
+	return out
+}
