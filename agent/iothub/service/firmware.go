@@ -1,0 +1,181 @@
+package service
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"strconv"
+	"time"
+)
+
+// Firmware statuses reported in properties.reported.firmwareStatus (the
+// tutorial's names, plus the states of the real installer).
+const (
+	StatusStandBy     = "standBy"
+	StatusDownloading = "downloading"
+	StatusVerifying   = "verifying"
+	StatusApplying    = "applying"
+	StatusRebooting   = "rebooting"
+	StatusCommitting  = "committing"
+	StatusCompleted   = "completed"
+	StatusFailed      = "failed"
+	StatusRolledBack  = "rolledBack"
+)
+
+// FirmwareError is the reported firmware.error.
+type FirmwareError struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+// FirmwareState is what a device reports about its firmware update: the
+// tutorial's top-level fields and gwagent's "firmware" detail object.
+type FirmwareState struct {
+	Status         string         `json:"status"` // firmwareStatus, else firmware.status
+	UpdateID       string         `json:"updateId,omitempty"`
+	TargetVersion  string         `json:"targetVersion,omitempty"`
+	CurrentVersion string         `json:"currentVersion,omitempty"`
+	Bytes          int64          `json:"bytes,omitempty"`
+	TotalBytes     int64          `json:"totalBytes,omitempty"`
+	Percent        int            `json:"percent"` // -1 when unknown
+	Slot           string         `json:"slot,omitempty"`
+	Error          *FirmwareError `json:"error,omitempty"`
+	// Timestamps: the tutorial's and firmware.updatedAt. Zero when absent.
+	LogTime              time.Time `json:"logTime,omitzero"`
+	DownloadComplete     time.Time `json:"downloadComplete,omitzero"`
+	StartedApplyingImage time.Time `json:"startedApplyingImage,omitzero"`
+	LastFirmwareUpdate   time.Time `json:"lastFirmwareUpdate,omitzero"`
+	UpdatedAt            time.Time `json:"updatedAt,omitzero"`
+	// StatusTime is $metadata.firmwareStatus.$lastUpdated: when the hub
+	// stored the status (service reads carry it).
+	StatusTime time.Time `json:"statusTime,omitzero"`
+}
+
+// ParseFirmwareState reads the firmware fields of a twin's reported
+// properties. Missing or mistyped fields stay zero; Percent is -1 unless
+// reported or computable from bytes.
+func ParseFirmwareState(reported map[string]any) FirmwareState {
+	s := FirmwareState{Percent: -1}
+	s.Status = str(reported["firmwareStatus"])
+	s.LogTime = timestamp(reported["logTime"])
+	s.DownloadComplete = timestamp(reported["downloadComplete"])
+	s.StartedApplyingImage = timestamp(reported["startedApplyingImage"])
+	s.LastFirmwareUpdate = timestamp(reported["lastFirmwareUpdate"])
+	if md, ok := reported["$metadata"].(map[string]any); ok {
+		if fs, ok := md["firmwareStatus"].(map[string]any); ok {
+			s.StatusTime = timestamp(fs["$lastUpdated"])
+		}
+	}
+	fw, _ := reported["firmware"].(map[string]any)
+	if fw == nil {
+		return s
+	}
+	if s.Status == "" {
+		s.Status = str(fw["status"])
+	}
+	s.UpdateID = str(fw["updateId"])
+	s.TargetVersion = str(fw["targetVersion"])
+	s.CurrentVersion = str(fw["currentVersion"])
+	s.Slot = str(fw["slot"])
+	s.UpdatedAt = timestamp(fw["updatedAt"])
+	s.Bytes, _ = integer(fw["bytes"])
+	s.TotalBytes, _ = integer(fw["totalBytes"])
+	if p, ok := integer(fw["percent"]); ok && p >= 0 && p <= 100 {
+		s.Percent = int(p)
+	} else if s.TotalBytes > 0 && s.Bytes >= 0 {
+		// In floating point: bytes*100 may overflow int64 for absurd values.
+		s.Percent = int(min(100, float64(s.Bytes)*100/float64(s.TotalBytes)))
+	}
+	if e, ok := fw["error"].(map[string]any); ok {
+		s.Error = &FirmwareError{Code: str(e["code"]), Message: str(e["message"])}
+	}
+	return s
+}
+
+// Terminal reports whether the status ends an update.
+func (s FirmwareState) Terminal() bool {
+	return s.Status == StatusCompleted || s.Failed()
+}
+
+// Failed reports whether the update ended without installing the image.
+func (s FirmwareState) Failed() bool {
+	return s.Status == StatusFailed || s.Status == StatusRolledBack
+}
+
+// TransitionTime is when the device entered its current status: the
+// tutorial's timestamp for that status, else firmware.updatedAt, else when
+// the hub stored it. Zero when the twin says nothing.
+func (s FirmwareState) TransitionTime() time.Time {
+	var t time.Time
+	switch s.Status {
+	case StatusStandBy:
+		t = s.LogTime
+	case StatusDownloading:
+		t = s.DownloadComplete // the tutorial stamps it when the download starts
+	case StatusApplying:
+		t = s.StartedApplyingImage
+	case StatusCompleted:
+		t = s.LastFirmwareUpdate
+	}
+	if t.IsZero() {
+		t = s.UpdatedAt
+	}
+	if t.IsZero() {
+		t = s.StatusTime
+	}
+	return t
+}
+
+func str(v any) string {
+	switch x := v.(type) {
+	case string:
+		return x
+	case json.Number:
+		return x.String()
+	case float64:
+		return strconv.FormatFloat(x, 'f', -1, 64)
+	case bool:
+		return strconv.FormatBool(x)
+	case nil:
+		return ""
+	}
+	return fmt.Sprint(v)
+}
+
+func integer(v any) (int64, bool) {
+	switch x := v.(type) {
+	case json.Number:
+		if i, err := x.Int64(); err == nil {
+			return i, true
+		}
+		if f, err := x.Float64(); err == nil && f == math.Trunc(f) && math.Abs(f) < 1<<53 {
+			return int64(f), true
+		}
+	case float64:
+		if x == math.Trunc(x) && math.Abs(x) < 1<<53 {
+			return int64(x), true
+		}
+	case int64:
+		return x, true
+	case int:
+		return int64(x), true
+	}
+	return 0, false
+}
+
+// timeLayouts: RFC 3339 as gwagent reports, and the tutorial's Python
+// str(datetime.now()) form.
+var timeLayouts = []string{time.RFC3339Nano, "2006-01-02 15:04:05.999999999", "2006-01-02T15:04:05.999999999"}
+
+func timestamp(v any) time.Time {
+	s, ok := v.(string)
+	if !ok || s == "" {
+		return time.Time{}
+	}
+	for _, l := range timeLayouts {
+		if t, err := time.Parse(l, s); err == nil {
+			return t
+		}
+	}
+	return time.Time{}
+}

@@ -1,0 +1,61 @@
+package service
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseFirmwareState(t *testing.T) {
+	cases := []struct {
+		name, doc   string
+		status      string
+		percent     int
+		bytes       int64
+		errCode     string
+		transition  string
+		updateID    string
+		currentVers string
+	}{
+		{"gwagent", `{"firmwareStatus":"downloading","downloadComplete":"2026-11-26T12:00:01Z","firmware":{"status":"downloading","updateId":"u-1","bytes":4200000,"totalBytes":10000000,"percent":42,"updatedAt":"2026-11-26T12:00:02.5Z","currentVersion":"1.2.0"}}`,
+			"downloading", 42, 4200000, "", "12:00:01", "u-1", "1.2.0"},
+		{"percent from bytes", `{"firmware":{"status":"downloading","bytes":1,"totalBytes":3,"percent":null,"updatedAt":"2026-11-26T12:00:02Z"}}`,
+			"downloading", 33, 1, "", "12:00:02", "", ""},
+		{"huge bytes", `{"firmware":{"status":"downloading","bytes":9000000000000000000,"totalBytes":9100000000000000000}}`,
+			"downloading", 98, 9000000000000000000, "", "", "", ""},
+		{"numeric error code", `{"firmwareStatus":"failed","firmware":{"status":"failed","error":{"code":500,"message":"boom"},"updatedAt":"2026-11-26T12:00:09Z"}}`,
+			"failed", -1, 0, "500", "12:00:09", "", ""},
+		{"tutorial python time", `{"firmwareStatus":"applying","startedApplyingImage":"2018-02-16 10:00:00.123456"}`,
+			"applying", -1, 0, "", "10:00:00", "", ""},
+		{"metadata only", `{"firmwareStatus":"standBy","$metadata":{"firmwareStatus":{"$lastUpdated":"2026-11-26T11:00:00.1234567Z"}}}`,
+			"standBy", -1, 0, "", "11:00:00", "", ""},
+		{"wrong types", `{"firmwareStatus":7,"firmware":{"bytes":"x","totalBytes":-5,"percent":400,"error":"e"}}`,
+			"7", -1, 0, "", "", "", ""},
+		{"empty", `{}`, "", -1, 0, "", "", "", ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dec := json.NewDecoder(strings.NewReader(tc.doc))
+			dec.UseNumber()
+			var m map[string]any
+			if err := dec.Decode(&m); err != nil {
+				t.Fatal(err)
+			}
+			s := ParseFirmwareState(m)
+			if s.Status != tc.status || s.Percent != tc.percent || s.Bytes != tc.bytes || s.UpdateID != tc.updateID || s.CurrentVersion != tc.currentVers {
+				t.Errorf("got %+v", s)
+			}
+			if (s.Error == nil) != (tc.errCode == "") || (s.Error != nil && s.Error.Code != tc.errCode) {
+				t.Errorf("error %+v, want code %q", s.Error, tc.errCode)
+			}
+			got := ""
+			if tt := s.TransitionTime(); !tt.IsZero() {
+				got = tt.UTC().Format(time.TimeOnly)
+			}
+			if got != tc.transition {
+				t.Errorf("transition time %q, want %q", got, tc.transition)
+			}
+		})
+	}
+}
