@@ -1,0 +1,35 @@
+// Package firmware changes the device: it owns the update state machine
+// (Manager), the streaming download and verification of images, and the
+// Installer interface that backends implement.
+//
+// Data flow: the firmwareUpdate method handler calls ParseRequest and
+// Manager.Start, which validates, persists the "accepted" phase and returns at
+// once. Manager.Run drives the update through accepted → downloading →
+// verifying → applying → [rebooting → committing] → completed, or to failed /
+// rolledBack. Each phase is written to StateDir (atomically, fsynced) before
+// its side effect, and a restarted agent resumes from the last persisted
+// phase through a table whose rows say why resuming there is right. A
+// transition counter ends an update that keeps restarting, so a boot loop
+// never becomes an update loop.
+//
+// Downloads stream through one fixed buffer into the Installer's Sink,
+// hashing as they go; transient HTTP failures are retried with backoff and
+// resumed with Range requests, and the write offset plus the SHA-256 state
+// are checkpointed (after Sink.Sync) so a kill -9 continues where the last
+// checkpoint left off. gzip and zstd images are decoded on the fly; their
+// decoders cannot be checkpointed, so within one run a broken transfer still
+// resumes by Range (below the decoder) but after a restart a compressed
+// download starts again from zero. With Config.Signatures (package
+// signature) the request's minisign signature is fetched before the image,
+// checked while the image streams, and its running state is checkpointed
+// with the SHA-256, so a resumed download still verifies.
+//
+// Backends live in subpackages (simulated, abpart) and implement Installer
+// plus the optional abilities they have (Checker, Preparer, Fetcher,
+// ReadBacker, Rebooter, Committer, RollBacker, Slotted, Versioner).
+//
+// This package must not talk to the hub or format twin properties: it
+// reports Progress to an Observer and the agent turns that into reported
+// properties. It must not write to the running slot: where bytes go is the
+// backend's decision.
+package firmware

@@ -1,0 +1,796 @@
+package firmware
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/firmware/signature"
+)
+
+// Config configures a Manager. StateDir and Installer are required; every
+// other field has a default.
+type Config struct {
+	// StateDir holds the persisted update record and download checkpoint.
+	StateDir string
+	// Installer is the backend the state machine drives.
+	Installer Installer
+	// Observer receives every Progress, in order, on the state machine's
+	// goroutine (and on Start's caller for "accepted"). It must return quickly
+	// (the machine waits for it); it may call Status but not Start.
+	Observer func(Progress)
+	// Log is the component logger (named by the caller).
+	Log *zap.Logger
+	// HTTPClient downloads images. The default has dial, TLS and response
+	// header timeouts; the whole download is bounded by DownloadTimeout.
+	HTTPClient *http.Client
+	// CurrentVersion is the running firmware version when neither the
+	// Installer (Versioner) nor a completed update says otherwise.
+	CurrentVersion string
+	// Signatures, when set, is the minisign signature policy: trusted keys
+	// and whether unsigned images are allowed. A request's signatureUri is
+	// fetched before the image, the signature is checked while streaming and
+	// an image that fails is never applied. Nil means no signature is checked
+	// (a signatureUri is then ignored, with a warning).
+	Signatures *signature.Policy
+	// HealthCheck, when set, must pass after a trial boot before the
+	// Committer commits; an error rolls the update back.
+	HealthCheck func(ctx context.Context) error
+
+	// DownloadTimeout is the overall budget of one download run, retries
+	// included (default 2h).
+	DownloadTimeout time.Duration
+	// IdleTimeout aborts and retries a connection that delivers no byte for
+	// this long (default 60s).
+	IdleTimeout time.Duration
+	// RetryInitialInterval and RetryMaxInterval shape the exponential backoff
+	// between attempts (defaults 1s and 1m); RetryMaxElapsed gives up after
+	// failing this long without receiving a byte (default 10m).
+	RetryInitialInterval time.Duration
+	RetryMaxInterval     time.Duration
+	RetryMaxElapsed      time.Duration
+	// CheckpointBytes is how many bytes are written between two durable
+	// checkpoints (default 4 MiB). Each checkpoint fsyncs the sink.
+	CheckpointBytes int64
+	// ProgressInterval is the minimum time between two byte-progress reports
+	// (default 1s). Phase changes are always reported.
+	ProgressInterval time.Duration
+	// RebootTimeout is how long the machine waits to be stopped after it
+	// asked for a reboot before it counts the reboot as failed (default 5m).
+	RebootTimeout time.Duration
+	// MaxTransitions caps persisted phase changes and resumes of one update
+	// (default 32), so a boot loop never becomes an update loop.
+	MaxTransitions int
+}
+
+func (c *Config) setDefaults() {
+	if c.Log == nil {
+		c.Log = zap.NewNop()
+	}
+	if c.Observer == nil {
+		c.Observer = func(Progress) {}
+	}
+	if c.HTTPClient == nil {
+		c.HTTPClient = defaultHTTPClient()
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.DownloadTimeout, 2*time.Hour)
+	def(&c.IdleTimeout, time.Minute)
+	def(&c.RetryInitialInterval, time.Second)
+	def(&c.RetryMaxInterval, time.Minute)
+	def(&c.RetryMaxElapsed, 10*time.Minute)
+	def(&c.ProgressInterval, time.Second)
+	def(&c.RebootTimeout, 5*time.Minute)
+	if c.CheckpointBytes <= 0 {
+		c.CheckpointBytes = 4 << 20
+	}
+	if c.MaxTransitions <= 0 {
+		c.MaxTransitions = 32
+	}
+}
+
+func defaultHTTPClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   15 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second,
+		IdleConnTimeout:       90 * time.Second,
+		MaxIdleConns:          2,
+		ForceAttemptHTTP2:     true,
+	}}
+}
+
+// Status is the Manager's view of the latest or running update.
+type Status struct {
+	Progress      // the latest progress; Phase is idle before any update
+	Busy     bool // an update is running (a new Start gets *BusyError)
+}
+
+// Manager is the update state machine. Start accepts an update; Run drives
+// it, persisting each phase before acting on it, and resumes an interrupted
+// update after a restart. Only one update runs at a time.
+type Manager struct {
+	cfg   Config
+	log   *zap.Logger
+	store store
+	wake  chan struct{} // capacity 1: Start tells Run there is work
+
+	mu      sync.Mutex // guards rec, last and started
+	rec     record     // the persisted record (as last written)
+	last    Progress   // the latest emitted progress
+	started string     // id of the update Start accepted in this process
+
+	emitMu sync.Mutex // serialises Observer calls so they arrive in order; taken before mu
+}
+
+// NewManager loads the persisted state from cfg.StateDir (creating it).
+func NewManager(cfg Config) (*Manager, error) {
+	if cfg.StateDir == "" {
+		return nil, errors.New("firmware: Config.StateDir is required")
+	}
+	if cfg.Installer == nil {
+		return nil, errors.New("firmware: Config.Installer is required")
+	}
+	cfg.setDefaults()
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("firmware: state dir: %w", err)
+	}
+	m := &Manager{cfg: cfg, log: cfg.Log, store: store{cfg.StateDir}, wake: make(chan struct{}, 1)}
+	if cfg.Signatures != nil {
+		if err := cfg.Signatures.Validate(); err != nil {
+			return nil, fmt.Errorf("firmware: Config.Signatures: %w", err)
+		}
+	}
+	var rec record
+	ok, err := m.store.readJSON(recordFile, &rec)
+	if err != nil {
+		return nil, err
+	}
+	if ok && rec.Format != stateFormat {
+		m.log.Warn("unknown update record format; setting it aside", zap.Int("format", rec.Format))
+		if err := m.store.setAside(recordFile); err != nil {
+			return nil, fmt.Errorf("firmware: set aside %s: %w", recordFile, err)
+		}
+		ok = false
+	}
+	if !ok {
+		rec = record{Format: stateFormat, Phase: PhaseIdle}
+	}
+	if rec.CurrentVersion == "" {
+		rec.CurrentVersion = cfg.CurrentVersion
+	}
+	m.rec = rec
+	m.last = m.progressOf(rec)
+	if rec.busy() {
+		m.wake <- struct{}{}
+	}
+	return m, nil
+}
+
+// Status returns the latest progress and whether an update is running.
+func (m *Manager) Status() Status {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return Status{Progress: m.last, Busy: m.rec.busy()}
+}
+
+// Start validates req, persists it as accepted and returns its update id at
+// once; Run does the work. It returns a *BusyError while another update
+// runs, and an error wrapping ErrInvalidRequest for a request this device
+// cannot take.
+func (m *Manager) Start(req Request) (string, error) {
+	req, err := req.normalize()
+	if err != nil {
+		return "", err
+	}
+	inst := m.cfg.Installer
+	if !isHTTP(req.URI) {
+		if f, ok := inst.(Fetcher); !ok || !f.Fetches(req.URI) {
+			return "", invalid("fwPackageUri %q: only http:// and https:// URLs are supported", redactURI(req.URI))
+		}
+	}
+	if p := m.cfg.Signatures; p != nil {
+		if err := p.Preflight(req.SignatureURI != ""); err != nil {
+			return "", invalid("signatureUri is required: %v", err)
+		}
+		if req.SignatureURI != "" && !isHTTP(req.SignatureURI) {
+			return "", invalid("signatureUri %q: only http:// and https:// URLs are supported", redactURI(req.SignatureURI))
+		}
+	}
+	if c, ok := inst.(Checker); ok {
+		if err := c.Check(req); err != nil {
+			if errors.Is(err, ErrInvalidRequest) {
+				return "", err
+			}
+			return "", fmt.Errorf("%w: %w", ErrInvalidRequest, err)
+		}
+	}
+
+	// Lock order everywhere: emitMu, then mu. Holding emitMu from before the
+	// record is visible until the Observer returns keeps "accepted" ahead of
+	// anything Run reports for this update.
+	m.emitMu.Lock()
+	defer m.emitMu.Unlock()
+	m.mu.Lock()
+	if m.rec.busy() {
+		id := m.rec.UpdateID
+		m.mu.Unlock()
+		return "", &BusyError{UpdateID: id}
+	}
+	now := time.Now().UTC()
+	rec := record{
+		Format:         stateFormat,
+		UpdateID:       uuid.NewString(),
+		Phase:          PhaseAccepted,
+		Request:        req,
+		Transitions:    1,
+		CurrentVersion: m.rec.CurrentVersion,
+		StartedAt:      now,
+		UpdatedAt:      now,
+	}
+	// A checkpoint of an earlier update must never be resumed into this one;
+	// it is also keyed by update id, this just frees the space early.
+	if err := m.store.remove(checkpointFile); err != nil {
+		m.mu.Unlock()
+		return "", err
+	}
+	if err := m.store.writeJSON(recordFile, rec); err != nil {
+		m.mu.Unlock()
+		return "", err
+	}
+	m.rec = rec
+	m.started = rec.UpdateID
+	p := m.progressOf(rec)
+	m.last = p
+	m.mu.Unlock()
+	m.cfg.Observer(p)
+
+	m.log.Info("update accepted", zap.String("update_id", rec.UpdateID),
+		zap.String("uri", redactURI(req.URI)), zap.String("version", req.Version))
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+	return rec.UpdateID, nil
+}
+
+// Run resumes an interrupted update, then runs accepted ones until ctx is
+// done. Call it once per Manager. A cancelled ctx is a normal stop: the update stays in its persisted
+// phase and the next Run resumes it. Run returns an error only when the
+// state cannot be persisted.
+func (m *Manager) Run(ctx context.Context) error {
+	m.refreshVersion(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-m.wake:
+		}
+		m.mu.Lock()
+		busy := m.rec.busy()
+		m.mu.Unlock()
+		if !busy {
+			continue
+		}
+		if err := m.drive(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// refreshVersion asks a Versioner backend which version runs.
+func (m *Manager) refreshVersion(ctx context.Context) {
+	v, ok := m.cfg.Installer.(Versioner)
+	if !ok {
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cur, err := v.CurrentVersion(cctx)
+	if err != nil {
+		m.log.Warn("cannot read the current firmware version", zap.Error(err))
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if cur != "" {
+		m.rec.CurrentVersion = cur
+		m.last.CurrentVersion = cur
+	}
+}
+
+// maxRollbackTries caps rollback attempts (each may reboot once).
+const maxRollbackTries = 5
+
+// step runs the side effect of one phase and names the next phase.
+type step func(m *Manager, ctx context.Context) (Phase, error)
+
+// resumeTable says, for each persisted phase, why running its step again
+// after a restart is right. The same steps drive an update that was never
+// interrupted, so a resumed update takes exactly the normal path.
+var resumeTable = map[Phase]struct {
+	why  string
+	step step
+}{
+	PhaseAccepted:    {"nothing was downloaded yet: prepare and start the download", (*Manager).stepAccepted},
+	PhaseDownloading: {"the download was interrupted: continue from the last durable checkpoint", (*Manager).stepDownloading},
+	PhaseVerifying:   {"verification only reads: verify again from the finished download", (*Manager).stepVerifying},
+	PhaseApplying:    {"Apply is idempotent: apply the verified image again", (*Manager).stepApplying},
+	PhaseRebooting:   {"the reboot happened or was cut short: committing checks which", (*Manager).stepRebooting},
+	PhaseCommitting:  {"verify the boot and commit again (both idempotent)", (*Manager).stepCommitting},
+	PhaseRolledBack:  {"the rollback was interrupted: roll back again (idempotent)", (*Manager).stepRollback},
+}
+
+// drive runs the current update until it ends, ctx is done or state cannot
+// be persisted.
+func (m *Manager) drive(ctx context.Context) error {
+	m.mu.Lock()
+	rec := m.rec
+	resumed := rec.UpdateID != m.started
+	m.mu.Unlock()
+	log := m.log.With(zap.String("update_id", rec.UpdateID))
+	row, ok := resumeTable[rec.Phase]
+	if !ok {
+		return m.fail(ctx, rec.Phase, coded(CodeInternal, fmt.Errorf("cannot resume from phase %q", rec.Phase)))
+	}
+	// Every (re)start of the machine counts as a transition: an agent that
+	// crashes in the same phase again and again ends the update instead of
+	// looping forever.
+	if resumed {
+		log.Info("resuming update", zap.String("phase", string(rec.Phase)), zap.String("reason", row.why))
+		if err := m.persist(func(r *record) {}); err != nil {
+			return err
+		}
+		if m.overLoop() && !rec.RollbackPending {
+			return m.fail(ctx, rec.Phase, coded(CodeUpdateLoop, fmt.Errorf("update restarted or changed phase more than %d times", m.cfg.MaxTransitions)))
+		}
+	}
+	for {
+		m.mu.Lock()
+		rec = m.rec
+		m.mu.Unlock()
+		if !rec.busy() {
+			return nil
+		}
+		row, ok := resumeTable[rec.Phase]
+		if !ok {
+			return m.fail(ctx, rec.Phase, coded(CodeInternal, fmt.Errorf("no step for phase %q", rec.Phase)))
+		}
+		next, err := row.step(m, ctx)
+		if ctx.Err() != nil {
+			// Shutting down: leave the persisted phase as it is.
+			return ctx.Err()
+		}
+		if err != nil {
+			var perr persistError
+			if errors.As(err, &perr) {
+				return err
+			}
+			if ferr := m.fail(ctx, rec.Phase, err); ferr != nil {
+				return ferr
+			}
+			continue
+		}
+		if next == rec.Phase && rec.Phase == PhaseRolledBack {
+			continue
+		}
+		if err := m.transition(ctx, next); err != nil {
+			return err
+		}
+	}
+}
+
+// persistError marks a failure to write the state: the machine stops rather
+// than act without a record.
+type persistError struct{ error }
+
+func (e persistError) Unwrap() error { return e.error }
+
+// persist applies change to the record, bumps the transition counter and
+// writes it durably before returning.
+func (m *Manager) persist(change func(r *record)) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	rec := m.rec
+	change(&rec)
+	rec.Transitions++
+	rec.UpdatedAt = time.Now().UTC()
+	if err := m.store.writeJSON(recordFile, rec); err != nil {
+		return persistError{err}
+	}
+	m.rec = rec
+	return nil
+}
+
+func (m *Manager) overLoop() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.rec.Transitions > m.cfg.MaxTransitions
+}
+
+// transition persists the next phase and reports it; only then does the
+// caller act on it.
+func (m *Manager) transition(ctx context.Context, next Phase) error {
+	m.mu.Lock()
+	from := m.rec.Phase
+	m.mu.Unlock()
+	if m.overLoop() && !next.Terminal() {
+		return m.fail(ctx, from, coded(CodeUpdateLoop, fmt.Errorf("update changed phase more than %d times", m.cfg.MaxTransitions)))
+	}
+	if next == PhaseCompleted {
+		return m.complete(ctx)
+	}
+	if err := m.persist(func(r *record) {
+		r.Phase = next
+		if next == PhaseRebooting {
+			r.RebootRequested = false
+		}
+	}); err != nil {
+		return err
+	}
+	m.log.Info("update phase", zap.String("update_id", m.Status().UpdateID), zap.String("phase", string(next)))
+	m.emitRecord()
+	return nil
+}
+
+func (m *Manager) complete(ctx context.Context) error {
+	m.mu.Lock()
+	ver := m.rec.Request.Version
+	m.mu.Unlock()
+	if v, ok := m.cfg.Installer.(Versioner); ok {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		cur, err := v.CurrentVersion(cctx)
+		cancel()
+		if err == nil && cur != "" {
+			ver = cur
+		}
+	}
+	if err := m.persist(func(r *record) {
+		r.Phase = PhaseCompleted
+		r.Err = nil
+		if ver != "" {
+			r.CurrentVersion = ver
+		}
+	}); err != nil {
+		return err
+	}
+	if err := m.store.remove(checkpointFile); err != nil {
+		m.log.Warn("cannot remove the download checkpoint", zap.Error(err))
+	}
+	st := m.Status()
+	m.log.Info("update completed", zap.String("update_id", st.UpdateID), zap.String("version", st.CurrentVersion))
+	m.emitRecord()
+	return nil
+}
+
+// fail ends the update after err in phase: with a rollback when the new
+// image may already be in use and the backend can roll back, else failed.
+func (m *Manager) fail(ctx context.Context, phase Phase, err error) error {
+	ue := toUpdateError(phase, err)
+	m.mu.Lock()
+	id := m.rec.UpdateID
+	m.mu.Unlock()
+	log := m.log.With(zap.String("update_id", id), zap.String("phase", string(phase)))
+	_, canRollback := m.cfg.Installer.(RollBacker)
+	applied := phase == PhaseApplying || phase == PhaseRebooting || phase == PhaseCommitting
+	if applied && canRollback {
+		log.Warn("update failed; rolling back", zap.String("code", ue.Code), zap.String("reason", ue.Message))
+		if perr := m.persist(func(r *record) {
+			r.Phase = PhaseRolledBack
+			r.RollbackPending = true
+			r.Err = ue
+		}); perr != nil {
+			return perr
+		}
+		_, serr := m.stepRollback(ctx)
+		var perr persistError
+		if errors.As(serr, &perr) {
+			return serr
+		}
+		return nil
+	}
+	log.Warn("update failed", zap.String("code", ue.Code), zap.String("reason", ue.Message))
+	if perr := m.persist(func(r *record) {
+		r.Phase = PhaseFailed
+		r.Err = ue
+		r.RollbackPending = false
+	}); perr != nil {
+		return perr
+	}
+	if err := m.store.remove(checkpointFile); err != nil {
+		log.Warn("cannot remove the download checkpoint", zap.Error(err))
+	}
+	m.emitRecord()
+	return nil
+}
+
+// stepRollback runs RollBacker.Rollback for a pending rollback. It returns
+// the rolledBack phase; errors are handled here (the update ends failed).
+func (m *Manager) stepRollback(ctx context.Context) (Phase, error) {
+	m.mu.Lock()
+	rec := m.rec
+	m.mu.Unlock()
+	if !rec.RollbackPending {
+		return PhaseRolledBack, nil
+	}
+	log := m.log.With(zap.String("update_id", rec.UpdateID))
+	rb, ok := m.cfg.Installer.(RollBacker)
+	if !ok {
+		return PhaseRolledBack, m.endFailed(rec, CodeRollback, "backend cannot roll back")
+	}
+	// The rollback has its own small budget: it must still run after the
+	// transition cap ended the update, but must not loop either.
+	if rec.RollbackTries >= maxRollbackTries {
+		return PhaseRolledBack, m.endFailed(rec, CodeRollback, fmt.Sprintf("rollback did not finish after %d attempts", maxRollbackTries))
+	}
+	if perr := m.persist(func(r *record) { r.RollbackTries++ }); perr != nil {
+		return PhaseRolledBack, perr
+	}
+	err := rb.Rollback(ctx, rec.update())
+	if ctx.Err() != nil {
+		return PhaseRolledBack, ctx.Err()
+	}
+	if errors.Is(err, ErrRebootPending) {
+		rbt, ok := m.cfg.Installer.(Rebooter)
+		if !ok {
+			return PhaseRolledBack, m.endFailed(rec, CodeRollback, "rollback needs a reboot but the backend cannot reboot")
+		}
+		log.Info("rebooting to finish the rollback")
+		return PhaseRolledBack, m.rebootAndWait(ctx, rbt)
+	}
+	if err != nil {
+		return PhaseRolledBack, m.endFailed(rec, CodeRollback, fmt.Sprintf("rollback failed: %v (after: %s)", err, errMessage(rec.Err)))
+	}
+	if perr := m.persist(func(r *record) { r.RollbackPending = false }); perr != nil {
+		return PhaseRolledBack, perr
+	}
+	if err := m.store.remove(checkpointFile); err != nil {
+		log.Warn("cannot remove the download checkpoint", zap.Error(err))
+	}
+	log.Info("update rolled back", zap.String("reason", errMessage(rec.Err)))
+	m.emitRecord()
+	return PhaseRolledBack, nil
+}
+
+func errMessage(e *UpdateError) string {
+	if e == nil {
+		return ""
+	}
+	return e.Message
+}
+
+func (m *Manager) endFailed(rec record, code, msg string) error {
+	if rec.Err != nil {
+		msg += "; first error: " + rec.Err.Message
+	}
+	if perr := m.persist(func(r *record) {
+		r.Phase = PhaseFailed
+		r.RollbackPending = false
+		r.Err = &UpdateError{Code: code, Message: msg}
+	}); perr != nil {
+		return perr
+	}
+	m.log.Error("update failed", zap.String("update_id", rec.UpdateID), zap.String("code", code), zap.String("reason", msg))
+	m.emitRecord()
+	return nil
+}
+
+func (m *Manager) stepAccepted(ctx context.Context) (Phase, error) {
+	m.mu.Lock()
+	u := m.rec.update()
+	m.mu.Unlock()
+	if s, ok := m.cfg.Installer.(Slotted); ok {
+		slot, err := s.TargetSlot(ctx, u)
+		if err != nil {
+			return "", coded(CodePrepare, fmt.Errorf("target slot: %w", err))
+		}
+		if err := m.persist(func(r *record) { r.Slot = slot }); err != nil {
+			return "", err
+		}
+	}
+	if p, ok := m.cfg.Installer.(Preparer); ok {
+		if err := p.Prepare(ctx, u); err != nil {
+			return "", coded(CodePrepare, err)
+		}
+	}
+	return PhaseDownloading, nil
+}
+
+func (m *Manager) stepDownloading(ctx context.Context) (Phase, error) {
+	if _, err := m.download(ctx); err != nil {
+		return "", err
+	}
+	return PhaseVerifying, nil
+}
+
+func (m *Manager) stepApplying(ctx context.Context) (Phase, error) {
+	m.mu.Lock()
+	u := m.rec.update()
+	m.mu.Unlock()
+	if err := m.cfg.Installer.Apply(ctx, u); err != nil {
+		return "", coded(CodeApply, err)
+	}
+	switch m.cfg.Installer.(type) {
+	case Rebooter:
+		return PhaseRebooting, nil
+	case Committer:
+		return PhaseCommitting, nil
+	}
+	return PhaseCompleted, nil
+}
+
+// stepRebooting asks for the reboot once. Resumed with the request already
+// persisted, the reboot happened (or never took effect): committing tells
+// which through Committer.VerifyBoot.
+func (m *Manager) stepRebooting(ctx context.Context) (Phase, error) {
+	m.mu.Lock()
+	requested := m.rec.RebootRequested
+	m.mu.Unlock()
+	if requested {
+		return PhaseCommitting, nil
+	}
+	rbt, ok := m.cfg.Installer.(Rebooter)
+	if !ok {
+		return PhaseCommitting, nil
+	}
+	if err := m.persist(func(r *record) { r.RebootRequested = true }); err != nil {
+		return "", err
+	}
+	if err := m.rebootAndWait(ctx, rbt); err != nil {
+		return "", err
+	}
+	return PhaseCommitting, nil
+}
+
+// rebootAndWait asks for a reboot and waits to be stopped by it. Still
+// running after RebootTimeout means the reboot did not happen.
+func (m *Manager) rebootAndWait(ctx context.Context, rbt Rebooter) error {
+	if err := rbt.Reboot(ctx); err != nil {
+		return coded(CodeReboot, fmt.Errorf("reboot: %w", err))
+	}
+	t := time.NewTimer(m.cfg.RebootTimeout)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return coded(CodeReboot, fmt.Errorf("the device did not restart within %s of the reboot request", m.cfg.RebootTimeout))
+	}
+}
+
+func (m *Manager) stepCommitting(ctx context.Context) (Phase, error) {
+	m.mu.Lock()
+	u := m.rec.update()
+	m.mu.Unlock()
+	c, isCommitter := m.cfg.Installer.(Committer)
+	if isCommitter {
+		err := c.VerifyBoot(ctx, u)
+		if errors.Is(err, ErrRebootPending) {
+			if _, ok := m.cfg.Installer.(Rebooter); ok {
+				m.log.Warn("still running the old image; rebooting again", zap.String("update_id", u.ID))
+				return PhaseRebooting, nil
+			}
+		}
+		if err != nil {
+			return "", coded(CodeBoot, fmt.Errorf("boot check: %w", err))
+		}
+	}
+	if m.cfg.HealthCheck != nil {
+		if err := m.cfg.HealthCheck(ctx); err != nil {
+			return "", coded(CodeHealth, fmt.Errorf("health check: %w", err))
+		}
+	}
+	if isCommitter {
+		if err := c.Commit(ctx, u); err != nil {
+			return "", coded(CodeCommit, fmt.Errorf("commit: %w", err))
+		}
+	}
+	return PhaseCompleted, nil
+}
+
+// emitRecord reports the current record as Progress.
+func (m *Manager) emitRecord() {
+	m.emitMu.Lock()
+	defer m.emitMu.Unlock()
+	m.mu.Lock()
+	p := m.progressOf(m.rec)
+	m.last = p
+	m.mu.Unlock()
+	m.cfg.Observer(p)
+}
+
+// emitBytes reports download progress without persisting it.
+func (m *Manager) emitBytes(done, total int64) {
+	m.emitMu.Lock()
+	defer m.emitMu.Unlock()
+	m.mu.Lock()
+	m.rec.Bytes, m.rec.Total = done, total
+	p := m.progressOf(m.rec)
+	m.last = p
+	m.mu.Unlock()
+	m.cfg.Observer(p)
+}
+
+func (m *Manager) progressOf(r record) Progress {
+	p := Progress{
+		UpdateID:       r.UpdateID,
+		Phase:          r.Phase,
+		TargetVersion:  r.Request.Version,
+		CurrentVersion: r.CurrentVersion,
+		Bytes:          r.Bytes,
+		Total:          r.Total,
+		Percent:        -1,
+		Slot:           r.Slot,
+		Time:           time.Now().UTC(),
+	}
+	if r.UpdateID == "" {
+		p.Phase = PhaseIdle
+	}
+	if r.Phase == PhaseFailed || r.Phase == PhaseRolledBack {
+		p.Err = r.Err
+	}
+	if r.Total > 0 {
+		p.Percent = int(r.Bytes * 100 / r.Total)
+	}
+	if r.Phase == PhaseCompleted || r.Phase == PhaseVerifying || r.Phase == PhaseApplying ||
+		r.Phase == PhaseRebooting || r.Phase == PhaseCommitting {
+		p.Percent = 100
+	}
+	return p
+}
+
+// codedError carries the UpdateError code chosen where the error happened.
+type codedError struct {
+	code string
+	err  error
+}
+
+func (e *codedError) Error() string { return e.err.Error() }
+func (e *codedError) Unwrap() error { return e.err }
+
+func coded(code string, err error) error {
+	var ce *codedError
+	if errors.As(err, &ce) {
+		return err
+	}
+	return &codedError{code: code, err: err}
+}
+
+func toUpdateError(phase Phase, err error) *UpdateError {
+	var ce *codedError
+	if errors.As(err, &ce) {
+		return &UpdateError{Code: ce.code, Message: err.Error()}
+	}
+	code := CodeInternal
+	switch phase {
+	case PhaseAccepted:
+		code = CodePrepare
+	case PhaseDownloading:
+		code = CodeDownload
+	case PhaseVerifying:
+		code = CodeVerify
+	case PhaseApplying:
+		code = CodeApply
+	case PhaseRebooting:
+		code = CodeReboot
+	case PhaseCommitting:
+		code = CodeCommit
+	}
+	return &UpdateError{Code: code, Message: err.Error()}
+}

@@ -1,0 +1,246 @@
+package firmware
+
+import (
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Request is the payload of the firmwareUpdate direct method. The tutorial
+// sends only fwPackageUri; the other fields are optional.
+type Request struct {
+	URI          string `json:"fwPackageUri"`
+	Version      string `json:"version,omitempty"`
+	SHA256       string `json:"sha256,omitempty"`
+	Size         int64  `json:"size,omitempty"`
+	SignatureURI string `json:"signatureUri,omitempty"`
+}
+
+// Limits on request fields: generous for real use, small enough that a
+// hostile payload cannot bloat the persisted state or the twin.
+const (
+	maxURILen     = 4096
+	maxVersionLen = 128
+	maxPayloadLen = 64 * 1024
+)
+
+// ErrInvalidRequest is wrapped by every error that rejects a request.
+var ErrInvalidRequest = errors.New("firmware: invalid request")
+
+// ErrBusy is matched (errors.Is) by *BusyError.
+var ErrBusy = errors.New("firmware: busy")
+
+// BusyError is returned by Manager.Start while another update runs.
+type BusyError struct {
+	UpdateID string // the update that is running
+}
+
+func (e *BusyError) Error() string {
+	return fmt.Sprintf("firmware: busy with update %s", e.UpdateID)
+}
+
+// Is makes errors.Is(err, ErrBusy) true.
+func (e *BusyError) Is(target error) bool { return target == ErrBusy }
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalidRequest, fmt.Sprintf(format, args...))
+}
+
+// ParseRequest decodes and validates a firmwareUpdate payload. Unknown fields
+// are ignored so newer services keep working with older agents. Errors wrap
+// ErrInvalidRequest and name the field. The returned SHA256 is lowercase.
+func ParseRequest(payload []byte) (Request, error) {
+	if len(payload) > maxPayloadLen {
+		return Request{}, invalid("payload is %d bytes, more than %d", len(payload), maxPayloadLen)
+	}
+	trimmed := bytes.TrimSpace(payload)
+	if len(trimmed) == 0 || trimmed[0] != '{' {
+		return Request{}, invalid("payload must be a JSON object like {\"fwPackageUri\":\"https://…\"}")
+	}
+	var raw struct {
+		URI          *string         `json:"fwPackageUri"`
+		Version      *string         `json:"version"`
+		SHA256       *string         `json:"sha256"`
+		Size         json.RawMessage `json:"size"`
+		SignatureURI *string         `json:"signatureUri"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(trimmed))
+	if err := dec.Decode(&raw); err != nil {
+		return Request{}, invalid("payload is not valid JSON: %v", err)
+	}
+	if dec.More() {
+		return Request{}, invalid("payload has trailing data after the JSON object")
+	}
+	var r Request
+	if raw.URI != nil {
+		r.URI = *raw.URI
+	}
+	if raw.Version != nil {
+		r.Version = *raw.Version
+	}
+	if raw.SHA256 != nil {
+		r.SHA256 = *raw.SHA256
+	}
+	if len(raw.Size) > 0 && string(raw.Size) != "null" {
+		var n json.Number
+		// json.Number also accepts a quoted number; a size is a JSON number.
+		if raw.Size[0] == '"' || json.Unmarshal(raw.Size, &n) != nil {
+			return Request{}, invalid("size must be a number of bytes")
+		}
+		v, err := n.Int64()
+		if err != nil || v < 0 {
+			return Request{}, invalid("size must be a non-negative whole number of bytes, got %s", string(raw.Size))
+		}
+		r.Size = v
+	}
+	if raw.SignatureURI != nil {
+		r.SignatureURI = *raw.SignatureURI
+	}
+	return r.normalize()
+}
+
+// normalize validates r and returns it with whitespace trimmed and the sha256
+// in lowercase. Manager.Start runs it too, for requests not built by
+// ParseRequest.
+func (r Request) normalize() (Request, error) {
+	r.URI = strings.TrimSpace(r.URI)
+	if r.URI == "" {
+		return Request{}, invalid("fwPackageUri is required")
+	}
+	if err := checkURI("fwPackageUri", r.URI); err != nil {
+		return Request{}, err
+	}
+	r.Version = strings.TrimSpace(r.Version)
+	if len(r.Version) > maxVersionLen {
+		return Request{}, invalid("version is longer than %d bytes", maxVersionLen)
+	}
+	if !printable(r.Version) {
+		return Request{}, invalid("version contains control or invalid characters")
+	}
+	if r.SHA256 != "" {
+		s := strings.ToLower(strings.TrimSpace(r.SHA256))
+		if b, err := hex.DecodeString(s); err != nil || len(b) != 32 {
+			return Request{}, invalid("sha256 must be 64 hexadecimal digits")
+		}
+		r.SHA256 = s
+	}
+	if r.Size < 0 {
+		return Request{}, invalid("size must not be negative")
+	}
+	r.SignatureURI = strings.TrimSpace(r.SignatureURI)
+	if r.SignatureURI != "" {
+		if err := checkURI("signatureUri", r.SignatureURI); err != nil {
+			return Request{}, err
+		}
+	}
+	return r, nil
+}
+
+// checkURI accepts any printable URI-ish string: the tutorial sends
+// "test.com", which only the simulated backend can serve. Whether a URI can be
+// fetched is decided when the update starts (isHTTP, Fetcher, Checker).
+func checkURI(field, s string) error {
+	if len(s) > maxURILen {
+		return invalid("%s is longer than %d bytes", field, maxURILen)
+	}
+	if !printable(s) || strings.ContainsAny(s, " \t") {
+		return invalid("%s contains spaces, control or invalid characters", field)
+	}
+	if isHTTP(s) {
+		u, err := url.Parse(s)
+		if err != nil {
+			return invalid("%s is not a valid URL: %v", field, err)
+		}
+		if u.Host == "" {
+			return invalid("%s has no host: %q", field, s)
+		}
+	}
+	return nil
+}
+
+// isHTTP reports whether the URI has an http or https scheme.
+func isHTTP(s string) bool {
+	l := strings.ToLower(s)
+	return strings.HasPrefix(l, "http://") || strings.HasPrefix(l, "https://")
+}
+
+func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// Phase is a step of an update. The names are stable: they are persisted and
+// reported on the twin.
+type Phase string
+
+// The phases, in the order an update goes through them.
+const (
+	PhaseIdle        Phase = "idle"
+	PhaseAccepted    Phase = "accepted"
+	PhaseDownloading Phase = "downloading"
+	PhaseVerifying   Phase = "verifying"
+	PhaseApplying    Phase = "applying"
+	PhaseRebooting   Phase = "rebooting"
+	PhaseCommitting  Phase = "committing"
+	PhaseCompleted   Phase = "completed"
+	PhaseFailed      Phase = "failed"
+	PhaseRolledBack  Phase = "rolledBack"
+)
+
+// Terminal reports whether the phase ends an update.
+func (p Phase) Terminal() bool {
+	return p == PhaseCompleted || p == PhaseFailed || p == PhaseRolledBack
+}
+
+// Progress is one step of an update as reported to the Observer.
+type Progress struct {
+	UpdateID       string
+	Phase          Phase
+	TargetVersion  string
+	CurrentVersion string
+	Bytes          int64 // bytes downloaded so far (as transferred)
+	Total          int64 // expected bytes, 0 if unknown
+	Percent        int   // 0-100, -1 if unknown
+	Slot           string
+	Err            *UpdateError // nil unless Phase is failed or rolledBack
+	Time           time.Time
+}
+
+// UpdateError says why an update failed or was rolled back. Code is stable
+// and machine-readable (see the Code* constants); Message is for people.
+type UpdateError struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *UpdateError) Error() string { return e.Code + ": " + e.Message }
+
+// Error codes reported in UpdateError.Code.
+const (
+	CodeDownload    = "downloadFailed"
+	CodeVerify      = "verifyFailed"
+	CodePrepare     = "prepareFailed"
+	CodeApply       = "applyFailed"
+	CodeReboot      = "rebootFailed"
+	CodeBoot        = "bootFailed"
+	CodeHealth      = "healthCheckFailed"
+	CodeCommit      = "commitFailed"
+	CodeRollback    = "rollbackFailed"
+	CodeUpdateLoop  = "updateLoop"
+	CodeUnsupported = "unsupported"
+	CodeInternal    = "internal"
+)

@@ -1,0 +1,148 @@
+package firmware
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+
+	"github.com/cenkalti/backoff/v5"
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/firmware/signature"
+)
+
+// maxSignatureSize bounds the signature download.
+const maxSignatureSize = signature.MaxSignatureSize
+
+// sigWriter is what the streamer feeds with the transferred bytes when a
+// signature is checked (a *signature.Verifier).
+type sigWriter interface {
+	io.Writer
+	MarshalBinary() ([]byte, error)
+}
+
+// startVerifier prepares the signature check of a download. Resuming, it
+// restores the Verifier saved in the checkpoint; otherwise it fetches the
+// signature first, so an unknown key or an altered trusted comment fails
+// before a single image byte is transferred (and legacy, not prehashed,
+// signatures can be streamed too). It returns a nil Verifier when no
+// signature is checked.
+func (m *Manager) startVerifier(ctx context.Context, req Request, cp *checkpoint) (*signature.Verifier, error) {
+	if m.cfg.Signatures == nil || req.SignatureURI == "" {
+		return nil, nil
+	}
+	ring, err := m.cfg.Signatures.Keys()
+	if err != nil {
+		return nil, coded(CodeVerify, err)
+	}
+	if len(cp.SigState) > 0 && len(cp.SigText) > 0 {
+		v := ring.NewVerifier()
+		if err := v.UnmarshalBinary(cp.SigState); err == nil {
+			return v, nil
+		}
+		m.log.Warn("cannot resume the signature check; downloading again")
+		*cp = checkpoint{Format: stateFormat, UpdateID: cp.UpdateID, URI: cp.URI}
+	}
+	sig, err := m.fetchSignature(ctx, req.SignatureURI)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, coded(CodeVerify, err)
+	}
+	v, err := ring.NewVerifierFor(sig)
+	if err != nil {
+		return nil, coded(CodeVerify, err)
+	}
+	cp.SigText = sig
+	return v, nil
+}
+
+// checkSignature applies the signature policy to the finished download.
+func (m *Manager) checkSignature(rec record, cp checkpoint) error {
+	p := m.cfg.Signatures
+	if p == nil {
+		if rec.Request.SignatureURI != "" {
+			m.log.Warn("signature not checked: no signature policy is configured", zap.String("update_id", rec.UpdateID))
+		}
+		return nil
+	}
+	var v *signature.Verifier
+	if len(cp.SigState) > 0 {
+		ring, err := p.Keys()
+		if err != nil {
+			return coded(CodeVerify, err)
+		}
+		v = ring.NewVerifier()
+		if err := v.UnmarshalBinary(cp.SigState); err != nil {
+			return coded(CodeVerify, err)
+		}
+	} else if rec.Request.SignatureURI != "" {
+		return coded(CodeVerify, errors.New("signature: no signature state was recorded for this download"))
+	}
+	info, err := p.Check(v, cp.SigText)
+	if err != nil {
+		return coded(CodeVerify, err)
+	}
+	if info.Unsigned {
+		m.log.Warn("installing an unsigned image (signature.allowUnsigned)", zap.String("update_id", rec.UpdateID))
+	} else {
+		m.log.Info("image signature verified", zap.String("update_id", rec.UpdateID),
+			zap.String("key_id", signature.FormatKeyID(info.KeyID)), zap.String("trusted_comment", info.TrustedComment))
+	}
+	return nil
+}
+
+// fetchSignature downloads the (small) signature file with the same retry
+// rules as the image.
+func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error) {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = m.cfg.RetryInitialInterval
+	b.MaxInterval = m.cfg.RetryMaxInterval
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.RetryMaxElapsed+m.cfg.IdleTimeout)
+	defer cancel()
+	defer m.cfg.HTTPClient.CloseIdleConnections()
+	return backoff.Retry(ctx, func() ([]byte, error) {
+		rctx, rcancel := context.WithTimeout(ctx, m.cfg.IdleTimeout)
+		defer rcancel()
+		req, err := http.NewRequestWithContext(rctx, http.MethodGet, uri, nil)
+		if err != nil {
+			return nil, backoff.Permanent(fmt.Errorf("signature: bad URL %s: %w", redactURI(uri), err))
+		}
+		req.Header.Set("User-Agent", "gwagent")
+		resp, err := m.cfg.HTTPClient.Do(req)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, backoff.Permanent(ctx.Err())
+			}
+			err = fmt.Errorf("signature: %s: %w", redactURI(uri), unwrapURLError(err))
+			if permanentNetError(err) {
+				return nil, backoff.Permanent(err)
+			}
+			return nil, err
+		}
+		defer resp.Body.Close()
+		status := fmt.Sprintf("signature: HTTP %s from %s", resp.Status, redactURI(uri))
+		switch {
+		case resp.StatusCode == http.StatusOK:
+		case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests, resp.StatusCode >= 500:
+			e := errors.New(status)
+			if d, ok := retryAfter(resp.Header.Get("Retry-After"), m.cfg.RetryMaxElapsed); ok {
+				return nil, &retryAfterError{err: e, ra: &backoff.RetryAfterError{Duration: d}}
+			}
+			return nil, e
+		default:
+			return nil, backoff.Permanent(errors.New(status))
+		}
+		body, err := io.ReadAll(io.LimitReader(resp.Body, maxSignatureSize+1))
+		if err != nil {
+			return nil, fmt.Errorf("signature: read %s: %w", redactURI(uri), err)
+		}
+		if len(body) > maxSignatureSize {
+			return nil, backoff.Permanent(fmt.Errorf("signature: %s is larger than %d bytes", redactURI(uri), maxSignatureSize))
+		}
+		return body, nil
+	}, backoff.WithBackOff(b), backoff.WithMaxElapsedTime(m.cfg.RetryMaxElapsed))
+}

@@ -1,0 +1,312 @@
+package simulated
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/renameio/v2"
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/firmware"
+)
+
+// Stage names accepted by Config.FailAt (the tutorial's firmwareStatus
+// values).
+const (
+	StageStandBy     = "standBy"
+	StageDownloading = "downloading"
+	StageApplying    = "applying"
+)
+
+// Config shapes the simulated stages. The zero value of a duration means no
+// wait; DefaultConfig has the tutorial's 15 s per stage.
+type Config struct {
+	// WaitBeforeDownload is the stand-by time after an update is accepted.
+	WaitBeforeDownload time.Duration `yaml:"waitBeforeDownload" mapstructure:"waitBeforeDownload"`
+	// Download is how long the download stage takes when fwPackageUri is not
+	// an http(s) URL (the tutorial's "test.com"); http(s) URLs are really
+	// downloaded and take as long as that takes.
+	Download time.Duration `yaml:"download" mapstructure:"download"`
+	// Apply is how long the applying stage takes.
+	Apply time.Duration `yaml:"apply" mapstructure:"apply"`
+	// SimulatedSize is how many bytes the time-only download produces
+	// (default 1 MiB), so progress has bytes and percent.
+	SimulatedSize int64 `yaml:"simulatedSize" mapstructure:"simulatedSize"`
+	// FailAt makes the named stage fail ("standBy", "downloading",
+	// "applying"); empty means never. For tests and demos of the failed path.
+	FailAt string `yaml:"failAt" mapstructure:"failAt"`
+	// FailMessage is the reason reported when FailAt triggers.
+	FailMessage string `yaml:"failMessage" mapstructure:"failMessage"`
+	// StateDir keeps the simulated current version across restarts; empty
+	// keeps it in memory only.
+	StateDir string `yaml:"stateDir" mapstructure:"stateDir"`
+	// InitialVersion is the version reported before any update completed.
+	InitialVersion string `yaml:"initialVersion" mapstructure:"initialVersion"`
+}
+
+// DefaultConfig returns the tutorial's timings: 15 s for each stage.
+func DefaultConfig() Config {
+	return Config{
+		WaitBeforeDownload: 15 * time.Second,
+		Download:           15 * time.Second,
+		Apply:              15 * time.Second,
+		SimulatedSize:      1 << 20,
+		InitialVersion:     "1.0.0",
+	}
+}
+
+// ErrInjected is wrapped by every failure caused by Config.FailAt.
+var ErrInjected = errors.New("simulated: injected failure")
+
+const versionFile = "simulated-version.json"
+
+// Installer is the simulated backend. It implements firmware.Installer and
+// the Checker, Preparer, Fetcher and Versioner abilities; it needs no reboot
+// and cannot roll back, like the tutorial's device.
+type Installer struct {
+	cfg Config
+	log *zap.Logger
+
+	mu      sync.Mutex // guards version
+	version string
+}
+
+var (
+	_ firmware.Installer = (*Installer)(nil)
+	_ firmware.Checker   = (*Installer)(nil)
+	_ firmware.Preparer  = (*Installer)(nil)
+	_ firmware.Fetcher   = (*Installer)(nil)
+	_ firmware.Versioner = (*Installer)(nil)
+)
+
+// New checks cfg and loads the persisted simulated version.
+func New(cfg Config, log *zap.Logger) (*Installer, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	switch cfg.FailAt {
+	case "", StageStandBy, StageDownloading, StageApplying:
+	default:
+		return nil, fmt.Errorf("simulated: failAt: unknown stage %q (known: %s, %s, %s)",
+			cfg.FailAt, StageStandBy, StageDownloading, StageApplying)
+	}
+	if cfg.WaitBeforeDownload < 0 || cfg.Download < 0 || cfg.Apply < 0 {
+		return nil, errors.New("simulated: stage durations must not be negative")
+	}
+	if cfg.SimulatedSize <= 0 {
+		cfg.SimulatedSize = 1 << 20
+	}
+	i := &Installer{cfg: cfg, log: log, version: cfg.InitialVersion}
+	if cfg.StateDir != "" {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("simulated: state dir: %w", err)
+		}
+		b, err := os.ReadFile(filepath.Join(cfg.StateDir, versionFile))
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			return nil, fmt.Errorf("simulated: read version: %w", err)
+		default:
+			var st struct {
+				Version string `json:"version"`
+			}
+			// A torn or empty file counts as missing.
+			if json.Unmarshal(b, &st) == nil && st.Version != "" {
+				i.version = st.Version
+			}
+		}
+	}
+	return i, nil
+}
+
+func (i *Installer) fail(stage string) error {
+	msg := i.cfg.FailMessage
+	if msg == "" {
+		msg = "simulated failure while " + stage
+	}
+	return fmt.Errorf("%w: %s", ErrInjected, msg)
+}
+
+// Check accepts every request: any URI works (non-http ones are simulated).
+func (i *Installer) Check(firmware.Request) error { return nil }
+
+// Prepare is the tutorial's stand-by wait before the download.
+func (i *Installer) Prepare(ctx context.Context, u firmware.Update) error {
+	i.log.Info("standing by before download", zap.String("update_id", u.ID), zap.Duration("wait", i.cfg.WaitBeforeDownload))
+	if err := wait(ctx, i.cfg.WaitBeforeDownload); err != nil {
+		return err
+	}
+	if i.cfg.FailAt == StageStandBy {
+		return i.fail(StageStandBy)
+	}
+	return nil
+}
+
+// Fetches claims every URI without an http(s) scheme.
+func (i *Installer) Fetches(uri string) bool {
+	l := strings.ToLower(uri)
+	return !strings.HasPrefix(l, "http://") && !strings.HasPrefix(l, "https://")
+}
+
+// Fetch simulates a download by time: SimulatedSize zero bytes written in
+// steps spread over the Download duration.
+func (i *Installer) Fetch(ctx context.Context, u firmware.Update, dst firmware.FetchWriter) error {
+	const steps = 20
+	size := i.cfg.SimulatedSize
+	dst.SetTotal(size)
+	chunk := make([]byte, 64<<10)
+	var done int64
+	for s := 1; s <= steps; s++ {
+		if err := wait(ctx, i.cfg.Download/steps); err != nil {
+			return err
+		}
+		if i.cfg.FailAt == StageDownloading && s > steps/2 {
+			return i.fail(StageDownloading)
+		}
+		target := size * int64(s) / steps
+		for done < target {
+			n := min(int64(len(chunk)), target-done)
+			if _, err := dst.Write(chunk[:n]); err != nil {
+				return err
+			}
+			done += n
+		}
+	}
+	return nil
+}
+
+// Open returns a sink that discards the bytes (the state machine still
+// counts and hashes them, so size and sha256 checks are real).
+func (i *Installer) Open(ctx context.Context, u firmware.Update, offset int64) (firmware.Sink, error) {
+	// A time-only download fails half way in Fetch instead.
+	return &discardSink{fail: i.cfg.FailAt == StageDownloading && !i.Fetches(u.Request.URI), err: i.fail(StageDownloading)}, nil
+}
+
+// Apply is the tutorial's applying stage; afterwards the target version is
+// the current one.
+func (i *Installer) Apply(ctx context.Context, u firmware.Update) error {
+	i.log.Info("applying image", zap.String("update_id", u.ID), zap.Duration("wait", i.cfg.Apply))
+	if err := wait(ctx, i.cfg.Apply); err != nil {
+		return err
+	}
+	if i.cfg.FailAt == StageApplying {
+		return i.fail(StageApplying)
+	}
+	if u.Request.Version == "" {
+		return nil
+	}
+	return i.setVersion(u.Request.Version)
+}
+
+// CurrentVersion is the version of the last applied update.
+func (i *Installer) CurrentVersion(context.Context) (string, error) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.version, nil
+}
+
+func (i *Installer) setVersion(v string) error {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.cfg.StateDir != "" {
+		b, _ := json.Marshal(struct {
+			Version string `json:"version"`
+		}{v})
+		if err := renameio.WriteFile(filepath.Join(i.cfg.StateDir, versionFile), b, 0o600, renameio.WithTempDir(i.cfg.StateDir)); err != nil {
+			return fmt.Errorf("simulated: write version: %w", err)
+		}
+		if err := syncDir(i.cfg.StateDir); err != nil {
+			return err
+		}
+	}
+	i.version = v
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("simulated: open %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("simulated: fsync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// discardSink drops the bytes; with failure injection its first write fails.
+type discardSink struct {
+	fail bool
+	err  error
+}
+
+func (s *discardSink) Write(p []byte) (int, error) {
+	if s.fail {
+		return 0, s.err
+	}
+	return len(p), nil
+}
+func (s *discardSink) Sync() error  { return nil }
+func (s *discardSink) Close() error { return nil }
+
+// wait sleeps for d or until ctx is done.
+func wait(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// Rebooter is the simulated reboot: it logs and remembers the time, so the
+// agent can report lastReboot without restarting anything.
+type Rebooter struct {
+	log *zap.Logger
+
+	mu   sync.Mutex // guards last
+	last time.Time
+}
+
+// NewRebooter returns a Rebooter that logs to log.
+func NewRebooter(log *zap.Logger) *Rebooter {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Rebooter{log: log}
+}
+
+var _ firmware.Rebooter = (*Rebooter)(nil)
+
+// Reboot logs the simulated reboot.
+func (r *Rebooter) Reboot(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.last = time.Now().UTC()
+	r.mu.Unlock()
+	r.log.Info("simulated reboot: nothing is restarted")
+	return nil
+}
+
+// LastReboot is the time of the last simulated reboot (zero if none).
+func (r *Rebooter) LastReboot() time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.last
+}

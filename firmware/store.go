@@ -1,0 +1,167 @@
+package firmware
+
+import (
+	"crypto/sha256"
+	"encoding"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/google/renameio/v2"
+)
+
+// stateFormat is the version of the persisted files. A newer agent reads
+// older formats; a file with an unknown format is set aside, not guessed at.
+const stateFormat = 1
+
+const (
+	recordFile     = "update.json"
+	checkpointFile = "download.json"
+)
+
+// record is the persisted state of the update machine. It is written
+// (atomically, fsynced) before the side effect of each phase.
+type record struct {
+	Format      int          `json:"format"`
+	UpdateID    string       `json:"updateId,omitempty"`
+	Phase       Phase        `json:"phase"`
+	Request     Request      `json:"request"`
+	Transitions int          `json:"transitions"`
+	ImageSize   int64        `json:"imageSize,omitempty"`
+	ImageSHA256 string       `json:"imageSha256,omitempty"`
+	Bytes       int64        `json:"bytes,omitempty"`
+	Total       int64        `json:"total,omitempty"`
+	Slot        string       `json:"slot,omitempty"`
+	Err         *UpdateError `json:"error,omitempty"`
+	// RebootRequested is set (persisted) just before Reboot is called, so a
+	// restart in the rebooting phase knows the reboot was at least asked for.
+	RebootRequested bool `json:"rebootRequested,omitempty"`
+	// RollbackPending marks a rolledBack record persisted before Rollback
+	// finished (persist, then act); a restart finishes the rollback.
+	RollbackPending bool `json:"rollbackPending,omitempty"`
+	// RollbackTries counts rollback attempts (persisted before each).
+	RollbackTries int `json:"rollbackTries,omitempty"`
+	// CurrentVersion is the version the device runs, as last learned.
+	CurrentVersion string    `json:"currentVersion,omitempty"`
+	StartedAt      time.Time `json:"startedAt,omitzero"`
+	UpdatedAt      time.Time `json:"updatedAt,omitzero"`
+}
+
+// busy reports whether the record holds an update that has not ended.
+func (r record) busy() bool {
+	return r.UpdateID != "" && (!r.Phase.Terminal() || r.RollbackPending)
+}
+
+func (r record) update() Update {
+	return Update{ID: r.UpdateID, Request: r.Request, ImageSize: r.ImageSize, ImageSHA256: r.ImageSHA256}
+}
+
+// checkpoint is the persisted download position. Offset bytes of the
+// transfer are durable in the sink (Sink.Sync returned nil before the
+// checkpoint was written) and Hash is the SHA-256 state over exactly those
+// bytes, so a restarted agent continues with an HTTP Range request.
+//
+// Compressed downloads are checkpointed only when complete: the gzip and zstd
+// decoders cannot be serialised, so an interrupted compressed download starts
+// again from zero after a restart (within one run it still resumes by Range,
+// below the decoder).
+type checkpoint struct {
+	Format       int    `json:"format"`
+	UpdateID     string `json:"updateId"`
+	URI          string `json:"uri"`
+	Offset       int64  `json:"offset"`          // transferred bytes covered by RawHash
+	Written      int64  `json:"written"`         // bytes written to the sink
+	Total        int64  `json:"total,omitempty"` // transfer size, 0 if unknown
+	ETag         string `json:"etag,omitempty"`  // validator for If-Range
+	LastModified string `json:"lastModified,omitempty"`
+	Compressed   bool   `json:"compressed,omitempty"`
+	RawHash      []byte `json:"rawHash"`            // sha256 state over the transferred bytes
+	ImgHash      []byte `json:"imgHash"`            // sha256 state over the written bytes
+	SigState     []byte `json:"sigState,omitempty"` // signature.Verifier state over the transferred bytes
+	SigText      []byte `json:"sigText,omitempty"`  // the signature being checked
+	Done         bool   `json:"done,omitempty"`
+}
+
+// store reads and writes the state files in one directory.
+type store struct{ dir string }
+
+func (s store) path(name string) string { return filepath.Join(s.dir, name) }
+
+// writeJSON replaces name atomically: renameio writes a temp file in the same
+// directory, fsyncs and renames it; the directory is then fsynced so the
+// rename itself survives a power cut.
+func (s store) writeJSON(name string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("firmware: encode %s: %w", name, err)
+	}
+	if err := renameio.WriteFile(s.path(name), b, 0o600, renameio.WithTempDir(s.dir)); err != nil {
+		return fmt.Errorf("firmware: write %s: %w", s.path(name), err)
+	}
+	return syncDir(s.dir)
+}
+
+// readJSON loads name into v. A missing, empty or torn file reports
+// ok=false: it is treated as absent, never as a reason to fail.
+func (s store) readJSON(name string, v any) (ok bool, err error) {
+	b, err := os.ReadFile(s.path(name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("firmware: read %s: %w", s.path(name), err)
+	}
+	if len(b) == 0 || json.Unmarshal(b, v) != nil {
+		return false, nil
+	}
+	return true, nil
+}
+
+func (s store) remove(name string) error {
+	if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("firmware: remove %s: %w", s.path(name), err)
+	}
+	return syncDir(s.dir)
+}
+
+// setAside renames an unreadable-format file so a person can inspect it.
+func (s store) setAside(name string) error {
+	return os.Rename(s.path(name), s.path(name+".unknown"))
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("firmware: open %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("firmware: fsync %s: %w", dir, err)
+	}
+	return nil
+}
+
+func marshalHash(h hash.Hash) ([]byte, error) {
+	m, ok := h.(encoding.BinaryMarshaler)
+	if !ok {
+		return nil, errors.New("firmware: hash state cannot be saved")
+	}
+	return m.MarshalBinary()
+}
+
+// restoreHash returns a SHA-256 continuing from state (a fresh one for nil).
+func restoreHash(state []byte) (hash.Hash, error) {
+	h := sha256.New()
+	if len(state) == 0 {
+		return h, nil
+	}
+	if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(state); err != nil {
+		return nil, fmt.Errorf("firmware: restore hash state: %w", err)
+	}
+	return h, nil
+}
