@@ -11,7 +11,7 @@ LDFLAGS     := -s -w -X $(PKG)/agent/buildinfo.Version=$(VERSION) -X $(PKG)/agen
 # Tools are run at pinned versions through the Go module proxy.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian.
-APT_PACKAGES := mosquitto mosquitto-clients grub-common libubootenv-tool u-boot-tools minisign lintian \
+APT_PACKAGES := mosquitto mosquitto-clients grub-common grub-emu e2fsprogs libubootenv-tool u-boot-tools minisign lintian \
                 systemd-container debootstrap time openssl ca-certificates iproute2
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -43,8 +43,25 @@ unit: deps ## Unit and integration tests with the race detector
 	$(GO) test -race -count=1 ./...
 
 .PHONY: test
-test: deps lint unit ## Everything CI runs: lint, unit/integration tests, interop and systemd end-to-end tests
+test: deps lint unit e2e ## Everything CI runs: lint, unit/integration tests, interop and systemd end-to-end tests
 
 .PHONY: clean
 clean: ## Remove build output
 	rm -rf $(BUILD)
+
+# --- packaging ---
+# The Debian package (nfpm, pinned) and its end-to-end test under real systemd.
+NFPM := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+
+.PHONY: deb
+deb: ## Build the Debian package build/gwagent_<version>_<arch>.deb (static binary, unit, conffile)
+	NFPM='$(GO) run $(NFPM)' GO='$(GO)' packaging/build-deb.sh '$(VERSION)' $(BUILD)
+
+.PHONY: deb-check
+deb-check: deps ## Build the package, run lintian and systemd-analyze verify/security on it, print its size figures
+	deb=$$(NFPM='$(GO) run $(NFPM)' GO='$(GO)' packaging/build-deb.sh '$(VERSION)' $(BUILD)) && packaging/check-deb.sh "$$deb"
+
+.PHONY: e2e
+e2e: deps ## End-to-end test under systemd-nspawn (root): install, start, update, watchdog, upgrade, purge; prints figures
+	GWAGENT_E2E=1 NFPM='$(GO) run $(NFPM)' $(GO) test -count=1 -v -timeout 30m ./test/systemd/
+# --- end packaging ---
