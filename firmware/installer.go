@@ -162,3 +162,10 @@ type Versioner interface {
 // RollBacker.Rollback when the device must restart before the step can
 // complete.
 var ErrRebootPending = errors.New("firmware: reboot pending")
+
+// ErrBootloaderFellBack is wrapped by Committer.VerifyBoot when the
+// bootloader gave up on the new image by itself and the device runs the
+// previous one again. The update then ends failed (nothing to undo on the
+// running image) after RollBacker.Rollback, if any, has tidied the
+// bootloader environment.
+var ErrBootloaderFellBack = errors.New("rolled back by bootloader")

@@ -557,7 +557,15 @@ func (m *Manager) stepRollback(ctx context.Context) (Phase, error) {
 	if err != nil {
 		return PhaseRolledBack, m.endFailed(rec, CodeRollback, fmt.Sprintf("rollback failed: %v (after: %s)", err, errMessage(rec.Err)))
 	}
-	if perr := m.persist(func(r *record) { r.RollbackPending = false }); perr != nil {
+	// After a bootloader fallback the rollback only tidied the environment:
+	// the new image never ran, so the update failed rather than rolled back.
+	fellBack := rec.Err != nil && rec.Err.Code == CodeBootloaderRollback
+	if perr := m.persist(func(r *record) {
+		r.RollbackPending = false
+		if fellBack {
+			r.Phase = PhaseFailed
+		}
+	}); perr != nil {
 		return PhaseRolledBack, perr
 	}
 	if err := m.store.remove(checkpointFile); err != nil {
@@ -686,6 +694,9 @@ func (m *Manager) stepCommitting(ctx context.Context) (Phase, error) {
 				m.log.Warn("still running the old image; rebooting again", zap.String("update_id", u.ID))
 				return PhaseRebooting, nil
 			}
+		}
+		if errors.Is(err, ErrBootloaderFellBack) {
+			return "", coded(CodeBootloaderRollback, fmt.Errorf("boot check: %w", err))
 		}
 		if err != nil {
 			return "", coded(CodeBoot, fmt.Errorf("boot check: %w", err))

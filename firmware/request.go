@@ -231,16 +231,19 @@ func (e *UpdateError) Error() string { return e.Code + ": " + e.Message }
 
 // Error codes reported in UpdateError.Code.
 const (
-	CodeDownload    = "downloadFailed"
-	CodeVerify      = "verifyFailed"
-	CodePrepare     = "prepareFailed"
-	CodeApply       = "applyFailed"
-	CodeReboot      = "rebootFailed"
-	CodeBoot        = "bootFailed"
-	CodeHealth      = "healthCheckFailed"
-	CodeCommit      = "commitFailed"
-	CodeRollback    = "rollbackFailed"
-	CodeUpdateLoop  = "updateLoop"
-	CodeUnsupported = "unsupported"
-	CodeInternal    = "internal"
+	CodeDownload = "downloadFailed"
+	CodeVerify   = "verifyFailed"
+	CodePrepare  = "prepareFailed"
+	CodeApply    = "applyFailed"
+	CodeReboot   = "rebootFailed"
+	CodeBoot     = "bootFailed"
+	CodeHealth   = "healthCheckFailed"
+	CodeCommit   = "commitFailed"
+	CodeRollback = "rollbackFailed"
+	// CodeBootloaderRollback: the bootloader fell back to the previous
+	// image after the new one failed its trial boots.
+	CodeBootloaderRollback = "rolledBackByBootloader"
+	CodeUpdateLoop         = "updateLoop"
+	CodeUnsupported        = "unsupported"
+	CodeInternal           = "internal"
 )

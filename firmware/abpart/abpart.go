@@ -71,7 +71,8 @@ var (
 	ErrNoSwitch       = errors.New("abpart: no switch recorded for this update")
 	// ErrRolledBackByBootloader: the trial slot did not come up and the
 	// bootloader returned to the previous slot by itself.
-	ErrRolledBackByBootloader = errors.New("abpart: rolled back by bootloader")
+	// It is firmware.ErrBootloaderFellBack, so the update ends failed.
+	ErrRolledBackByBootloader = firmware.ErrBootloaderFellBack
 	// ErrBootloaderIgnored: the device restarted but the bootloader neither
 	// booted nor counted the trial slot (the A/B script is not installed).
 	ErrBootloaderIgnored = errors.New("abpart: bootloader ignored the trial boot")

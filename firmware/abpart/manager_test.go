@@ -249,7 +249,8 @@ func TestManagerBootloaderFallback(t *testing.T) {
 	if a2.waitRebootOrEnd(t) {
 		t.Fatal("rebooted after the bootloader's fallback")
 	}
-	if final, phases := a2.result(); final == nil || final.Err == nil || !strings.Contains(final.Err.Message, "rolled back by bootloader") {
+	if final, phases := a2.result(); final == nil || final.Phase != firmware.PhaseFailed || final.Err == nil ||
+		final.Err.Code != firmware.CodeBootloaderRollback || !strings.Contains(final.Err.Message, "rolled back by bootloader") {
 		t.Fatalf("final %+v, phases %v", final, phases)
 	}
 	if st := d.state(); st.Slot != "A" || st.UpgradeAvailable {
