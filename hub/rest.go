@@ -1,0 +1,322 @@
+package hub
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/agent/iothub"
+)
+
+// codeUnauthorizedAccess is IoT Hub's error for a refused service token.
+const codeUnauthorizedAccess = 401002
+
+// maxBody bounds a service request body: a method call may carry 128 KB of
+// payload plus its envelope; twins are far smaller.
+const maxBody = iothub.MaxMethodPayload + 64*1024
+
+// errorNames are the iothub-errorcode header values IoT Hub sends.
+var errorNames = map[int]string{
+	iothub.CodeArgumentInvalid:     "ArgumentInvalid",
+	iothub.CodeIotHubFormatError:   "IotHubFormatError",
+	codeUnauthorizedAccess:         "IotHubUnauthorizedAccess",
+	iothub.CodeDeviceNotFound:      "DeviceNotFound",
+	iothub.CodeDeviceNotOnline:     "DeviceNotOnline",
+	iothub.CodeDeviceAlreadyExists: "DeviceAlreadyExists",
+	iothub.CodePreconditionFailed:  "PreconditionFailed",
+	iothub.CodeMessageTooLarge:     "MessageTooLarge",
+	iothub.CodeServerError:         "ServerError",
+	iothub.CodeServiceUnavailable:  "ServiceUnavailable",
+	iothub.CodeGatewayTimeout:      "GatewayTimeout",
+}
+
+// routes is the service REST API, the optional file share and the optional
+// MQTT-over-WebSocket endpoint.
+func (h *Hub) routes(withWS bool) http.Handler {
+	api := http.NewServeMux()
+	api.HandleFunc("GET /devices", h.handleListDevices)
+	api.HandleFunc("PUT /devices/{id}", h.handlePutDevice)
+	api.HandleFunc("GET /devices/{id}", h.handleGetDevice)
+	api.HandleFunc("DELETE /devices/{id}", h.handleDeleteDevice)
+	api.HandleFunc("POST /devices/query", h.handleQuery)
+	api.HandleFunc("GET /twins/{id}", h.handleGetTwin)
+	api.HandleFunc("PATCH /twins/{id}", h.handleUpdateTwin)
+	api.HandleFunc("PUT /twins/{id}", h.handleUpdateTwin)
+	api.HandleFunc("POST /twins/{id}/methods", h.handleInvoke)
+	api.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, errf(http.StatusNotFound, 404000, "%s %s is not part of this hub's API", r.Method, r.URL.Path))
+	})
+
+	mux := http.NewServeMux()
+	mux.Handle("/", h.authorize(api))
+	if h.cfg.FilesDir != "" {
+		// No authentication, like a storage URL that carries its own SAS:
+		// the agent downloads firmware images from here.
+		mux.Handle("GET /files/", http.StripPrefix("/files/", http.FileServer(http.Dir(h.cfg.FilesDir))))
+	}
+	if withWS {
+		mux.HandleFunc("GET "+WebSocketPath, h.serveWebSocket)
+	}
+	return mux
+}
+
+// authorize admits requests that carry a valid service SAS token: signed
+// with the hub's policy key, for the hub's host, not expired.
+func (h *Hub) authorize(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := h.checkServiceToken(r.Header.Get("Authorization"), time.Now()); err != nil {
+			h.log.Info("service request refused", zap.String("path", r.URL.Path), zap.String("remote", r.RemoteAddr), zap.Error(err))
+			writeError(w, errf(http.StatusUnauthorized, codeUnauthorizedAccess, "Unauthorized: %v", err))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (h *Hub) checkServiceToken(header string, now time.Time) error {
+	if header == "" {
+		return errors.New("no Authorization header")
+	}
+	tok, err := iothub.ParseSAS(header)
+	if err != nil {
+		return err
+	}
+	if tok.KeyName != ServicePolicy {
+		return errors.New("unknown shared access policy " + strconv.Quote(tok.KeyName))
+	}
+	if !tok.Covers(h.cfg.HostName) {
+		return errors.New("token resource " + strconv.Quote(tok.Resource) + " is not this hub")
+	}
+	if err := tok.Verify(h.svcKey); err != nil {
+		return err
+	}
+	if tok.Expired(now) {
+		return iothub.ErrSASExpired
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		writeError(w, errf(http.StatusInternalServerError, iothub.CodeServerError, "internal error"))
+		return
+	}
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+func writeError(w http.ResponseWriter, e *svcError) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	if name, ok := errorNames[e.code]; ok {
+		w.Header().Set("iothub-errorcode", name)
+	}
+	w.WriteHeader(e.status)
+	_, _ = w.Write(iothub.ErrorBody(e.code, e.msg, e.info))
+}
+
+// readBody reads a bounded request body.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, *svcError) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, errf(http.StatusRequestEntityTooLarge, iothub.CodeMessageTooLarge, "Request body is over %d bytes", maxBody)
+		}
+		return nil, errf(http.StatusBadRequest, iothub.CodeIotHubFormatError, "Request body could not be read: %v", err)
+	}
+	return b, nil
+}
+
+func (h *Hub) handleListDevices(w http.ResponseWriter, _ *http.Request) {
+	devs := h.store.list()
+	out := make([]iothub.Device, 0, len(devs))
+	for _, d := range devs {
+		out = append(out, h.deviceView(d.id, d))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (h *Hub) handlePutDevice(w http.ResponseWriter, r *http.Request) {
+	b, serr := readBody(w, r)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	var in iothub.Device
+	if len(b) > 0 {
+		if err := json.Unmarshal(b, &in); err != nil {
+			writeError(w, errf(http.StatusBadRequest, iothub.CodeIotHubFormatError, "Device body is not valid: %v", err))
+			return
+		}
+	}
+	dv, serr := h.putDevice(in, r.PathValue("id"), r.Header.Get("If-Match"))
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	w.Header().Set("ETag", strconv.Quote(dv.ETag))
+	writeJSON(w, http.StatusOK, dv)
+}
+
+func (h *Hub) handleGetDevice(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	d := h.store.get(id)
+	if d == nil {
+		writeError(w, deviceNotFound(id))
+		return
+	}
+	dv := h.deviceView(id, d)
+	w.Header().Set("ETag", strconv.Quote(dv.ETag))
+	writeJSON(w, http.StatusOK, dv)
+}
+
+func (h *Hub) handleDeleteDevice(w http.ResponseWriter, r *http.Request) {
+	if serr := h.deleteDevice(r.PathValue("id"), r.Header.Get("If-Match")); serr != nil {
+		writeError(w, serr)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *Hub) handleGetTwin(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	t, err := h.Twin(id)
+	if err != nil {
+		writeError(w, deviceNotFound(id))
+		return
+	}
+	w.Header().Set("ETag", strconv.Quote(t.ETag))
+	writeJSON(w, http.StatusOK, t)
+}
+
+func (h *Hub) handleUpdateTwin(w http.ResponseWriter, r *http.Request) {
+	b, serr := readBody(w, r)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	t, serr := h.updateTwin(r.PathValue("id"), b, r.Header.Get("If-Match"), r.Method == http.MethodPut)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	w.Header().Set("ETag", strconv.Quote(t.ETag))
+	writeJSON(w, http.StatusOK, t)
+}
+
+func (h *Hub) handleInvoke(w http.ResponseWriter, r *http.Request) {
+	b, serr := readBody(w, r)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	var req iothub.MethodRequest
+	if err := json.Unmarshal(b, &req); err != nil {
+		writeError(w, errf(http.StatusBadRequest, iothub.CodeIotHubFormatError, "Method request is not valid JSON: %v", err))
+		return
+	}
+	res, serr := h.invoke(r.Context(), r.PathValue("id"), req)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// queryRequest is the body of POST /devices/query.
+type queryRequest struct {
+	Query string `json:"query"`
+}
+
+// handleQuery answers SELECT * FROM devices [WHERE …] with a JSON array of
+// twins, paged by x-ms-max-item-count and x-ms-continuation.
+func (h *Hub) handleQuery(w http.ResponseWriter, r *http.Request) {
+	b, serr := readBody(w, r)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	var req queryRequest
+	if err := json.Unmarshal(b, &req); err != nil {
+		writeError(w, errf(http.StatusBadRequest, iothub.CodeIotHubFormatError, "Query request is not valid JSON: %v", err))
+		return
+	}
+	q, err := ParseQuery(req.Query)
+	if err != nil {
+		writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "%v", err))
+		return
+	}
+	pageSize := 100
+	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 1000 {
+			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-max-item-count must be 1..1000"))
+			return
+		}
+		pageSize = n
+	}
+	offset := 0
+	if v := r.Header.Get("x-ms-continuation"); v != "" {
+		raw, err := base64.StdEncoding.DecodeString(v)
+		n, err2 := strconv.Atoi(string(raw))
+		if err != nil || err2 != nil || n < 0 {
+			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-continuation is not valid"))
+			return
+		}
+		offset = n
+	}
+	matches, err := h.query(q)
+	if err != nil {
+		writeError(w, errf(http.StatusInternalServerError, iothub.CodeServerError, "internal error"))
+		return
+	}
+	if q.Top > 0 && len(matches) > q.Top {
+		matches = matches[:q.Top]
+	}
+	offset = min(offset, len(matches))
+	end := min(offset+pageSize, len(matches))
+	if end < len(matches) {
+		w.Header().Set("x-ms-continuation", base64.StdEncoding.EncodeToString([]byte(strconv.Itoa(end))))
+	}
+	w.Header().Set("x-ms-item-type", "Twin")
+	writeJSON(w, http.StatusOK, matches[offset:end])
+}
+
+// query evaluates q over every twin, ordered by device id.
+func (h *Hub) query(q *Query) ([]json.RawMessage, error) {
+	out := []json.RawMessage{}
+	for _, d := range h.store.list() {
+		cs := h.connState(d.id, d)
+		d.mu.Lock()
+		deleted := d.deleted
+		t := d.twinView(cs)
+		d.mu.Unlock()
+		if deleted {
+			continue
+		}
+		b, err := json.Marshal(t)
+		if err != nil {
+			return nil, err
+		}
+		if q.Where == nil {
+			out = append(out, b)
+			continue
+		}
+		doc, err := decodeAny(b)
+		if err != nil {
+			return nil, err
+		}
+		if q.Match(doc) {
+			out = append(out, b)
+		}
+	}
+	return out, nil
+}

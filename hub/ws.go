@@ -1,0 +1,155 @@
+package hub
+
+import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+
+	"github.com/gorilla/websocket"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"go.uber.org/zap"
+)
+
+// wsListener lets the broker accept MQTT-over-WebSocket connections that
+// arrive through an HTTP handler (on the HTTPS listener or on a listener of
+// their own). The broker sees it as one of its listeners, so closing the
+// broker also closes these clients.
+type wsListener struct {
+	id string
+
+	mu        sync.Mutex // guards establish, closed
+	establish listeners.EstablishFn
+	closed    bool
+	done      chan struct{} // closed by Close; Serve returns then
+}
+
+func newWSListener(id string) *wsListener {
+	return &wsListener{id: id, done: make(chan struct{})}
+}
+
+func (l *wsListener) Init(*slog.Logger) error { return nil }
+func (l *wsListener) ID() string              { return l.id }
+func (l *wsListener) Address() string         { return WebSocketPath }
+func (l *wsListener) Protocol() string        { return "wss" }
+
+func (l *wsListener) Serve(establish listeners.EstablishFn) {
+	l.mu.Lock()
+	l.establish = establish
+	l.mu.Unlock()
+	<-l.done
+}
+
+func (l *wsListener) Close(closeClients listeners.CloseFn) {
+	l.mu.Lock()
+	if !l.closed {
+		l.closed = true
+		close(l.done)
+	}
+	l.mu.Unlock()
+	closeClients(l.id)
+}
+
+// errWSClosed is returned when a WebSocket arrives while the broker stops.
+var errWSClosed = errors.New("hub: WebSocket listener closed")
+
+func (l *wsListener) serve(c net.Conn) error {
+	l.mu.Lock()
+	est, closed := l.establish, l.closed
+	l.mu.Unlock()
+	if closed || est == nil {
+		return errWSClosed
+	}
+	return est(l.id, c)
+}
+
+var wsUpgrader = websocket.Upgrader{
+	Subprotocols:    []string{"mqtt"},
+	ReadBufferSize:  4096,
+	WriteBufferSize: 4096,
+	// Devices are not browsers; there is no origin to check.
+	CheckOrigin: func(*http.Request) bool { return true },
+}
+
+// serveWebSocket upgrades the request and runs the MQTT session over it
+// until the client goes away.
+func (h *Hub) serveWebSocket(w http.ResponseWriter, r *http.Request) {
+	if h.wsLn == nil {
+		http.NotFound(w, r)
+		return
+	}
+	if !websocket.IsWebSocketUpgrade(r) {
+		http.Error(w, "MQTT over WebSocket only", http.StatusBadRequest)
+		return
+	}
+	c, err := wsUpgrader.Upgrade(w, r, nil)
+	if err != nil {
+		return // the upgrader has answered
+	}
+	conn := &wsConn{Conn: c.UnderlyingConn(), ws: c}
+	if tc, ok := c.UnderlyingConn().(*tls.Conn); ok {
+		conn.tls = tc
+	}
+	defer conn.Close()
+	if err := h.wsLn.serve(conn); err != nil && !errors.Is(err, io.EOF) {
+		h.log.Debug("WebSocket client ended", zap.Error(err))
+	}
+}
+
+// wsConn carries MQTT bytes in binary WebSocket messages; the MQTT packet
+// boundaries need not match the message boundaries.
+type wsConn struct {
+	net.Conn
+	ws  *websocket.Conn
+	tls *tls.Conn // for the client certificate; nil without TLS
+
+	r  io.Reader  // current message; owned by the reading goroutine
+	wm sync.Mutex // serialises whole-message writes
+}
+
+var errNotBinary = errors.New("hub: WebSocket message is not binary")
+
+func (c *wsConn) Read(p []byte) (int, error) {
+	for {
+		if c.r == nil {
+			op, r, err := c.ws.NextReader()
+			if err != nil {
+				return 0, err
+			}
+			if op != websocket.BinaryMessage {
+				return 0, errNotBinary
+			}
+			c.r = r
+		}
+		n, err := c.r.Read(p)
+		if errors.Is(err, io.EOF) {
+			c.r = nil
+			if n == 0 {
+				continue
+			}
+			return n, nil
+		}
+		return n, err
+	}
+}
+
+func (c *wsConn) Write(p []byte) (int, error) {
+	c.wm.Lock()
+	defer c.wm.Unlock()
+	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// ConnectionState exposes the TLS state so X.509 devices can connect over
+// WebSocket too.
+func (c *wsConn) ConnectionState() (tls.ConnectionState, bool) {
+	if c.tls == nil {
+		return tls.ConnectionState{}, false
+	}
+	return c.tls.ConnectionState(), true
+}
