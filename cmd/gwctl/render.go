@@ -1,0 +1,159 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+
+	"github.com/gwagent/gwagent/agent/iothub/service"
+)
+
+// watchPrinter shows the events of an update watch: plain lines (one per
+// transition and per progress change), a progress bar while downloading when
+// stdout is a terminal, or one JSON object per line.
+type watchPrinter struct {
+	w    io.Writer
+	loc  *time.Location
+	json bool
+	tty  bool
+	bar  *progressbar.ProgressBar // only while downloading on a terminal
+}
+
+func newWatchPrinter(w io.Writer, loc *time.Location, jsonOut, tty bool) *watchPrinter {
+	return &watchPrinter{w: w, loc: loc, json: jsonOut, tty: tty && !jsonOut}
+}
+
+func (p *watchPrinter) accepted(device, updateID string, payload json.RawMessage) {
+	if p.json {
+		p.line(map[string]any{"event": "accepted", "deviceId": device, "updateId": updateID, "payload": payload})
+		return
+	}
+	if updateID == "" {
+		fmt.Fprintf(p.w, "update started on %s (the device gave no update id): %s\n", device, payload)
+		return
+	}
+	fmt.Fprintf(p.w, "update %s accepted by %s\n", updateID, device)
+}
+
+func (p *watchPrinter) line(v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		b = []byte(strconv.Quote(err.Error()))
+	}
+	fmt.Fprintf(p.w, "%s\n", b)
+}
+
+func (p *watchPrinter) event(e service.WatchEvent) {
+	if p.json {
+		p.line(e)
+		return
+	}
+	if e.Kind == service.EventProgress {
+		if p.tty && p.progressBar(e.State) {
+			return
+		}
+		fmt.Fprintf(p.w, "%s %s\n", p.clock(e.Time), progressText(e.State))
+		return
+	}
+	p.finish()
+	fmt.Fprintf(p.w, "%s %s\n", p.clock(e.Time), transitionText(e.State))
+}
+
+// progressBar draws the download on the terminal; false when the state has
+// no percentage to show. The bar counts percent and the byte figures go in
+// its description: the library's own rate and ETA would be computed from
+// poll-sized jumps and mislead.
+func (p *watchPrinter) progressBar(s service.FirmwareState) bool {
+	if s.Percent < 0 {
+		return false
+	}
+	if p.bar == nil {
+		// A known maximum keeps the library from starting its spinner
+		// goroutine (it only spins for unknown lengths).
+		p.bar = progressbar.NewOptions(100,
+			progressbar.OptionSetWriter(p.w),
+			progressbar.OptionSetWidth(30),
+			progressbar.OptionSetPredictTime(false),
+			progressbar.OptionSetElapsedTime(true),
+		)
+	}
+	desc := s.Status
+	if s.TotalBytes > 0 {
+		desc = fmt.Sprintf("%s %s of %s", s.Status, humanBytes(s.Bytes), humanBytes(s.TotalBytes))
+	}
+	// Describe draws the bar, so the value goes in first.
+	_ = p.bar.Set(s.Percent)
+	p.bar.Describe(desc)
+	return true
+}
+
+func (p *watchPrinter) finish() {
+	if p.bar == nil {
+		return
+	}
+	// Exit keeps the bar where the download got to (Finish would fill it,
+	// which is a lie for a download that failed half-way).
+	_ = p.bar.Exit()
+	fmt.Fprintln(p.w)
+	p.bar = nil
+}
+
+func (p *watchPrinter) clock(t time.Time) string {
+	return t.In(p.loc).Format("15:04:05")
+}
+
+func transitionText(s service.FirmwareState) string {
+	switch {
+	case s.Failed():
+		if s.Error != nil {
+			return fmt.Sprintf("%s: %s: %s", s.Status, s.Error.Code, s.Error.Message)
+		}
+		return s.Status
+	case s.Status == service.StatusCompleted && s.CurrentVersion != "":
+		return fmt.Sprintf("%s (running %s)", s.Status, s.CurrentVersion)
+	case s.Status == service.StatusDownloading && s.TargetVersion != "":
+		return fmt.Sprintf("%s version %s", s.Status, s.TargetVersion)
+	}
+	return s.Status
+}
+
+// progressText: "downloading 42% (4.2 MB of 10 MB)", or what is known of it.
+func progressText(s service.FirmwareState) string {
+	var b strings.Builder
+	b.WriteString(s.Status)
+	if s.Percent >= 0 {
+		fmt.Fprintf(&b, " %d%%", s.Percent)
+	}
+	switch {
+	case s.TotalBytes > 0 && s.Percent >= 0:
+		fmt.Fprintf(&b, " (%s of %s)", humanBytes(s.Bytes), humanBytes(s.TotalBytes))
+	case s.TotalBytes > 0:
+		fmt.Fprintf(&b, " %s of %s", humanBytes(s.Bytes), humanBytes(s.TotalBytes))
+	case s.Bytes > 0:
+		fmt.Fprintf(&b, " (%s)", humanBytes(s.Bytes))
+	}
+	return b.String()
+}
+
+// humanBytes uses decimal units, one decimal below 10: 4.2 MB, 10 MB, 512 B.
+func humanBytes(n int64) string {
+	units := []string{"B", "kB", "MB", "GB", "TB"}
+	v, i := float64(n), 0
+	for v >= 1000 && i < len(units)-1 {
+		v /= 1000
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d B", n)
+	}
+	if v < 10 {
+		s := strconv.FormatFloat(v, 'f', 1, 64)
+		return strings.TrimSuffix(s, ".0") + " " + units[i]
+	}
+	return fmt.Sprintf("%.0f %s", v, units[i])
+}

@@ -1,0 +1,160 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/gwagent/gwagent/agent/iothub/service"
+)
+
+// fwRequest is the firmwareUpdate payload: the tutorial's fwPackageUri plus
+// gwagent's optional fields.
+type fwRequest struct {
+	URI          string `json:"fwPackageUri"`
+	Version      string `json:"version,omitempty"`
+	SHA256       string `json:"sha256,omitempty"`
+	Size         int64  `json:"size,omitempty"`
+	SignatureURI string `json:"signatureUri,omitempty"`
+}
+
+// fwAnswer is gwagent's answer to firmwareUpdate (200 accepted, 409 busy,
+// 400 invalid, 404 unknown method).
+type fwAnswer struct {
+	UpdateID string `json:"updateId"`
+	Status   string `json:"status"`
+	Error    string `json:"error"`
+}
+
+type updateFlags struct {
+	req         fwRequest
+	watch       bool
+	interval    time.Duration
+	timeout     time.Duration
+	methodTimes methodTimeouts
+}
+
+func (a *app) updateCommand() *cobra.Command {
+	var f updateFlags
+	cmd := &cobra.Command{
+		Use:   "update ID --uri URL [--version V] [--sha256 H] [--size N] [--watch]",
+		Short: "Start a firmware update and optionally watch it to the end",
+		Long: `Invoke the firmwareUpdate direct method with {"fwPackageUri": URL} (plus version,
+sha256, size and signatureUri when given) and print the update id the device
+accepted it under.
+
+With --watch, poll the device twin (every --interval, slower when the hub
+throttles) and print every change of properties.reported.firmwareStatus
+(standBy, downloading, applying, completed, …) with its time, and the download
+progress: a progress bar on a terminal, plain lines otherwise. Only states of
+this update count (firmware.updateId), never one left by an earlier update.
+
+` + exitCodesHelp,
+		Args: exactArgs("ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := f.validate(); err != nil {
+				return err
+			}
+			return a.withClient(func(c *service.Client) error { return a.update(cmd.Context(), c, args[0], &f) })
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.req.URI, "uri", "", "URL of the firmware image (fwPackageUri)")
+	fl.StringVar(&f.req.Version, "version", "", "version of the image")
+	fl.StringVar(&f.req.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
+	fl.Int64Var(&f.req.Size, "size", 0, "size of the image in bytes")
+	fl.StringVar(&f.req.SignatureURI, "signature-uri", "", "URL of the image's signature")
+	fl.BoolVar(&f.watch, "watch", false, "follow the update until it completes or fails")
+	fl.DurationVar(&f.interval, "interval", time.Second, "twin polling interval with --watch")
+	fl.DurationVar(&f.timeout, "timeout", 30*time.Minute, "give up watching after this long (exit code 2)")
+	f.methodTimes.register(cmd, "response-timeout")
+	_ = cmd.MarkFlagRequired("uri")
+	return cmd
+}
+
+func (f *updateFlags) validate() error {
+	u, err := url.Parse(f.req.URI)
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		return usageErr("--uri must be an absolute URL, not %q", f.req.URI)
+	}
+	if f.req.SHA256 != "" {
+		if b, err := hex.DecodeString(f.req.SHA256); err != nil || len(b) != 32 {
+			return usageErr("--sha256 must be 64 hex digits")
+		}
+	}
+	if f.req.Size < 0 {
+		return usageErr("--size must not be negative")
+	}
+	if f.interval < 100*time.Millisecond {
+		return usageErr("--interval must be at least 100ms (twin reads are throttled per hub)")
+	}
+	if f.timeout <= 0 {
+		return usageErr("--timeout must be positive")
+	}
+	return nil
+}
+
+func (a *app) update(ctx context.Context, c *service.Client, id string, f *updateFlags) error {
+	payload, err := json.Marshal(f.req)
+	if err != nil {
+		return fmt.Errorf("encoding the request: %w", err)
+	}
+	started := time.Now()
+	res, err := a.invoke(ctx, c, id, "firmwareUpdate", payload, &f.methodTimes, "response-timeout")
+	if err != nil {
+		return err
+	}
+	var ans fwAnswer
+	_ = json.Unmarshal(res.Payload, &ans) // the tutorial's device answers other shapes
+	switch {
+	case res.Status == 409:
+		return &exitError{code: exitFailure, msg: fmt.Sprintf("device %s is busy with update %s (409)", id, ans.UpdateID)}
+	case res.Status == 404:
+		return &exitError{code: exitFailure, msg: fmt.Sprintf("device %s does not implement firmwareUpdate (404): %s", id, res.Payload)}
+	case res.Status >= 400:
+		reason := ans.Error
+		if reason == "" {
+			reason = string(res.Payload)
+		}
+		return &exitError{code: exitFailure, msg: fmt.Sprintf("device %s refused the update (%d): %s", id, res.Status, reason)}
+	}
+
+	p := newWatchPrinter(a.stdout, a.location(), a.output == "json", a.isTerminal != nil && a.isTerminal())
+	if !f.watch {
+		if a.output == "json" {
+			return a.printJSON(map[string]any{"deviceId": id, "updateId": ans.UpdateID, "status": res.Status, "payload": res.Payload})
+		}
+		if ans.UpdateID == "" {
+			_, err = fmt.Fprintf(a.stdout, "%s\n", res.Payload)
+			return err
+		}
+		_, err = fmt.Fprintln(a.stdout, ans.UpdateID)
+		return err
+	}
+	p.accepted(id, ans.UpdateID, res.Payload)
+
+	wctx, cancel := context.WithTimeout(ctx, f.timeout)
+	defer cancel()
+	st, err := c.WatchFirmware(wctx, id, service.WatchOptions{UpdateID: ans.UpdateID, Since: started, Interval: f.interval}, p.event)
+	p.finish()
+	switch {
+	case errors.Is(err, service.ErrWatchTimeout):
+		return &exitError{code: exitTimeout, err: err,
+			msg: fmt.Sprintf("no final state of the update on %s within %s (last status %q)", id, f.timeout, st.Status)}
+	case err != nil:
+		return failure(err, id)
+	case st.Failed():
+		msg := fmt.Sprintf("update %s on %s ended %s", ans.UpdateID, id, st.Status)
+		if st.Error != nil {
+			msg += fmt.Sprintf(": %s: %s", st.Error.Code, st.Error.Message)
+		}
+		return &exitError{code: exitFailure, msg: msg}
+	}
+	return nil
+}
