@@ -1,0 +1,403 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/agent/buildinfo"
+	"github.com/gwagent/gwagent/agent/config"
+	"github.com/gwagent/gwagent/agent/installer"
+	"github.com/gwagent/gwagent/agent/report"
+	"github.com/gwagent/gwagent/agent/router"
+	"github.com/gwagent/gwagent/agent/session"
+	"github.com/gwagent/gwagent/agent/writable"
+	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/twin"
+)
+
+// Subdirectories of the state directory.
+const (
+	queueDir    = "twin-queue"
+	firmwareDir = "firmware"
+)
+
+// reservedReported are the reported properties the agent writes itself; a
+// desired property of the same name is never acknowledged over them.
+var reservedReported = []string{
+	"firmwareStatus", "logTime", "downloadComplete", "startedApplyingImage", "lastFirmwareUpdate",
+	"firmware", "iothubDM", "agent",
+}
+
+// Options build an Agent.
+type Options struct {
+	Config *config.Config
+	// Log is the root logger; components get named children.
+	Log *zap.Logger
+	// Level is the level of Log, changed by the logLevel desired property
+	// and by Reload. A zero AtomicLevel is replaced by a private one.
+	Level zap.AtomicLevel
+	// Notifier talks to the service manager; nil means systemd's
+	// NOTIFY_SOCKET (a no-op when not run by systemd).
+	Notifier Notifier
+	// Installer, when set, replaces the backend named in the configuration.
+	Installer *installer.Built
+	// HTTPClient downloads images; nil means one that trusts the system
+	// roots and hub.caFile.
+	HTTPClient *http.Client
+}
+
+// Agent is the daemon. Create it with New, run it once with Run.
+type Agent struct {
+	log      *zap.Logger
+	level    zap.AtomicLevel
+	notifier Notifier
+
+	session   *session.Session
+	queue     *twin.Queue
+	manager   *firmware.Manager
+	reporter  *report.Reporter
+	router    *router.Router
+	acker     *writable.Acker
+	rebooter  firmware.Rebooter
+	installer firmware.Installer
+
+	rebootCh      chan struct{} // cap 1: a reboot was answered, do it
+	rebootPending atomic.Bool
+	kick          chan struct{} // cap 1: recompute the status line
+	probeStatus   chan chan struct{}
+	probeReboot   chan chan struct{}
+	managerAlive  atomic.Bool
+
+	onlineOnce sync.Once
+	online     chan struct{} // closed at the first connect
+
+	mu  sync.Mutex     // guards cfg
+	cfg *config.Config // the configuration in effect (Reload swaps it)
+}
+
+// New opens the agent's state (the patch queue, the update record) and
+// builds its parts. Nothing talks to the hub until Run.
+func New(opts Options) (*Agent, error) {
+	cfg := opts.Config
+	if cfg == nil {
+		return nil, errors.New("agent: no configuration")
+	}
+	log := opts.Log
+	if log == nil {
+		log = zap.NewNop()
+	}
+	level := opts.Level
+	if level == (zap.AtomicLevel{}) {
+		level = zap.NewAtomicLevel()
+	}
+	notifier := opts.Notifier
+	if notifier == nil {
+		notifier = Systemd{}
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("agent: state directory: %w", err)
+	}
+	a := &Agent{
+		log:         log.Named("agent"),
+		level:       level,
+		notifier:    notifier,
+		cfg:         cfg,
+		rebootCh:    make(chan struct{}, 1),
+		kick:        make(chan struct{}, 1),
+		probeStatus: make(chan chan struct{}),
+		probeReboot: make(chan chan struct{}),
+		online:      make(chan struct{}),
+	}
+
+	built := opts.Installer
+	if built == nil {
+		b, err := installer.Build(cfg.Installer, installer.Deps{StateDir: cfg.StateDir, Log: log.Named("installer")})
+		if err != nil {
+			return nil, err
+		}
+		built = &b
+	}
+	a.rebooter = built.Rebooter
+	a.installer = built.Installer
+
+	var err error
+	a.session, err = session.New(session.Config{
+		Conn:           cfg.Hub.ConnectionString,
+		Address:        cfg.Hub.Address,
+		RootCAs:        cfg.Hub.RootCAs,
+		Certificate:    cfg.Hub.Certificate,
+		KeepAlive:      cfg.Hub.KeepAlive,
+		SASTTL:         cfg.Hub.SASTTL,
+		ConnectTimeout: cfg.Hub.ConnectTimeout,
+		RequestTimeout: cfg.Hub.RequestTimeout,
+		MinRetryDelay:  cfg.Hub.MinRetryDelay,
+		MaxRetryDelay:  cfg.Hub.MaxRetryDelay,
+		ClientType:     "gwagent/" + buildinfo.Get().Version,
+		Log:            log.Named("session"),
+		OnMethod:       a.dispatch,
+		OnDesired:      a.onDesired,
+		OnConnect:      a.onConnect,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+
+	a.queue, err = twin.OpenQueue(twin.QueueOptions{
+		Dir:            filepath.Join(cfg.StateDir, queueDir),
+		MinBackoff:     cfg.Hub.MinRetryDelay,
+		MaxBackoff:     cfg.Hub.MaxRetryDelay,
+		RequestTimeout: cfg.Hub.RequestTimeout,
+	}, a.session, log.Named("twin"))
+	if err != nil {
+		return nil, fmt.Errorf("agent: open the reported-patch queue: %w", err)
+	}
+
+	a.reporter = report.New(a.queue, report.Options{
+		MinInterval:    cfg.Report.MinInterval,
+		MinPercentStep: cfg.Report.MinPercentStep,
+		Log:            log.Named("report"),
+		OnProgress:     func(firmware.Progress) { a.kickStatus() },
+	})
+
+	client := opts.HTTPClient
+	if client == nil {
+		if client, err = downloadClient(cfg.Hub.CAFile); err != nil {
+			_ = a.queue.Close()
+			return nil, err
+		}
+	}
+	a.manager, err = firmware.NewManager(firmware.Config{
+		StateDir:        filepath.Join(cfg.StateDir, firmwareDir),
+		Installer:       built.Installer,
+		Observer:        a.reporter.Observe,
+		Log:             log.Named("firmware"),
+		HTTPClient:      client,
+		CurrentVersion:  cfg.CurrentVersion,
+		HealthCheck:     a.healthCheck,
+		DownloadTimeout: cfg.Update.DownloadTimeout,
+	})
+	if err != nil {
+		_ = a.queue.Close()
+		return nil, fmt.Errorf("agent: open the update state: %w", err)
+	}
+
+	a.router = router.New(log.Named("methods"), 0)
+	a.router.Handle("firmwareUpdate", a.handleFirmwareUpdate)
+	a.router.Handle("reboot", a.handleReboot)
+
+	a.acker = writable.New(a.queue, reservedReported, log.Named("desired"))
+	a.acker.Register("logLevel", a.logLevelProperty())
+	return a, nil
+}
+
+// downloadClient trusts the system roots plus hub.caFile, so images served
+// next to a local hub (same CA) download as well as those on the Internet.
+func downloadClient(caFile string) (*http.Client, error) {
+	roots, err := x509.SystemCertPool()
+	if err != nil || roots == nil {
+		roots = x509.NewCertPool()
+	}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("agent: hub.caFile: %w", err)
+		}
+		roots.AppendCertsFromPEM(pem)
+	}
+	tr := &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   15 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second,
+		IdleConnTimeout:       90 * time.Second,
+		MaxIdleConns:          2,
+		ForceAttemptHTTP2:     true,
+	}
+	tr.TLSClientConfig = newTLSConfig(roots)
+	return &http.Client{Transport: tr}, nil
+}
+
+func newTLSConfig(roots *x509.CertPool) *tls.Config {
+	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}
+}
+
+func (a *Agent) config() *config.Config {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cfg
+}
+
+// Session exposes the hub session (health, for tests and status).
+func (a *Agent) Session() *session.Session { return a.session }
+
+// Run runs the agent until ctx is done (a normal stop: it returns nil after
+// the graceful stop) or a part fails for good (it returns the error, so the
+// service manager restarts it). Run may be called once.
+func (a *Agent) Run(ctx context.Context) error {
+	cfg := a.config()
+	info := buildinfo.Get()
+	st := a.manager.Status()
+	if !st.Busy {
+		st.CurrentVersion = a.currentVersion(ctx, st.CurrentVersion)
+	}
+	if err := a.reporter.Startup(st, time.Now(), map[string]any{
+		"agent": map[string]any{"version": info.Version, "installer": cfg.Installer.Type, "startedAt": time.Now().UTC().Format(report.TimeFormat)},
+	}); err != nil {
+		a.log.Error("cannot queue the start-up report", zap.Error(err))
+	}
+
+	// Each part has its own context so the stop can be done in order.
+	mctx, stopManager := context.WithCancel(context.Background())
+	qctx, stopQueue := context.WithCancel(context.Background())
+	sctx, stopSession := context.WithCancel(context.Background())
+	bctx, stopBackground := context.WithCancel(context.Background())
+	defer stopManager()
+	defer stopQueue()
+	defer stopSession()
+	defer stopBackground()
+
+	// The state is open (New) and the parts start now: the agent works
+	// locally, whether or not the hub answers.
+	a.notify(notifyReady)
+
+	fatal := make(chan error, 3)
+	var mwg, rest sync.WaitGroup
+	a.managerAlive.Store(true)
+	mwg.Go(func() {
+		defer a.managerAlive.Store(false)
+		if err := a.manager.Run(mctx); err != nil {
+			fatal <- fmt.Errorf("agent: firmware state machine: %w", err)
+		}
+	})
+	rest.Go(func() {
+		if err := a.queue.Run(qctx); err != nil {
+			fatal <- fmt.Errorf("agent: reported-patch queue: %w", err)
+		}
+	})
+	rest.Go(func() {
+		if err := a.session.Run(sctx); err != nil {
+			fatal <- fmt.Errorf("agent: session: %w", err)
+		}
+	})
+	rest.Go(func() { a.rebootWorker(bctx) })
+	rest.Go(func() { a.statusLoop(bctx) })
+	rest.Go(func() { a.watchdog(bctx) })
+
+	a.log.Info("gwagent running", zap.String("version", info.Version), zap.String("device_id", cfg.Hub.ConnectionString.DeviceID),
+		zap.String("installer", cfg.Installer.Type), zap.String("state_dir", cfg.StateDir))
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		a.log.Info("stopping")
+	case runErr = <-fatal:
+		a.log.Error("stopping after a failure", zap.Error(runErr))
+	}
+
+	// Graceful stop, bounded by shutdownTimeout: stop intake, let the state
+	// machine persist and stop, flush what the queue holds, disconnect.
+	a.notify(notifyStopping)
+	a.notify("STATUS=stopping")
+	deadline := time.Now().Add(cfg.ShutdownTimeout)
+	a.session.Drain()
+	stopManager()
+	if !waitTimeout(&mwg, time.Until(deadline)) {
+		a.log.Warn("firmware state machine did not stop in time")
+	}
+	a.reporter.Close()
+	if a.session.Health().Connected {
+		fctx, cancel := context.WithDeadline(context.Background(), deadline)
+		if err := a.queue.Flush(fctx); err != nil {
+			a.log.Warn("stopping with reported patches not delivered; they are kept for the next start",
+				zap.Int("pending", a.queue.Len()), zap.Error(err))
+		}
+		cancel()
+	} else if n := a.queue.Len(); n > 0 {
+		// Offline: waiting cannot deliver them; the next start will.
+		a.log.Info("offline: reported patches kept for the next start", zap.Int("pending", n))
+	}
+	stopBackground()
+	stopQueue()
+	stopSession()
+	if !waitTimeout(&rest, max(time.Until(deadline), 5*time.Second)) {
+		a.log.Warn("parts did not stop in time")
+	}
+	rctx, rcancel := context.WithTimeout(context.Background(), time.Second)
+	_ = a.router.Wait(rctx)
+	rcancel()
+	if err := a.queue.Close(); err != nil {
+		runErr = errors.Join(runErr, fmt.Errorf("agent: close the queue: %w", err))
+	}
+	a.log.Info("stopped")
+	return runErr
+}
+
+// currentVersion asks the installer (when it knows) which version runs; the
+// state machine asks too, but only once it runs, after the start-up report.
+func (a *Agent) currentVersion(ctx context.Context, fallback string) string {
+	v, ok := a.installer.(firmware.Versioner)
+	if !ok {
+		return fallback
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cur, err := v.CurrentVersion(ctx)
+	if err != nil || cur == "" {
+		return fallback
+	}
+	return cur
+}
+
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+func (a *Agent) onConnect() {
+	a.queue.Wake()
+	a.onlineOnce.Do(func() { close(a.online) })
+	a.kickStatus()
+}
+
+func (a *Agent) onDesired(d session.Desired) {
+	a.acker.OnDesired(d.Doc, d.Version, d.Full, d.Reported)
+}
+
+// healthCheck gates the commit of a trial boot: the new image must bring
+// the agent back to the hub within update.healthTimeout.
+func (a *Agent) healthCheck(ctx context.Context) error {
+	d := a.config().Update.HealthTimeout
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-a.online:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return fmt.Errorf("agent: not connected to the hub within %s of the trial boot", d)
+	}
+}

@@ -1,0 +1,562 @@
+package config
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+
+	"github.com/gwagent/gwagent/agent/iothub"
+)
+
+// DefaultFile is where a device keeps its configuration.
+const DefaultFile = "/etc/gwagent/config.yaml"
+
+// EnvPrefix prefixes every environment override: hub.keepAlive is
+// GWAGENT_HUB_KEEPALIVE.
+const EnvPrefix = "GWAGENT"
+
+// ErrConfig is wrapped by every configuration error.
+var ErrConfig = errors.New("config")
+
+// Config is the whole agent configuration, validated.
+type Config struct {
+	Hub       Hub
+	StateDir  string // absolute
+	Installer Installer
+	Report    Report
+	Log       Log
+	Update    Update
+	// ShutdownTimeout bounds the graceful stop (flush of the twin queue,
+	// persisting state, disconnect).
+	ShutdownTimeout time.Duration
+	// CurrentVersion is the running firmware version when the installer
+	// cannot tell and no update has completed since.
+	CurrentVersion string
+
+	// File is the configuration file that was read, empty if none.
+	File string
+	// Warnings are things a person should fix that do not stop the agent
+	// (a world-readable secrets file). The caller logs them once a logger
+	// exists.
+	Warnings []string
+}
+
+// Hub is how to reach and authenticate to the IoT hub.
+type Hub struct {
+	// ConnectionString is the device identity. It holds a secret: never log
+	// it (String() of Hub redacts it).
+	ConnectionString iothub.ConnectionString
+	// ConnectionStringFile is where it came from when read from a file.
+	ConnectionStringFile string
+	// Address overrides where the socket goes ("host:port"); empty means
+	// GatewayHostName or HostName on port 8883. TLS always verifies the
+	// gateway or hub name, never this address.
+	Address string
+	// CAFile is a PEM bundle of trusted roots; empty means the system roots.
+	CAFile string
+	// RootCAs is CAFile loaded; nil means the system roots.
+	RootCAs *x509.CertPool
+	// X509 is the client certificate, for connection strings with x509=true.
+	X509 X509
+	// Certificate is X509 loaded; nil for SAS authentication.
+	Certificate *tls.Certificate
+
+	KeepAlive      time.Duration
+	SASTTL         time.Duration // lifetime of each minted token; reconnect at 80%
+	ConnectTimeout time.Duration
+	RequestTimeout time.Duration // twin GET / reported PATCH answer wait
+	MinRetryDelay  time.Duration // reconnect backoff start
+	MaxRetryDelay  time.Duration // reconnect backoff cap
+}
+
+// X509 names the client certificate files.
+type X509 struct {
+	CertFile string
+	KeyFile  string
+}
+
+// Installer selects the firmware backend.
+type Installer struct {
+	Type string
+	// Settings is the installer.<type> section, with defaults and
+	// environment overrides applied; the backend decodes it.
+	Settings map[string]any
+}
+
+// Report shapes progress reporting.
+type Report struct {
+	MinInterval    time.Duration // at most one progress patch per interval
+	MinPercentStep int           // and at least every N percent
+}
+
+// Update bounds the firmware update state machine.
+type Update struct {
+	// HealthTimeout is how long a trial boot may take to reach the hub
+	// before the update is rolled back (installers that commit).
+	HealthTimeout time.Duration
+	// DownloadTimeout bounds one download, retries included.
+	DownloadTimeout time.Duration
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string // debug, info, warn, error
+	Format string // auto, console, json, journal
+}
+
+// Backend describes an installer backend to the loader: its name and the
+// defaults of its installer.<name>.* keys (so they can be overridden from the
+// environment and checked for typos).
+type Backend struct {
+	Name     string
+	Defaults map[string]any
+}
+
+// Options say where the configuration comes from.
+type Options struct {
+	// File is the YAML file; empty means DefaultFile if it exists.
+	File string
+	// Flags, when set, were registered with RegisterFlags and parsed.
+	Flags *pflag.FlagSet
+	// Backends are the installer backends that exist.
+	Backends []Backend
+}
+
+// key is one configuration key: its canonical name, default, flag and how it
+// lands in Config.
+type key struct {
+	name  string
+	def   any
+	flag  string
+	usage string
+	set   func(c *Config, raw any) error
+}
+
+var keys = []key{
+	{name: "hub.connectionString", def: "", usage: "device connection string (secret; prefer hub.connectionStringFile)",
+		set: func(c *Config, raw any) error { return nil }}, // resolved in loadHub
+	{name: "hub.connectionStringFile", def: "", flag: "connection-string-file", usage: "file holding the device connection string (mode 0600)",
+		set: str(func(c *Config) *string { return &c.Hub.ConnectionStringFile })},
+	{name: "hub.address", def: "", flag: "hub-address", usage: "host:port to dial instead of the hub's name on 8883",
+		set: str(func(c *Config) *string { return &c.Hub.Address })},
+	{name: "hub.caFile", def: "", flag: "ca-file", usage: "PEM file of trusted root CAs (empty: system roots)",
+		set: str(func(c *Config) *string { return &c.Hub.CAFile })},
+	{name: "hub.x509.certFile", def: "", usage: "client certificate (PEM) for x509=true",
+		set: str(func(c *Config) *string { return &c.Hub.X509.CertFile })},
+	{name: "hub.x509.keyFile", def: "", usage: "client key (PEM) for x509=true",
+		set: str(func(c *Config) *string { return &c.Hub.X509.KeyFile })},
+	{name: "hub.keepAlive", def: "120s", set: dur(func(c *Config) *time.Duration { return &c.Hub.KeepAlive }, 5*time.Second, 1177*time.Second)},
+	{name: "hub.sasTTL", def: "1h", set: dur(func(c *Config) *time.Duration { return &c.Hub.SASTTL }, 5*time.Second, 365*24*time.Hour)},
+	{name: "hub.connectTimeout", def: "30s", set: dur(func(c *Config) *time.Duration { return &c.Hub.ConnectTimeout }, time.Second, 5*time.Minute)},
+	{name: "hub.requestTimeout", def: "30s", set: dur(func(c *Config) *time.Duration { return &c.Hub.RequestTimeout }, time.Second, 5*time.Minute)},
+	{name: "hub.minRetryDelay", def: "1s", set: dur(func(c *Config) *time.Duration { return &c.Hub.MinRetryDelay }, 10*time.Millisecond, time.Hour)},
+	{name: "hub.maxRetryDelay", def: "60s", set: dur(func(c *Config) *time.Duration { return &c.Hub.MaxRetryDelay }, 100*time.Millisecond, time.Hour)},
+	{name: "stateDir", def: "/var/lib/gwagent", flag: "state-dir", usage: "directory for the agent's persistent state",
+		set: str(func(c *Config) *string { return &c.StateDir })},
+	{name: "currentVersion", def: "", usage: "running firmware version when the installer cannot tell",
+		set: str(func(c *Config) *string { return &c.CurrentVersion })},
+	{name: "installer.type", def: "simulated", flag: "installer", usage: "firmware installer backend",
+		set: str(func(c *Config) *string { return &c.Installer.Type })},
+	{name: "report.minInterval", def: "2s", set: dur(func(c *Config) *time.Duration { return &c.Report.MinInterval }, 0, time.Hour)},
+	{name: "report.minPercentStep", def: 5, set: intIn(func(c *Config) *int { return &c.Report.MinPercentStep }, 1, 100)},
+	{name: "log.level", def: "info", flag: "log-level", usage: "debug, info, warn or error",
+		set: oneOf(func(c *Config) *string { return &c.Log.Level }, "debug", "info", "warn", "error")},
+	{name: "log.format", def: "auto", flag: "log-format", usage: "auto, console, json or journal",
+		set: oneOf(func(c *Config) *string { return &c.Log.Format }, "auto", "console", "json", "journal")},
+	{name: "update.healthTimeout", def: "5m", set: dur(func(c *Config) *time.Duration { return &c.Update.HealthTimeout }, time.Second, 24*time.Hour)},
+	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
+	{name: "shutdownTimeout", def: "10s", set: dur(func(c *Config) *time.Duration { return &c.ShutdownTimeout }, 0, 10*time.Minute)},
+}
+
+// Keys lists the canonical key names, in documentation order.
+func Keys() []string {
+	out := make([]string, len(keys))
+	for i, k := range keys {
+		out[i] = k.name
+	}
+	return out
+}
+
+// Default returns the default value of a key, and whether the key exists.
+func Default(name string) (any, bool) {
+	for _, k := range keys {
+		if k.name == name {
+			return k.def, true
+		}
+	}
+	return nil, false
+}
+
+// RegisterFlags adds the flags for the common keys (and --config) to fs.
+func RegisterFlags(fs *pflag.FlagSet) {
+	fs.String("config", "", "configuration file (default "+DefaultFile+" if present)")
+	for _, k := range keys {
+		if k.flag == "" {
+			continue
+		}
+		fs.String(k.flag, fmt.Sprint(k.def), k.usage+" (key "+k.name+")")
+	}
+}
+
+// Load reads, merges and validates the configuration. Precedence, highest
+// first: flags that were set, GWAGENT_… environment variables, the file,
+// defaults.
+func Load(opts Options) (*Config, error) {
+	v := viper.New()
+	v.SetEnvPrefix(EnvPrefix)
+	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
+	v.AutomaticEnv()
+	for _, k := range keys {
+		v.SetDefault(k.name, k.def)
+	}
+	backends := map[string]Backend{}
+	for _, b := range opts.Backends {
+		backends[strings.ToLower(b.Name)] = b
+		for name, def := range flatten("installer."+b.Name, b.Defaults) {
+			v.SetDefault(name, def)
+		}
+	}
+
+	c := &Config{}
+	file := opts.File
+	if file == "" && opts.Flags != nil {
+		if f := opts.Flags.Lookup("config"); f != nil && f.Changed {
+			file = f.Value.String()
+		}
+	}
+	explicit := file != ""
+	if file == "" {
+		file = DefaultFile
+	}
+	v.SetConfigFile(file)
+	v.SetConfigType("yaml")
+	if err := v.ReadInConfig(); err != nil {
+		var pe *fs.PathError
+		switch {
+		case !explicit && errors.As(err, &pe) && errors.Is(pe, fs.ErrNotExist):
+			// No file at the default place: defaults and environment only
+			// (containers, tests).
+		default:
+			return nil, fmt.Errorf("%w: reading %s: %w", ErrConfig, file, err)
+		}
+	} else {
+		c.File = file
+	}
+
+	if opts.Flags != nil {
+		for _, k := range keys {
+			if k.flag == "" {
+				continue
+			}
+			if f := opts.Flags.Lookup(k.flag); f != nil && f.Changed {
+				v.Set(k.name, f.Value.String())
+			}
+		}
+	}
+
+	if err := checkUnknown(v, backends); err != nil {
+		return nil, err
+	}
+	for _, k := range keys {
+		if err := k.set(c, v.Get(k.name)); err != nil {
+			return nil, fmt.Errorf("%w: %s: %w", ErrConfig, k.name, err)
+		}
+	}
+	if err := c.loadHub(v); err != nil {
+		return nil, err
+	}
+	if c.Hub.MinRetryDelay > c.Hub.MaxRetryDelay {
+		return nil, fmt.Errorf("%w: hub.minRetryDelay: must not exceed hub.maxRetryDelay (%s)", ErrConfig, c.Hub.MaxRetryDelay)
+	}
+	if c.StateDir == "" {
+		return nil, fmt.Errorf("%w: stateDir: must not be empty", ErrConfig)
+	}
+	abs, err := filepath.Abs(c.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: stateDir: %w", ErrConfig, err)
+	}
+	c.StateDir = abs
+
+	b, ok := backends[strings.ToLower(c.Installer.Type)]
+	if !ok {
+		return nil, fmt.Errorf("%w: installer.type: unknown installer %q (known: %s)", ErrConfig, c.Installer.Type, knownNames(opts.Backends))
+	}
+	c.Installer.Type = b.Name
+	c.Installer.Settings = map[string]any{}
+	for name := range flatten("", b.Defaults) {
+		setPath(c.Installer.Settings, name, v.Get("installer."+b.Name+"."+name))
+	}
+	return c, nil
+}
+
+// loadHub resolves the connection string (inline or from a secrets file) and
+// loads the TLS material, naming the key on every error.
+func (c *Config) loadHub(v *viper.Viper) error {
+	inline, err := toString(v.Get("hub.connectionString"))
+	if err != nil {
+		return fmt.Errorf("%w: hub.connectionString: %w", ErrConfig, err)
+	}
+	inline = strings.TrimSpace(inline)
+	var raw, from string
+	switch {
+	case inline != "":
+		if c.Hub.ConnectionStringFile != "" {
+			// Layers (file, environment, flags) may each bring one: the
+			// explicit string wins, as it usually comes from the higher
+			// layer (GWAGENT_HUB_CONNECTIONSTRING over the shipped file).
+			c.Warnings = append(c.Warnings, "hub.connectionStringFile: ignored because hub.connectionString is set")
+			c.Hub.ConnectionStringFile = ""
+		}
+		raw, from = inline, "hub.connectionString"
+	case c.Hub.ConnectionStringFile != "":
+		from = "hub.connectionStringFile"
+		b, err := os.ReadFile(c.Hub.ConnectionStringFile)
+		if err != nil {
+			return fmt.Errorf("%w: hub.connectionStringFile: %w", ErrConfig, err)
+		}
+		raw = strings.TrimSpace(string(b))
+		if fi, err := os.Stat(c.Hub.ConnectionStringFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			c.Warnings = append(c.Warnings, fmt.Sprintf("hub.connectionStringFile: %s is readable by group or others (mode %04o); chmod 600 it",
+				c.Hub.ConnectionStringFile, fi.Mode().Perm()))
+		}
+	default:
+		return fmt.Errorf("%w: hub.connectionString: required (or hub.connectionStringFile): the device connection string from the hub", ErrConfig)
+	}
+	cs, err := iothub.ParseConnectionString(raw)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrConfig, from, err)
+	}
+	if cs.IsService() {
+		return fmt.Errorf("%w: %s: this is a service connection string; the agent needs a device connection string (HostName=…;DeviceId=…;SharedAccessKey=…)", ErrConfig, from)
+	}
+	if cs.SharedAccessSignature != "" {
+		c.Warnings = append(c.Warnings, from+": a fixed SharedAccessSignature cannot be renewed; the hub closes the connection when it expires")
+	}
+	c.Hub.ConnectionString = cs
+
+	if c.Hub.Address != "" {
+		if _, port, err := net.SplitHostPort(c.Hub.Address); err != nil || port == "" {
+			return fmt.Errorf("%w: hub.address: %q is not host:port", ErrConfig, c.Hub.Address)
+		}
+	}
+	if c.Hub.CAFile != "" {
+		pem, err := os.ReadFile(c.Hub.CAFile)
+		if err != nil {
+			return fmt.Errorf("%w: hub.caFile: %w", ErrConfig, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("%w: hub.caFile: %s holds no PEM certificate", ErrConfig, c.Hub.CAFile)
+		}
+		c.Hub.RootCAs = pool
+	}
+	switch {
+	case cs.X509 && (c.Hub.X509.CertFile == "" || c.Hub.X509.KeyFile == ""):
+		return fmt.Errorf("%w: hub.x509.certFile: the connection string says x509=true: set hub.x509.certFile and hub.x509.keyFile", ErrConfig)
+	case !cs.X509 && (c.Hub.X509.CertFile != "" || c.Hub.X509.KeyFile != ""):
+		return fmt.Errorf("%w: hub.x509.certFile: a client certificate needs a connection string with x509=true", ErrConfig)
+	case cs.X509:
+		cert, err := tls.LoadX509KeyPair(c.Hub.X509.CertFile, c.Hub.X509.KeyFile)
+		if err != nil {
+			return fmt.Errorf("%w: hub.x509.certFile: %w", ErrConfig, err)
+		}
+		c.Hub.Certificate = &cert
+	}
+	return nil
+}
+
+// checkUnknown rejects keys nobody reads, which are almost always typos.
+func checkUnknown(v *viper.Viper, backends map[string]Backend) error {
+	known := map[string]bool{}
+	for _, k := range keys {
+		known[strings.ToLower(k.name)] = true
+	}
+	for name, b := range backends {
+		for k := range flatten("installer."+name, b.Defaults) {
+			known[strings.ToLower(k)] = true
+		}
+	}
+	var unknown []string
+	for _, k := range v.AllKeys() {
+		if known[k] {
+			continue
+		}
+		if isSection(k, known) {
+			if _, ok := v.Get(k).(map[string]any); ok || v.Get(k) == nil {
+				continue // a section whose keys are all commented out
+			}
+		}
+		unknown = append(unknown, k)
+	}
+	if len(unknown) == 0 {
+		return nil
+	}
+	slices.Sort(unknown)
+	return fmt.Errorf("%w: %s: unknown key (the shipped %s lists every key)", ErrConfig, strings.Join(unknown, ", "), DefaultFile)
+}
+
+func isSection(k string, known map[string]bool) bool {
+	for name := range known {
+		if strings.HasPrefix(name, k+".") {
+			return true
+		}
+	}
+	return false
+}
+
+func knownNames(bs []Backend) string {
+	names := make([]string, 0, len(bs))
+	for _, b := range bs {
+		names = append(names, b.Name)
+	}
+	slices.Sort(names)
+	return strings.Join(names, ", ")
+}
+
+// flatten turns a nested defaults map into dotted keys under prefix.
+func flatten(prefix string, m map[string]any) map[string]any {
+	out := map[string]any{}
+	for k, val := range m {
+		name := k
+		if prefix != "" {
+			name = prefix + "." + k
+		}
+		if sub, ok := val.(map[string]any); ok {
+			for kk, vv := range flatten(name, sub) {
+				out[kk] = vv
+			}
+			continue
+		}
+		out[name] = val
+	}
+	return out
+}
+
+func setPath(m map[string]any, dotted string, val any) {
+	parts := strings.Split(dotted, ".")
+	for _, p := range parts[:len(parts)-1] {
+		sub, ok := m[p].(map[string]any)
+		if !ok {
+			sub = map[string]any{}
+			m[p] = sub
+		}
+		m = sub
+	}
+	m[parts[len(parts)-1]] = val
+}
+
+func toString(raw any) (string, error) {
+	switch x := raw.(type) {
+	case nil:
+		return "", nil
+	case string:
+		return x, nil
+	case int, int64, float64, bool:
+		return fmt.Sprint(x), nil
+	}
+	return "", fmt.Errorf("must be a string, not %T", raw)
+}
+
+func str(field func(*Config) *string) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		s, err := toString(raw)
+		if err != nil {
+			return err
+		}
+		*field(c) = strings.TrimSpace(s)
+		return nil
+	}
+}
+
+func oneOf(field func(*Config) *string, allowed ...string) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		s, err := toString(raw)
+		if err != nil {
+			return err
+		}
+		s = strings.ToLower(strings.TrimSpace(s))
+		if !slices.Contains(allowed, s) {
+			return fmt.Errorf("%q is not one of %s", s, strings.Join(allowed, ", "))
+		}
+		*field(c) = s
+		return nil
+	}
+}
+
+// ParseDuration reads a configuration duration: a Go duration string with a
+// unit ("120s", "1h30m"). Bare numbers are refused because their unit would
+// be a guess.
+func ParseDuration(raw any) (time.Duration, error) {
+	switch x := raw.(type) {
+	case time.Duration:
+		return x, nil
+	case string:
+		x = strings.TrimSpace(x)
+		if _, err := strconv.ParseFloat(x, 64); err == nil {
+			return 0, fmt.Errorf("%s has no unit (write e.g. %ss)", x, x)
+		}
+		d, err := time.ParseDuration(x)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a duration (use a unit, e.g. 30s, 5m, 1h)", x)
+		}
+		return d, nil
+	case int, int64, float64:
+		return 0, fmt.Errorf("%v has no unit (write e.g. %vs)", x, x)
+	}
+	return 0, fmt.Errorf("must be a duration like 30s, not %T", raw)
+}
+
+func dur(field func(*Config) *time.Duration, lo, hi time.Duration) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		d, err := ParseDuration(raw)
+		if err != nil {
+			return err
+		}
+		if d < lo || d > hi {
+			return fmt.Errorf("must be between %s and %s, got %s", lo, hi, d)
+		}
+		*field(c) = d
+		return nil
+	}
+}
+
+func intIn(field func(*Config) *int, lo, hi int) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		var n int
+		switch x := raw.(type) {
+		case int:
+			n = x
+		case int64:
+			n = int(x)
+		case float64:
+			if x != float64(int(x)) {
+				return fmt.Errorf("%v is not a whole number", x)
+			}
+			n = int(x)
+		case string:
+			var err error
+			if n, err = strconv.Atoi(strings.TrimSpace(x)); err != nil {
+				return fmt.Errorf("%q is not a whole number", x)
+			}
+		default:
+			return fmt.Errorf("must be a whole number, not %T", raw)
+		}
+		if n < lo || n > hi {
+			return fmt.Errorf("must be between %d and %d, got %d", lo, hi, n)
+		}
+		*field(c) = n
+		return nil
+	}
+}

@@ -1,0 +1,249 @@
+package config
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+const cs = "HostName=hub.example.net;DeviceId=gw-01;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+
+var backends = []Backend{
+	{Name: "simulated", Defaults: map[string]any{"apply": "15s", "failAt": "", "nested": map[string]any{"x": 1}}},
+	{Name: "abpart", Defaults: map[string]any{"slotA": ""}},
+}
+
+func write(t *testing.T, name, body string, mode os.FileMode) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(body), mode); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func load(t *testing.T, yaml string, args ...string) (*Config, error) {
+	t.Helper()
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	RegisterFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	file := write(t, "config.yaml", yaml, 0o644)
+	return Load(Options{File: file, Flags: fs, Backends: backends})
+}
+
+func TestDefaults(t *testing.T) {
+	c, err := load(t, "hub:\n  connectionString: \""+cs+"\"\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := c.Hub
+	if h.KeepAlive != 120*time.Second || h.SASTTL != time.Hour || h.ConnectTimeout != 30*time.Second ||
+		h.RequestTimeout != 30*time.Second || h.MinRetryDelay != time.Second || h.MaxRetryDelay != time.Minute {
+		t.Errorf("hub defaults %+v", h)
+	}
+	if h.ConnectionString.DeviceID != "gw-01" || h.RootCAs != nil || h.Certificate != nil {
+		t.Errorf("hub %+v", h)
+	}
+	if c.StateDir != "/var/lib/gwagent" || c.Installer.Type != "simulated" || c.Report.MinInterval != 2*time.Second ||
+		c.Report.MinPercentStep != 5 || c.Log.Level != "info" || c.Log.Format != "auto" || c.ShutdownTimeout != 10*time.Second ||
+		c.Update.HealthTimeout != 5*time.Minute || c.Update.DownloadTimeout != 2*time.Hour {
+		t.Errorf("defaults %+v", c)
+	}
+	want := map[string]any{"apply": "15s", "failAt": "", "nested": map[string]any{"x": 1}}
+	if len(c.Installer.Settings) != 3 || c.Installer.Settings["apply"] != want["apply"] {
+		t.Errorf("installer settings %v", c.Installer.Settings)
+	}
+	if len(c.Warnings) != 0 {
+		t.Errorf("warnings %v", c.Warnings)
+	}
+}
+
+// Every key can be set from the file, the environment and (for the common
+// ones) a flag, with flags over environment over file.
+func TestPrecedence(t *testing.T) {
+	t.Setenv("GWAGENT_HUB_KEEPALIVE", "60s")
+	t.Setenv("GWAGENT_LOG_LEVEL", "warn")
+	t.Setenv("GWAGENT_HUB_CONNECTIONSTRING", cs)
+	t.Setenv("GWAGENT_INSTALLER_SIMULATED_APPLY", "1s")
+	t.Setenv("GWAGENT_INSTALLER_SIMULATED_NESTED_X", "7")
+	t.Setenv("GWAGENT_REPORT_MINPERCENTSTEP", "10")
+	c, err := load(t, "hub:\n  keepAlive: 30s\nlog:\n  level: error\n  format: json\nstateDir: /tmp/gw\n", "--log-level=debug", "--state-dir=/tmp/flag")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Hub.KeepAlive != 60*time.Second {
+		t.Errorf("keepAlive %s: env should beat the file", c.Hub.KeepAlive)
+	}
+	if c.Log.Level != "debug" {
+		t.Errorf("log.level %s: the flag should beat env and file", c.Log.Level)
+	}
+	if c.Log.Format != "json" || c.StateDir != "/tmp/flag" || c.Report.MinPercentStep != 10 {
+		t.Errorf("config %+v", c)
+	}
+	if c.Installer.Settings["apply"] != "1s" {
+		t.Errorf("installer.simulated.apply %v", c.Installer.Settings["apply"])
+	}
+	if n, ok := c.Installer.Settings["nested"].(map[string]any); !ok || n["x"] != "7" {
+		t.Errorf("installer.simulated.nested %v", c.Installer.Settings["nested"])
+	}
+}
+
+func TestErrorsNameTheKey(t *testing.T) {
+	csLine := "hub:\n  connectionString: \"" + cs + "\"\n"
+	tests := []struct {
+		name, yaml string
+		args       []string
+		want       string
+	}{
+		{"keepAlive too long", csLine + "  keepAlive: 1200s\n", nil, "config: hub.keepAlive: must be between 5s and 19m37s, got 20m0s"},
+		{"keepAlive without unit", csLine + "  keepAlive: 120\n", nil, "config: hub.keepAlive: 120 has no unit (write e.g. 120s)"},
+		{"bad duration", csLine + "  sasTTL: soon\n", nil, `config: hub.sasTTL: "soon" is not a duration`},
+		{"no connection string", "", nil, "config: hub.connectionString: required"},
+		{"bad connection string", "hub:\n  connectionString: \"HostName=h\"\n", nil, "config: hub.connectionString: iothub: invalid connection string"},
+		{"service connection string", "hub:\n  connectionString: \"HostName=h;SharedAccessKeyName=iothubowner;SharedAccessKey=AAAA\"\n", nil, "config: hub.connectionString: this is a service connection string"},
+		{"missing secrets file", "hub:\n  connectionStringFile: /nonexistent/cs\n", nil, "config: hub.connectionStringFile: open /nonexistent/cs"},
+		{"missing CA", csLine + "  caFile: /nonexistent/ca.pem\n", nil, "config: hub.caFile: open /nonexistent/ca.pem"},
+		{"x509 without files", "hub:\n  connectionString: \"HostName=h.x;DeviceId=d;x509=true\"\n", nil, "config: hub.x509.certFile: the connection string says x509=true"},
+		{"cert without x509", csLine + "  x509:\n    certFile: /c\n", nil, "config: hub.x509.certFile: a client certificate needs a connection string with x509=true"},
+		{"bad address", csLine + "  address: nohostport\n", nil, "config: hub.address:"},
+		{"retry order", csLine + "  minRetryDelay: 2m\n  maxRetryDelay: 1m\n", nil, "config: hub.minRetryDelay: must not exceed hub.maxRetryDelay"},
+		{"unknown installer", csLine + "installer:\n  type: rauc\n", nil, `config: installer.type: unknown installer "rauc" (known: abpart, simulated)`},
+		{"unknown installer flag", csLine, []string{"--installer=swupdate"}, `config: installer.type: unknown installer "swupdate"`},
+		{"log level", csLine + "log:\n  level: loud\n", nil, `config: log.level: "loud" is not one of debug, info, warn, error`},
+		{"log format", csLine, []string{"--log-format=xml"}, `config: log.format: "xml" is not one of auto, console, json, journal`},
+		{"percent step", csLine + "report:\n  minPercentStep: 0\n", nil, "config: report.minPercentStep: must be between 1 and 100, got 0"},
+		{"percent step type", csLine + "report:\n  minPercentStep: lots\n", nil, `config: report.minPercentStep: "lots" is not a whole number`},
+		{"typo", csLine + "  keepalive2: 30s\n", nil, "config: hub.keepalive2: unknown key"},
+		{"unknown installer key", csLine + "installer:\n  simulated:\n    aply: 1s\n", nil, "config: installer.simulated.aply: unknown key"},
+		{"scalar for a section", "hub: 5\n", nil, "config: hub: unknown key"},
+		{"empty stateDir", csLine + "stateDir: \"\"\n", nil, "config: stateDir: must not be empty"},
+		{"not yaml", "hub: [", nil, "config: reading"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := load(t, tc.yaml, tc.args...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v\nwant it to contain %q", err, tc.want)
+			}
+			if !errors.Is(err, ErrConfig) {
+				t.Fatalf("%v does not wrap ErrConfig", err)
+			}
+		})
+	}
+}
+
+func TestInlineConnectionStringWins(t *testing.T) {
+	c, err := load(t, "hub:\n  connectionString: \""+cs+"\"\n  connectionStringFile: /nonexistent\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Hub.ConnectionStringFile != "" || len(c.Warnings) != 1 || !strings.Contains(c.Warnings[0], "ignored") {
+		t.Fatalf("hub %+v warnings %v", c.Hub, c.Warnings)
+	}
+}
+
+func TestFiles(t *testing.T) {
+	t.Run("secrets file, warn when readable by others", func(t *testing.T) {
+		for _, tc := range []struct {
+			mode os.FileMode
+			warn bool
+		}{{0o600, false}, {0o640, true}, {0o644, true}} {
+			p := write(t, "cs", cs+"\n", tc.mode)
+			if err := os.Chmod(p, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			c, err := load(t, "", "--connection-string-file="+p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Hub.ConnectionString.DeviceID != "gw-01" || c.Hub.ConnectionStringFile != p {
+				t.Fatalf("hub %+v", c.Hub)
+			}
+			if got := len(c.Warnings) == 1 && strings.Contains(c.Warnings[0], "chmod 600"); got != tc.warn {
+				t.Fatalf("mode %o: warnings %v", tc.mode, c.Warnings)
+			}
+		}
+	})
+	t.Run("CA file and X.509", func(t *testing.T) {
+		certPEM, keyPEM := selfSignedPEM(t)
+		ca := write(t, "ca.pem", string(certPEM), 0o644)
+		key := write(t, "key.pem", string(keyPEM), 0o600)
+		yaml := "hub:\n  connectionString: \"HostName=h.example;DeviceId=d;x509=true\"\n  caFile: " + ca +
+			"\n  x509:\n    certFile: " + ca + "\n    keyFile: " + key + "\n"
+		c, err := load(t, yaml)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Hub.RootCAs == nil || c.Hub.Certificate == nil {
+			t.Fatalf("hub %+v", c.Hub)
+		}
+		if _, err := load(t, "hub:\n  connectionString: \""+cs+"\"\n  caFile: "+key+"\n"); err == nil || !strings.Contains(err.Error(), "hub.caFile: ") {
+			t.Fatalf("a key as CA: %v", err)
+		}
+	})
+	t.Run("explicit file must exist, default may not", func(t *testing.T) {
+		if _, err := Load(Options{File: "/nonexistent/gwagent.yaml", Backends: backends}); err == nil || !strings.Contains(err.Error(), "/nonexistent/gwagent.yaml") {
+			t.Fatalf("err = %v", err)
+		}
+		t.Setenv("GWAGENT_HUB_CONNECTIONSTRING", cs)
+		fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+		RegisterFlags(fs)
+		// DefaultFile does not exist on the test machine.
+		if _, err := os.Stat(DefaultFile); err == nil {
+			t.Skip(DefaultFile + " exists here")
+		}
+		c, err := Load(Options{Flags: fs, Backends: backends})
+		if err != nil || c.File != "" {
+			t.Fatalf("Load = %+v, %v", c, err)
+		}
+	})
+}
+
+func selfSignedPEM(t *testing.T) ([]byte, []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "d"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+}
+
+func TestKeysAndDefaults(t *testing.T) {
+	seen := map[string]bool{}
+	for _, k := range Keys() {
+		if seen[strings.ToLower(k)] {
+			t.Errorf("key %s twice", k)
+		}
+		seen[strings.ToLower(k)] = true
+		if _, ok := Default(k); !ok {
+			t.Errorf("no default for %s", k)
+		}
+	}
+	if _, ok := Default("nope"); ok {
+		t.Error("Default(nope) found")
+	}
+}

@@ -1,0 +1,14 @@
+// Package agent is the gwagent daemon: it wires the configuration, the hub
+// session, the method router, the firmware state machine, the reported-patch
+// queue and systemd together and runs them with one lifecycle.
+//
+// It owns the lifecycle (start offline, READY once the state is open, a
+// bounded graceful stop that stops intake, flushes the queue, persists state
+// and disconnects), the systemd protocol (READY, STATUS, STOPPING, watchdog
+// pings gated by an internal health check), the direct methods
+// (firmwareUpdate, reboot) and the writable desired properties (logLevel).
+//
+// It must not speak MQTT (agent/session does), persist patches (twin does)
+// or touch the device (firmware and its backends do); and it must not read
+// flags or signals: cmd/gwagent does and hands the results in.
+package agent

@@ -1,0 +1,314 @@
+package report
+
+import (
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/firmware"
+)
+
+// Sink takes reported-property patches; *twin.Queue is one. A milestone is
+// never merged into a later patch.
+type Sink interface {
+	Report(patch map[string]any, milestone bool) error
+}
+
+// Tutorial firmwareStatus values. The firmware phases map onto them; idle
+// and accepted are the tutorial's standBy (waiting for, or about to start,
+// the download).
+const (
+	StatusStandBy = "standBy"
+)
+
+// TimeFormat is how timestamps are reported: RFC 3339, UTC, milliseconds.
+const TimeFormat = "2006-01-02T15:04:05.000Z07:00"
+
+// FirmwareStatus is the firmwareStatus value of a phase.
+func FirmwareStatus(p firmware.Phase) string {
+	switch p {
+	case firmware.PhaseIdle, firmware.PhaseAccepted, "":
+		return StatusStandBy
+	}
+	return string(p)
+}
+
+// Options shape the reporter. Zero values take the defaults.
+type Options struct {
+	// MinInterval is the least time between two progress patches of one
+	// phase (0: no limit; the configuration's default is 2s); phase
+	// changes are never held back.
+	MinInterval time.Duration
+	// MinPercentStep is how far the percentage must move before progress
+	// is reported again (default 5).
+	MinPercentStep int
+	// Log is the component logger.
+	Log *zap.Logger
+	// OnProgress, when set, sees every Progress (not rate-limited), e.g.
+	// for a status line. It must return quickly.
+	OnProgress func(firmware.Progress)
+}
+
+// Reporter is the firmware Observer that writes reported patches.
+type Reporter struct {
+	sink Sink
+	opts Options
+	log  *zap.Logger
+
+	mu      sync.Mutex         // guards everything below
+	last    firmware.Progress  // the latest progress seen
+	sent    firmware.Progress  // the latest progress reported
+	sentAt  time.Time          // when sent was reported
+	any     bool               // something was reported
+	dlDone  bool               // downloadComplete reported for sent.UpdateID
+	pending *firmware.Progress // progress held back by MinInterval
+	timer   *time.Timer        // reports pending when MinInterval has passed
+	closed  bool
+}
+
+// New returns a Reporter writing to sink.
+func New(sink Sink, opts Options) *Reporter {
+	opts.MinInterval = max(opts.MinInterval, 0)
+	if opts.MinPercentStep <= 0 {
+		opts.MinPercentStep = 5
+	}
+	if opts.Log == nil {
+		opts.Log = zap.NewNop()
+	}
+	return &Reporter{sink: sink, opts: opts, log: opts.Log}
+}
+
+// SetLimits changes the progress rate limits (configuration reload).
+func (r *Reporter) SetLimits(minInterval time.Duration, minPercentStep int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if minInterval >= 0 {
+		r.opts.MinInterval = minInterval
+	}
+	if minPercentStep > 0 {
+		r.opts.MinPercentStep = minPercentStep
+	}
+}
+
+// Startup reports the state the agent starts in: the running update's
+// phase if one is in progress, otherwise the tutorial's standBy with logTime
+// and the running version. extra (e.g. the agent's version) is merged into
+// the same patch.
+func (r *Reporter) Startup(st firmware.Status, now time.Time, extra map[string]any) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var patch map[string]any
+	if st.Busy {
+		// Resuming after a restart: downloadComplete was reported before
+		// it (the queue kept it); stamping it now would be wrong.
+		r.any, r.sent.UpdateID = true, st.UpdateID
+		r.dlDone = afterDownload(st.Phase)
+		patch = r.patchLocked(st.Progress)
+		r.markSentLocked(st.Progress, now)
+	} else {
+		p := firmware.Progress{Phase: firmware.PhaseIdle, CurrentVersion: st.CurrentVersion, Percent: -1, Time: now}
+		patch = r.patchLocked(p)
+		r.markSentLocked(p, now)
+	}
+	for k, v := range extra {
+		patch[k] = v
+	}
+	return r.sink.Report(patch, true)
+}
+
+// Observe is the firmware.Config.Observer.
+func (r *Reporter) Observe(p firmware.Progress) {
+	if r.opts.OnProgress != nil {
+		r.opts.OnProgress(p)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return
+	}
+	r.last = p
+	now := time.Now()
+	if !r.any || p.UpdateID != r.sent.UpdateID || p.Phase != r.sent.Phase || p.Phase.Terminal() {
+		// A phase change: at once, as a milestone, superseding any held
+		// progress of the phase before.
+		r.dropPendingLocked()
+		r.emitLocked(p, true, now)
+		return
+	}
+	if !r.progressWorthLocked(p) {
+		return
+	}
+	if wait := r.opts.MinInterval - now.Sub(r.sentAt); wait > 0 {
+		r.pending = &p
+		if r.timer == nil {
+			r.timer = time.AfterFunc(wait, r.flushPending)
+		}
+		return
+	}
+	r.dropPendingLocked()
+	r.emitLocked(p, false, now)
+}
+
+// progressWorthLocked says whether p moved far enough from what was last
+// reported to be worth a patch.
+func (r *Reporter) progressWorthLocked(p firmware.Progress) bool {
+	if p.Bytes == r.sent.Bytes && p.Total == r.sent.Total && p.Percent == r.sent.Percent && p.Slot == r.sent.Slot {
+		return false
+	}
+	if p.Percent < 0 || r.sent.Percent < 0 {
+		return true // no percentage: the interval alone limits
+	}
+	return p.Percent-r.sent.Percent >= r.opts.MinPercentStep || p.Percent == 100 && r.sent.Percent != 100
+}
+
+func (r *Reporter) flushPending() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.timer = nil
+	if r.pending == nil || r.closed {
+		return
+	}
+	p := *r.pending
+	r.pending = nil
+	r.emitLocked(p, false, time.Now())
+}
+
+func (r *Reporter) dropPendingLocked() {
+	r.pending = nil
+	if r.timer != nil {
+		r.timer.Stop()
+		r.timer = nil
+	}
+}
+
+func (r *Reporter) emitLocked(p firmware.Progress, milestone bool, now time.Time) {
+	patch := r.patchLocked(p)
+	r.markSentLocked(p, now)
+	if err := r.sink.Report(patch, milestone); err != nil {
+		// The queue could not persist it (disk full, closed): the next
+		// phase change reports the whole state again.
+		r.log.Error("cannot queue reported progress", zap.String("update_id", p.UpdateID),
+			zap.String("phase", string(p.Phase)), zap.Error(err))
+	}
+}
+
+func (r *Reporter) markSentLocked(p firmware.Progress, now time.Time) {
+	r.sent, r.sentAt, r.any = p, now, true
+}
+
+// Close reports progress still held back and stops the timer. Later
+// Observe calls are ignored.
+func (r *Reporter) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return
+	}
+	if r.pending != nil {
+		p := *r.pending
+		r.dropPendingLocked()
+		r.emitLocked(p, false, time.Now())
+	}
+	r.dropPendingLocked()
+	r.closed = true
+}
+
+// Last returns the latest progress observed (zero before any).
+func (r *Reporter) Last() firmware.Progress {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.last
+}
+
+// patchLocked builds the reported patch for p. downloadComplete is stamped
+// once per update, with the first phase after the download.
+func (r *Reporter) patchLocked(p firmware.Progress) map[string]any {
+	patch := Patch(p)
+	if !r.any || p.UpdateID != r.sent.UpdateID {
+		r.dlDone = false
+	}
+	if afterDownload(p.Phase) && p.Phase != firmware.PhaseCompleted && !r.dlDone {
+		patch["downloadComplete"] = ts(p.Time)
+		r.dlDone = true
+	}
+	return patch
+}
+
+func afterDownload(p firmware.Phase) bool {
+	switch p {
+	case firmware.PhaseVerifying, firmware.PhaseApplying, firmware.PhaseRebooting,
+		firmware.PhaseCommitting, firmware.PhaseCompleted:
+		return true
+	}
+	return false
+}
+
+// Patch is the reported patch describing p on its own: the tutorial's
+// top-level fields and the "firmware" object, with null for what does not
+// apply to p's phase. (The Reporter adds downloadComplete when the download
+// ends.)
+func Patch(p firmware.Progress) map[string]any {
+	status := FirmwareStatus(p.Phase)
+	at := p.Time
+	if at.IsZero() {
+		at = time.Now()
+	}
+	now := ts(at)
+	top := map[string]any{"firmwareStatus": status}
+	fw := map[string]any{
+		"status":         status,
+		"updateId":       orNull(p.UpdateID),
+		"targetVersion":  orNull(p.TargetVersion),
+		"currentVersion": orNull(p.CurrentVersion),
+		"bytes":          nil,
+		"totalBytes":     nil,
+		"percent":        nil,
+		"slot":           orNull(p.Slot),
+		"error":          nil,
+		"updatedAt":      now,
+	}
+	switch p.Phase {
+	case firmware.PhaseIdle, "":
+		top["logTime"] = now
+		fw["updateId"], fw["targetVersion"], fw["slot"] = nil, nil, nil
+	case firmware.PhaseAccepted:
+		// A new update: the stamps of the last one no longer apply.
+		top["logTime"] = now
+		top["downloadComplete"] = nil
+		top["startedApplyingImage"] = nil
+	case firmware.PhaseDownloading, firmware.PhaseVerifying:
+		top["startedApplyingImage"] = nil
+		if p.Phase == firmware.PhaseDownloading {
+			top["downloadComplete"] = nil
+		}
+		fw["bytes"] = p.Bytes
+		if p.Total > 0 {
+			fw["totalBytes"] = p.Total
+		}
+		if p.Percent >= 0 {
+			fw["percent"] = p.Percent
+		}
+	case firmware.PhaseApplying:
+		top["startedApplyingImage"] = now
+	case firmware.PhaseCompleted:
+		top["lastFirmwareUpdate"] = now
+	case firmware.PhaseFailed, firmware.PhaseRolledBack:
+		if p.Err != nil {
+			fw["error"] = map[string]any{"code": p.Err.Code, "message": p.Err.Message}
+		} else {
+			fw["error"] = map[string]any{"code": firmware.CodeInternal, "message": "update " + string(p.Phase)}
+		}
+	}
+	top["firmware"] = fw
+	return top
+}
+
+func ts(t time.Time) string { return t.UTC().Format(TimeFormat) }
+
+func orNull(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
