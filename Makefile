@@ -43,7 +43,7 @@ unit: deps ## Unit and integration tests with the race detector
 	$(GO) test -race -count=1 -timeout 8m ./...
 
 .PHONY: test
-test: deps lint unit ## Everything CI runs: lint, unit/integration tests, interop and systemd end-to-end tests
+test: deps lint unit interop e2e ## Everything CI runs: lint, unit/integration tests, interop and systemd end-to-end tests
 
 # --- interop ---
 # The official Azure IoT SDKs for Node.js (pinned in test/interop/package-lock.json) against gwhub and gwagent.
