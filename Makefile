@@ -32,6 +32,10 @@ deps: ## Install the Debian packages the tests need (apt-get, as root or with su
 build: ## Build gwagent, gwctl and gwhub into build/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/ ./cmd/...
 
+.PHONY: demo
+demo: build ## Run a local hub, an agent and a firmware update watched to completion
+	test/demo/run.sh $(BUILD)
+
 .PHONY: lint
 lint: ## go vet, gofmt and staticcheck
 	$(GO) vet ./...

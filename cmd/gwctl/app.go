@@ -40,6 +40,7 @@ const exitCodesHelp = `Exit codes:
 const (
 	envConnectionString = "IOTHUB_CONNECTION_STRING"
 	envCAFile           = "GWCTL_CA_FILE"
+	envEndpoint         = "GWCTL_ENDPOINT"
 )
 
 // app is one gwctl invocation: its streams, environment and global flags.
@@ -124,10 +125,9 @@ The connection string comes from --connection-string or ` + envConnectionString 
 	f.StringVar(&a.caFile, "ca-file", "", "PEM file of the CA to trust, e.g. gwhub's DIR/ca.pem (default $"+envCAFile+", else the system roots)")
 	f.StringVarP(&a.output, "output", "o", "text", "output format: text or json")
 	f.BoolVarP(&a.verbose, "verbose", "v", false, "log requests and retries to stderr")
-	// Tests and hubs on a non-standard port: the real service is always
+	// A local hub on a non-standard port; the real service is always
 	// https://{HostName}.
-	f.StringVar(&a.endpoint, "endpoint", "", "override https://{HostName} (scheme://host:port)")
-	_ = f.MarkHidden("endpoint")
+	f.StringVar(&a.endpoint, "endpoint", "", "reach the hub at this URL instead of https://{HostName}, e.g. https://127.0.0.1:8443 for a local gwhub (default $"+envEndpoint+")")
 
 	root.AddCommand(a.deviceCommand(), a.twinCommand(), a.methodCommand(), a.updateCommand(), a.queryCommand())
 	return root
@@ -162,7 +162,11 @@ func (a *app) client() (*service.Client, error) {
 	if ca == "" {
 		ca = a.getenv(envCAFile)
 	}
-	c, err := service.New(cs, service.Options{CAFile: ca, BaseURL: a.endpoint, UserAgent: "gwctl/1", Log: a.log.Named("service")})
+	endpoint := a.endpoint
+	if endpoint == "" {
+		endpoint = a.getenv(envEndpoint)
+	}
+	c, err := service.New(cs, service.Options{CAFile: ca, BaseURL: endpoint, UserAgent: "gwctl/1", Log: a.log.Named("service")})
 	if err != nil {
 		return nil, usageErr("%v", err)
 	}

@@ -32,8 +32,10 @@ type Config struct {
 	// WaitBeforeDownload is the stand-by time after an update is accepted.
 	WaitBeforeDownload time.Duration `yaml:"waitBeforeDownload" mapstructure:"waitBeforeDownload"`
 	// Download is how long the download stage takes when fwPackageUri is not
-	// an http(s) URL (the tutorial's "test.com"); http(s) URLs are really
-	// downloaded and take as long as that takes.
+	// an http(s) URL (the tutorial's "test.com"). http(s) URLs are really
+	// downloaded; when the request declares the image's size, the bytes are
+	// paced to take at least this long, so progress can be watched (an
+	// undeclared size downloads as fast as the network allows).
 	Download time.Duration `yaml:"download" mapstructure:"download"`
 	// Apply is how long the applying stage takes.
 	Apply time.Duration `yaml:"apply" mapstructure:"apply"`
@@ -187,7 +189,15 @@ func (i *Installer) Fetch(ctx context.Context, u firmware.Update, dst firmware.F
 // counts and hashes them, so size and sha256 checks are real).
 func (i *Installer) Open(ctx context.Context, u firmware.Update, offset int64) (firmware.Sink, error) {
 	// A time-only download fails half way in Fetch instead.
-	return &discardSink{fail: i.cfg.FailAt == StageDownloading && !i.Fetches(u.Request.URI), err: i.fail(StageDownloading)}, nil
+	sink := &discardSink{ctx: ctx, fail: i.cfg.FailAt == StageDownloading && !i.Fetches(u.Request.URI), err: i.fail(StageDownloading)}
+	if !i.Fetches(u.Request.URI) && u.Request.Size > 0 && i.cfg.Download > 0 {
+		// Pace from the resume offset: the rest of the image over the rest
+		// of the stage.
+		sink.pace = i.cfg.Download
+		sink.start = time.Now().Add(-time.Duration(float64(i.cfg.Download) * float64(offset) / float64(u.Request.Size)))
+		sink.size, sink.written = u.Request.Size, offset
+	}
+	return sink, nil
 }
 
 // Apply is the tutorial's applying stage; afterwards the target version is
@@ -245,13 +255,26 @@ func syncDir(dir string) error {
 
 // discardSink drops the bytes; with failure injection its first write fails.
 type discardSink struct {
+	ctx  context.Context
 	fail bool
 	err  error
+	// Pacing of a real download (pace > 0): byte n is written no earlier
+	// than start + pace*n/size.
+	pace          time.Duration
+	start         time.Time
+	size, written int64
 }
 
 func (s *discardSink) Write(p []byte) (int, error) {
 	if s.fail {
 		return 0, s.err
+	}
+	s.written += int64(len(p))
+	if s.pace > 0 {
+		due := s.start.Add(time.Duration(float64(s.pace) * float64(min(s.written, s.size)) / float64(s.size)))
+		if err := wait(s.ctx, time.Until(due)); err != nil {
+			return 0, err
+		}
 	}
 	return len(p), nil
 }

@@ -268,3 +268,42 @@ func TestRebooter(t *testing.T) {
 		t.Fatalf("reboot with a cancelled context: %v", err)
 	}
 }
+
+// TestHTTPDownloadIsPaced checks that a real download of a declared size is
+// spread over the Download stage, so an operator can watch its progress.
+// The assertion is a lower bound that pacing guarantees.
+func TestHTTPDownloadIsPaced(t *testing.T) {
+	img := []byte(strings.Repeat("firmware-image ", 200000))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.ServeContent(w, r, "fw.img", time.Time{}, strings.NewReader(string(img)))
+	}))
+	defer srv.Close()
+	cfg := fast(t.TempDir())
+	cfg.Download = 600 * time.Millisecond
+	last, rec, _ := run(t, cfg, firmware.Request{URI: srv.URL + "/fw.img", Size: int64(len(img))}, zaptest.NewLogger(t))
+	if last.Phase != firmware.PhaseCompleted {
+		t.Fatalf("got %+v", last)
+	}
+	var first, done time.Time
+	partial := 0
+	for _, p := range rec.progress() {
+		if p.Phase != firmware.PhaseDownloading {
+			continue
+		}
+		if first.IsZero() {
+			first = p.Time
+		}
+		if p.Bytes > 0 && p.Bytes < int64(len(img)) {
+			partial++
+		}
+		if p.Bytes == int64(len(img)) && done.IsZero() {
+			done = p.Time
+		}
+	}
+	if got := done.Sub(first); done.IsZero() || got < cfg.Download*9/10 {
+		t.Errorf("download took %v, want at least about %v", got, cfg.Download)
+	}
+	if partial < 3 {
+		t.Errorf("only %d progress reports between 0 and the full size", partial)
+	}
+}
