@@ -28,8 +28,10 @@ if [ -z "$mirror" ]; then
 			cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ {for (i = 2; i <= NF; i++) print $i}'
 			cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
 				awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }'
-		} | grep -v -e security -e updates | head -n1
-	)
+		} | awk '!/security|updates/ && !found { print; found = 1 }'
+	) || true
+	# (Missing source files make cat fail, which pipefail would turn into a
+	# silent exit here; an empty result is reported below instead.)
 fi
 [ -n "$mirror" ] || { echo "rootfs: no Debian mirror found in /etc/apt; set MIRROR" >&2; exit 1; }
 
