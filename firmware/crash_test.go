@@ -262,6 +262,21 @@ func TestCrashResume(t *testing.T) {
 					t.Errorf("downloaded again after a kill in %s: %q", at, ranges)
 				}
 			}
+			// Apply may skip checking the stored image only when this run
+			// read it back: killed before or during verifying, the resumed
+			// run verifies and says so; killed between verifying and
+			// applying, it must not.
+			applies, readBack := ab.applies.Load(), ab.appliesReadBack.Load()
+			switch at {
+			case "accepted", "downloading", "downloading:2500000", "verifying":
+				if applies != 1 || readBack != 1 {
+					t.Errorf("resumed before applying: %d Apply calls, %d told ReadBackVerified; want 1 and 1", applies, readBack)
+				}
+			case "applying":
+				if applies != 1 || readBack != 0 {
+					t.Errorf("resumed in applying: %d Apply calls, %d told ReadBackVerified; want 1 and 0 (no read-back in this run)", applies, readBack)
+				}
+			}
 		})
 	}
 }

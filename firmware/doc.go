@@ -15,8 +15,15 @@
 // Downloads stream through one fixed buffer into the Installer's Sink,
 // hashing as they go; transient HTTP failures are retried with backoff and
 // resumed with Range requests, and the write offset plus the SHA-256 state
-// are checkpointed (after Sink.Sync) so a kill -9 continues where the last
-// checkpoint left off. gzip and zstd images are decoded on the fly; their
+// are checkpointed so a kill -9 continues where the last checkpoint left
+// off. Checkpoints are made durable on a second goroutine (Sink.Sync, then
+// the checkpoint file) while the stream goes on, so network, hashing and
+// disk overlap; a checkpoint is written only after a Sync that covers it,
+// and the stream waits when it is two checkpoint intervals ahead of the
+// last durable one. After the download the stored image is read back and
+// hashed (read-ahead on a second goroutine); the Apply that directly
+// follows in the same run is told so (Update.ReadBackVerified) and need not
+// hash it again. gzip and zstd images are decoded on the fly; their
 // decoders cannot be checkpointed, so within one run a broken transfer still
 // resumes by Range (below the decoder) but after a restart a compressed
 // download starts again from zero. With Config.Signatures (package

@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v5"
@@ -79,7 +80,7 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 	if err != nil {
 		return cp, coded(CodeDownload, fmt.Errorf("open the image destination: %w", err))
 	}
-	st := &streamer{m: m, cp: cp, sink: sink, limit: u.Request.Size, lastSync: time.Now(), lastEmit: time.Time{}}
+	st := &streamer{m: m, ctx: ctx, cp: cp, sink: sink, limit: u.Request.Size, lastSync: time.Now(), handed: cp.Written}
 	if st.imgHash, err = restoreHash(cp.ImgHash); err != nil {
 		sink.Close()
 		return cp, err
@@ -87,6 +88,7 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 	if verifier != nil {
 		st.sig = verifier
 	}
+	st.sy = startSyncer(sink, m.store)
 	if isHTTP(u.Request.URI) {
 		err = st.fromHTTP(ctx, u)
 	} else {
@@ -94,6 +96,11 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 	}
 	if err == nil {
 		err = st.finish()
+	}
+	// The syncer must be done with the sink before it is closed, also when
+	// the stream failed: a checkpoint it is still making is a valid one.
+	if serr := st.sy.stop(); err == nil && serr != nil {
+		err = serr
 	}
 	if cerr := sink.Close(); err == nil && cerr != nil {
 		err = coded(CodeDownload, fmt.Errorf("close the image destination: %w", cerr))
@@ -109,23 +116,28 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 	return st.cp, nil
 }
 
-// streamer moves bytes from a source to the sink, hashing, counting,
-// checkpointing and reporting progress. It is used by one goroutine.
+// streamer moves bytes from a source to the sink, hashing, counting and
+// reporting progress; it hands checkpoints to a syncer, which makes them
+// durable on its own goroutine. The streamer itself is used by one
+// goroutine.
 type streamer struct {
 	m        *Manager
+	ctx      context.Context
 	cp       checkpoint
 	sink     Sink
+	sy       *syncer
 	limit    int64     // declared transfer size, 0 if none
 	imgHash  hash.Hash // over written bytes
 	rawHash  hash.Hash // over transferred bytes; == imgHash when not compressed
 	sig      sigWriter // signature check over transferred bytes, nil without one
 	raw      func() int64
 	lastSync time.Time
-	synced   int64
+	handed   int64 // Written of the last checkpoint handed to the syncer
 	lastEmit time.Time
 }
 
-// write forwards decoded bytes to the sink and checkpoints when due.
+// write forwards decoded bytes to the sink and hands a checkpoint to the
+// syncer when one is due.
 func (s *streamer) write(p []byte) error {
 	s.imgHash.Write(p)
 	if s.sig != nil && !s.cp.Compressed {
@@ -139,8 +151,8 @@ func (s *streamer) write(p []byte) error {
 		s.cp.Offset = s.cp.Written
 	}
 	now := time.Now()
-	if !s.cp.Compressed && (s.cp.Written-s.synced >= s.m.cfg.CheckpointBytes || now.Sub(s.lastSync) >= 5*time.Second) {
-		if err := s.checkpoint(false); err != nil {
+	if !s.cp.Compressed && (s.cp.Written-s.handed >= s.m.cfg.CheckpointBytes || now.Sub(s.lastSync) >= 5*time.Second) {
+		if err := s.handOff(); err != nil {
 			return err
 		}
 		s.lastSync = now
@@ -159,40 +171,128 @@ func (s *streamer) rawOffset() int64 {
 	return s.cp.Offset
 }
 
-// checkpoint makes the written bytes durable, then records where they end.
-func (s *streamer) checkpoint(done bool) error {
-	if err := s.sink.Sync(); err != nil {
-		return coded(CodeDownload, fmt.Errorf("sync image: %w", err))
-	}
+// snapshot saves the hash and signature states over exactly the bytes
+// written so far into the checkpoint and returns a copy of it. The copy
+// shares no mutable memory with the streamer (MarshalBinary returns new
+// slices), so the syncer may persist it while the stream goes on.
+func (s *streamer) snapshot(done bool) (checkpoint, error) {
 	var err error
 	if s.cp.ImgHash, err = marshalHash(s.imgHash); err != nil {
-		return err
+		return checkpoint{}, err
 	}
 	if s.rawHash != nil && s.cp.Compressed {
 		if s.cp.RawHash, err = marshalHash(s.rawHash); err != nil {
-			return err
+			return checkpoint{}, err
 		}
 	} else {
 		s.cp.RawHash = s.cp.ImgHash
 	}
 	if s.sig != nil {
 		if s.cp.SigState, err = s.sig.MarshalBinary(); err != nil {
-			return err
+			return checkpoint{}, err
 		}
 	}
 	s.cp.Done = done
-	if err := s.m.store.writeJSON(checkpointFile, s.cp); err != nil {
-		return persistError{err}
-	}
-	s.synced = s.cp.Written
-	return nil
+	return s.cp, nil
 }
 
+// handOff gives the syncer a checkpoint at the current offset. The hand-off
+// waits while the syncer is still busy with the previous one: that is the
+// back-pressure which keeps the written bytes at most two checkpoint
+// intervals ahead of the last durable checkpoint, so a kill costs at most
+// that much downloading again.
+func (s *streamer) handOff() error {
+	cp, err := s.snapshot(false)
+	if err != nil {
+		return err
+	}
+	select {
+	case s.sy.reqs <- cp:
+		s.handed = cp.Written
+		return nil
+	case <-s.sy.done:
+		return s.sy.failure()
+	case <-s.ctx.Done():
+		return s.ctx.Err()
+	}
+}
+
+// finish waits for the syncer, then makes the whole image durable and
+// records the final checkpoint.
 func (s *streamer) finish() error {
+	if err := s.sy.stop(); err != nil {
+		return err
+	}
 	if s.cp.Compressed && s.raw != nil {
 		s.cp.Offset = s.raw()
 	}
-	return s.checkpoint(true)
+	if err := s.sink.Sync(); err != nil {
+		return coded(CodeDownload, fmt.Errorf("sync image: %w", err))
+	}
+	cp, err := s.snapshot(true)
+	if err != nil {
+		return err
+	}
+	if err := s.m.store.writeJSON(checkpointFile, cp); err != nil {
+		return persistError{err}
+	}
+	return nil
+}
+
+// syncer makes checkpoints durable off the streaming goroutine, so that the
+// network, the hashing and the disk work at the same time: for each
+// checkpoint it receives it calls Sink.Sync (which covers every byte written
+// before the checkpoint was handed over, and maybe more) and only then
+// persists the checkpoint. A checkpoint on disk therefore never names bytes
+// that may not be on the storage.
+type syncer struct {
+	sink  Sink
+	store store
+	// reqs is unbuffered: a hand-off completes only when the syncer has
+	// persisted the previous checkpoint and takes the next one.
+	reqs    chan checkpoint
+	done    chan struct{} // closed when run returns
+	err     error         // why run stopped early; read after done is closed
+	stopped bool          // stop was called (used by the streaming goroutine only)
+}
+
+func startSyncer(sink Sink, st store) *syncer {
+	y := &syncer{sink: sink, store: st, reqs: make(chan checkpoint), done: make(chan struct{})}
+	go y.run()
+	return y
+}
+
+func (y *syncer) run() {
+	defer close(y.done)
+	for cp := range y.reqs {
+		if err := y.sink.Sync(); err != nil {
+			y.err = coded(CodeDownload, fmt.Errorf("sync image: %w", err))
+			return
+		}
+		if err := y.store.writeJSON(checkpointFile, cp); err != nil {
+			y.err = persistError{err}
+			return
+		}
+	}
+}
+
+// failure is the syncer's error once done is closed before stop.
+func (y *syncer) failure() error {
+	if y.err != nil {
+		return y.err
+	}
+	return coded(CodeInternal, errors.New("firmware: checkpoint syncer stopped"))
+}
+
+// stop waits until the checkpoint being made, if any, is durable and returns
+// the syncer's error. It may be called more than once.
+func (y *syncer) stop() error {
+	if !y.stopped {
+		y.stopped = true
+		close(y.reqs)
+	}
+	<-y.done
+	return y.err
 }
 
 // fromFetcher lets a Fetcher backend produce the image.
@@ -764,7 +864,8 @@ func (m *Manager) stepVerifying(ctx context.Context) (Phase, error) {
 	imgSum := hex.EncodeToString(img.Sum(nil))
 	u := rec.update()
 	u.ImageSize, u.ImageSHA256 = cp.Written, imgSum
-	if rb, ok := m.cfg.Installer.(ReadBacker); ok {
+	rb, readsBack := m.cfg.Installer.(ReadBacker)
+	if readsBack {
 		if err := readBack(ctx, rb, u); err != nil {
 			return "", err
 		}
@@ -774,6 +875,13 @@ func (m *Manager) stepVerifying(ctx context.Context) (Phase, error) {
 		r.Bytes, r.Total = cp.Offset, cp.Total
 	}); err != nil {
 		return "", err
+	}
+	if readsBack {
+		// Lets the Apply that follows in this run skip hashing the stored
+		// image again (Update.ReadBackVerified).
+		m.mu.Lock()
+		m.readBack = u.ID
+		m.mu.Unlock()
 	}
 	m.log.Info("image verified", zap.String("update_id", rec.UpdateID), zap.Int64("bytes", u.ImageSize),
 		zap.String("sha256", imgSum))
@@ -786,9 +894,7 @@ func readBack(ctx context.Context, rb ReadBacker, u Update) error {
 		return coded(CodeVerify, fmt.Errorf("read back: %w", err))
 	}
 	defer rc.Close()
-	h := newHash()
-	buf := make([]byte, copyBufSize)
-	n, err := io.CopyBuffer(h, io.LimitReader(ctxReader{ctx, rc}, u.ImageSize), buf)
+	h, n, err := hashReadAhead(ctx, rc, u.ImageSize)
 	if err != nil {
 		return coded(CodeVerify, fmt.Errorf("read back: %w", err))
 	}
@@ -799,6 +905,73 @@ func readBack(ctx context.Context, rb ReadBacker, u Update) error {
 		return coded(CodeVerify, fmt.Errorf("read back: sha256 mismatch: wrote %s, stored %s", u.ImageSHA256, got))
 	}
 	return nil
+}
+
+// readAheadBufs is how many copyBufSize buffers a read-back keeps in
+// flight: enough for the storage to deliver the next ones while one is
+// hashed, few enough that memory use stays small and fixed.
+const readAheadBufs = 4
+
+// hashReadAhead returns the SHA-256 of the first n bytes of r and how many
+// there were (fewer when r ends early). A second goroutine reads while this
+// one hashes, so reading the storage and hashing overlap instead of taking
+// turns; it has returned when hashReadAhead returns.
+func hashReadAhead(ctx context.Context, r io.Reader, n int64) (hash.Hash, int64, error) {
+	type chunk struct {
+		b   []byte
+		err error // io.EOF after the last bytes
+	}
+	// Every chunk holds one of the readAheadBufs buffers, so neither channel
+	// can be full when the reader or the hasher sends.
+	full := make(chan chunk, readAheadBufs)
+	free := make(chan []byte, readAheadBufs)
+	for range readAheadBufs {
+		free <- make([]byte, copyBufSize)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		lr := io.LimitReader(ctxReader{ctx, r}, n)
+		for {
+			var b []byte
+			select {
+			case b = <-free:
+			case <-stop:
+				return
+			}
+			k, err := io.ReadFull(lr, b)
+			if err == io.ErrUnexpectedEOF {
+				err = io.EOF
+			}
+			full <- chunk{b[:k], err}
+			if err != nil {
+				return
+			}
+		}
+	})
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+	h := newHash()
+	var total int64
+	for {
+		var c chunk
+		select {
+		case c = <-full:
+		case <-ctx.Done():
+			return nil, total, ctx.Err()
+		}
+		h.Write(c.b)
+		total += int64(len(c.b))
+		if c.err == io.EOF {
+			return h, total, nil
+		}
+		if c.err != nil {
+			return nil, total, c.err
+		}
+		free <- c.b[:cap(c.b)]
+	}
 }
 
 // ctxReader stops a long read-back when ctx is done.

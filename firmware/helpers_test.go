@@ -211,8 +211,11 @@ type fileAB struct {
 	// reboot that never takes effect).
 	rebootNoop bool
 	applies    atomic.Int32
-	commits    atomic.Int32
-	rollbacks  atomic.Int32
+	// appliesReadBack counts the Apply calls told that the image was just
+	// read back and matched (Update.ReadBackVerified).
+	appliesReadBack atomic.Int32
+	commits         atomic.Int32
+	rollbacks       atomic.Int32
 }
 
 func (f *fileAB) slot(name string) string { return filepath.Join(f.dir, "slot"+name) }
@@ -250,6 +253,9 @@ func (f *fileAB) ReadBack(ctx context.Context, u firmware.Update) (io.ReadCloser
 
 func (f *fileAB) Apply(ctx context.Context, u firmware.Update) error {
 	f.applies.Add(1)
+	if u.ReadBackVerified {
+		f.appliesReadBack.Add(1)
+	}
 	if f.applyErr != nil {
 		return f.applyErr
 	}

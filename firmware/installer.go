@@ -24,6 +24,15 @@ type Update struct {
 	// sink (after any decompression). Empty until the download has finished.
 	// A backend may record it, e.g. to check the slot again before commit.
 	ImageSHA256 string
+	// ReadBackVerified is true only in the Apply call that directly follows
+	// the verifying phase in the same run of the agent, when that phase read
+	// the stored image back (ReadBacker) and found exactly ImageSize bytes
+	// hashing to ImageSHA256. It is never persisted: after a restart between
+	// verifying and applying it is false, because the storage may have
+	// changed meanwhile. A backend that checks the stored image again before
+	// using it may skip that check when it is true (the image was just read
+	// from the storage, not from the page cache, and hashed).
+	ReadBackVerified bool
 }
 
 // Installer is the one interface the update state machine drives. The state
@@ -55,13 +64,21 @@ type Installer interface {
 }
 
 // Sink is where the image bytes go. The state machine writes the stream in
-// order, calls Sync before it records a resume checkpoint, and calls Close
-// once (also on failure).
+// order from one goroutine, calls Sync before it records a resume
+// checkpoint, and calls Close once (also on failure), after every Write and
+// Sync has returned.
+//
+// Sync is called from another goroutine than Write and may run at the same
+// time as a Write: the stream goes on while the bytes before a checkpoint
+// are being made durable. A Sink must allow that (an *os.File does; a Sink
+// with its own state must guard it). Sync calls never overlap each other.
 type Sink interface {
 	io.Writer
-	// Sync makes every byte written so far durable (fsync). A checkpoint is
-	// recorded only after Sync returns nil, so a crash never resumes past
-	// bytes that may have been lost.
+	// Sync makes durable (fsync) at least every byte whose Write returned
+	// before Sync was called; bytes of a Write running concurrently may or
+	// may not be covered. A checkpoint is recorded only after a Sync that
+	// started after the checkpoint's last Write returned nil, so a crash
+	// never resumes past bytes that may have been lost.
 	Sync() error
 	io.Closer
 }

@@ -1,7 +1,13 @@
 package firmware
 
 import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
 	"testing"
+	"testing/iotest"
 	"time"
 )
 
@@ -94,5 +100,48 @@ func TestRedactURI(t *testing.T) {
 		if got := redactURI(in); got != want {
 			t.Errorf("redactURI(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestHashReadAhead: the read-ahead hash agrees with a plain one, reports
+// how many bytes there were, passes read errors on and stops (its reader
+// goroutine too, which goleak checks) when ctx is done.
+func TestHashReadAhead(t *testing.T) {
+	data := make([]byte, 3*copyBufSize+12345)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	boom := errors.New("boom")
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	cases := []struct {
+		name    string
+		ctx     context.Context
+		r       io.Reader
+		n       int64
+		wantN   int64
+		wantErr error
+	}{
+		{"whole", context.Background(), bytes.NewReader(data), int64(len(data)), int64(len(data)), nil},
+		{"limit", context.Background(), bytes.NewReader(data), copyBufSize + 1, copyBufSize + 1, nil},
+		{"short", context.Background(), bytes.NewReader(data[:100]), int64(len(data)), 100, nil},
+		{"empty", context.Background(), bytes.NewReader(nil), 10, 0, nil},
+		{"error", context.Background(), io.MultiReader(bytes.NewReader(data[:copyBufSize*2]), iotest.ErrReader(boom)), int64(len(data)), -1, boom},
+		{"cancelled", cancelled, bytes.NewReader(data), int64(len(data)), -1, context.Canceled},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h, n, err := hashReadAhead(tc.ctx, tc.r, tc.n)
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("err = %v, want %v", err, tc.wantErr)
+			}
+			if err != nil {
+				return
+			}
+			want := sha256.Sum256(data[:tc.wantN])
+			if n != tc.wantN || !bytes.Equal(h.Sum(nil), want[:]) {
+				t.Fatalf("n = %d, hash %x; want %d, %x", n, h.Sum(nil), tc.wantN, want)
+			}
+		})
 	}
 }

@@ -18,6 +18,8 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/gwagent/gwagent/firmware"
 )
@@ -35,7 +37,10 @@ func TestHappyPathPlainFile(t *testing.T) {
 	url := srv.add("/fw.img", img)
 	ab := &fileAB{dir: t.TempDir()}
 	rec := newRecorder()
-	m := startManager(t, testConfig(t, t.TempDir(), plainFile{ab}, rec))
+	cfg := testConfig(t, t.TempDir(), plainFile{ab}, rec)
+	core, logs := observer.New(zap.InfoLevel)
+	cfg.Log = zap.New(core)
+	m := startManager(t, cfg)
 
 	id, err := m.Start(firmware.Request{URI: url, Version: "2.0.0", SHA256: sha(img), Size: int64(len(img))})
 	if err != nil {
@@ -70,8 +75,14 @@ func TestHappyPathPlainFile(t *testing.T) {
 	if st.Busy || st.Phase != firmware.PhaseCompleted || st.CurrentVersion != "2.0.0" {
 		t.Errorf("status %+v", st)
 	}
-	if ab.applies.Load() != 1 {
-		t.Errorf("Apply called %d times", ab.applies.Load())
+	if ab.applies.Load() != 1 || ab.appliesReadBack.Load() != 1 {
+		t.Errorf("Apply called %d times, %d of them told the image was just read back; want 1 and 1",
+			ab.applies.Load(), ab.appliesReadBack.Load())
+	}
+	// The completion is logged with the version now running.
+	done := logs.FilterMessage("update completed").All()
+	if len(done) != 1 || done[0].ContextMap()["version"] != "2.0.0" || done[0].ContextMap()["update_id"] != id {
+		t.Errorf("completion log %+v, want one with version 2.0.0 and update_id %s", done, id)
 	}
 }
 

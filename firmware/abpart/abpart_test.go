@@ -3,6 +3,7 @@ package abpart
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -306,6 +307,50 @@ func TestApplyRefusesCorruptSlot(t *testing.T) {
 	}
 	u.ImageSHA256 = ""
 	mustIs(t, inst.Apply(ctx, u), errNoImage, "Apply without a verified hash")
+}
+
+// TestApplyTrustsOnlyAFreshReadBack: Apply hashes the slot unless the state
+// machine says it read this slot back and matched the hash just before, in
+// the same run (Update.ReadBackVerified). The flag is what decides: with it
+// set, a slot changed behind the state machine's back between its read-back
+// and Apply (which nothing in the agent does) is not hashed again; without
+// it, as after a restart between verifying and applying, the change is
+// caught and the bootloader is not switched.
+func TestApplyTrustsOnlyAFreshReadBack(t *testing.T) {
+	for _, fresh := range []bool{false, true} {
+		t.Run(fmt.Sprintf("readBackVerified=%t", fresh), func(t *testing.T) {
+			ctx := t.Context()
+			d := newDevice(t, "uboot-redundant")
+			d.guard("A")
+			img := newImage(t, 256<<10)
+			inst := d.installer()
+			if err := d.write(inst, img); err != nil {
+				t.Fatal(err)
+			}
+			u := d.readBack(inst, img)
+			u.ReadBackVerified = fresh
+			f, err := os.OpenFile(d.slots["B"], os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt([]byte{img.data[7] ^ 1}, 7); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			err = inst.Apply(ctx, u)
+			st := d.state()
+			if fresh {
+				if err != nil || st.Slot != "B" || !st.UpgradeAvailable {
+					t.Fatalf("Apply after a fresh read-back = %v, environment %+v; want the trial armed without hashing again", err, st)
+				}
+				return
+			}
+			mustIs(t, err, ErrVerify, "Apply without a fresh read-back")
+			if st.Slot != "A" || st.UpgradeAvailable {
+				t.Fatalf("bootloader switched to a corrupt slot: %+v", st)
+			}
+		})
+	}
 }
 
 // TestNeverWritesActiveSlot: situations where the inactive slot must not (or

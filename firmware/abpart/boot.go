@@ -15,6 +15,12 @@ import (
 // the switch, then points the bootloader at the slot for a trial boot in one
 // environment write. Called again after a restart, it sees the switch
 // already made and returns nil.
+//
+// The hash is skipped when u.ReadBackVerified says the state machine read
+// this slot back (ReadBack, past the page cache) and matched the hash in
+// the same run, just before: hashing it again would read the whole slot a
+// second time to learn nothing. After a restart between the two the flag is
+// false and the slot is hashed here.
 func (i *Installer) Apply(ctx context.Context, u firmware.Update) error {
 	i.mu.Lock()
 	defer i.mu.Unlock()
@@ -55,12 +61,17 @@ func (i *Installer) Apply(ctx context.Context, u firmware.Update) error {
 	if u.ImageSize > capacity {
 		return fmt.Errorf("%w: image %d bytes, slot %s holds %d", ErrTooLarge, u.ImageSize, target, capacity)
 	}
-	sum, err := i.hashSlot(ctx, target, u.ImageSize)
-	if err != nil {
-		return err
-	}
-	if sum != u.ImageSHA256 {
-		return fmt.Errorf("%w: slot %s has sha256 %s over %d bytes, the verified image %s", ErrVerify, target, sum, u.ImageSize, u.ImageSHA256)
+	if u.ReadBackVerified {
+		i.log.Info("slot read back and verified just before; not hashing it again",
+			zap.String("update_id", u.ID), zap.String("slot", target))
+	} else {
+		sum, err := i.hashSlot(ctx, target, u.ImageSize)
+		if err != nil {
+			return err
+		}
+		if sum != u.ImageSHA256 {
+			return fmt.Errorf("%w: slot %s has sha256 %s over %d bytes, the verified image %s", ErrVerify, target, sum, u.ImageSize, u.ImageSHA256)
+		}
 	}
 	// Persist, then act: the record says which boot switched before the
 	// bootloader can boot the target.

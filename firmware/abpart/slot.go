@@ -157,7 +157,9 @@ func (i *Installer) Open(ctx context.Context, u firmware.Update, offset int64) (
 }
 
 // sink writes the slot. It refuses a write that would pass the end of the
-// slot rather than writing part of it.
+// slot rather than writing part of it. Sync may run while a Write does (the
+// state machine syncs on its own goroutine): it uses only f, whose methods
+// are safe for that, and slot, which never changes; off belongs to Write.
 type sink struct {
 	f        *os.File
 	slot     string
@@ -226,6 +228,11 @@ func (i *Installer) openForRead(slot string, size int64) (io.ReadCloser, error) 
 	}
 	if err := unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_DONTNEED); err != nil {
 		i.log.Debug("fadvise DONTNEED failed; reading back may come from the page cache", zap.Error(err))
+	}
+	// The slot is read once, start to end: a larger read-ahead window keeps
+	// the storage busy while the reader hashes.
+	if err := unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_SEQUENTIAL); err != nil {
+		i.log.Debug("fadvise SEQUENTIAL failed", zap.Error(err))
 	}
 	return readCloser{io.LimitReader(f, size), f}, nil
 }
