@@ -46,7 +46,7 @@ type result struct {
 	Download float64 `json:"download_s"`
 	// Verify is the verifying phase: the slot read back and hashed.
 	Verify float64 `json:"verify_s"`
-	// Apply is the applying phase: the slot hashed once more, the switch.
+	// Apply is the applying phase: the switch (the slot is hashed again only after a restart between verifying and applying).
 	Apply float64 `json:"apply_s"`
 	Phase string  `json:"final_phase"`
 	Error string  `json:"error,omitempty"`
