@@ -69,6 +69,7 @@ e2e-qemu: ## Real GRUB A/B boots under QEMU: trial, commit, fallback (slow, ~3 m
 .PHONY: bench
 bench: deps ## Benchmarks, each as a ratio to a baseline measured in the same run
 	GO='$(GO)' BUILD='$(BUILD)' test/bench/run.sh
+	GO='$(GO)' BUILD='$(BUILD)' test/bench/agent.sh
 	$(GO) test -run '^$$' -bench MethodRoundTrip -benchtime 500x ./hub/
 	HUB_BENCH_DEVICES=1000 $(GO) test -run '^$$' -bench ConnectedDevices -benchtime 1x ./hub/
 	$(GO) test -run '^$$' -bench Report -benchmem ./twin/
