@@ -18,6 +18,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent/buildinfo"
 	"github.com/gwagent/gwagent/agent/config"
+	"github.com/gwagent/gwagent/agent/health"
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/agent/report"
 	"github.com/gwagent/gwagent/agent/router"
@@ -56,6 +57,9 @@ type Options struct {
 	// HTTPClient downloads images; nil means one that trusts the system
 	// roots and hub.caFile.
 	HTTPClient *http.Client
+	// Systemd answers the health check's systemd questions; nil means
+	// systemctl when the system was booted with systemd, else none.
+	Systemd health.Systemd
 }
 
 // Agent is the daemon. Create it with New, run it once with Run.
@@ -72,6 +76,7 @@ type Agent struct {
 	acker     *writable.Acker
 	rebooter  firmware.Rebooter
 	installer firmware.Installer
+	health    *health.Checker
 
 	rebootCh      chan struct{} // cap 1: a reboot was answered, do it
 	rebootPending atomic.Bool
@@ -169,6 +174,20 @@ func New(opts Options) (*Agent, error) {
 		MinPercentStep: cfg.Report.MinPercentStep,
 		Log:            log.Named("report"),
 		OnProgress:     func(firmware.Progress) { a.kickStatus() },
+	})
+
+	sd := opts.Systemd
+	if sd == nil {
+		sd = health.BootedSystemd()
+	}
+	a.health = health.New(health.Config{
+		Timeout:     cfg.Update.HealthTimeout,
+		Online:      a.online,
+		Acked:       a.queue.Flush,
+		Systemd:     sd,
+		SystemState: cfg.Update.HealthSystemState,
+		Units:       cfg.Update.HealthUnits,
+		Log:         log.Named("health"),
 	})
 
 	client := opts.HTTPClient
@@ -294,6 +313,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	rest.Go(func() { a.rebootWorker(bctx) })
 	rest.Go(func() { a.statusLoop(bctx) })
 	rest.Go(func() { a.watchdog(bctx) })
+	a.startControl(bctx, &rest)
 
 	a.log.Info("gwagent running", zap.String("version", info.Version), zap.String("device_id", cfg.Hub.ConnectionString.DeviceID),
 		zap.String("installer", cfg.Installer.Type), zap.String("state_dir", cfg.StateDir))
@@ -386,18 +406,11 @@ func (a *Agent) onDesired(d session.Desired) {
 	a.acker.OnDesired(d.Doc, d.Version, d.Full, d.Reported)
 }
 
-// healthCheck gates the commit of a trial boot: the new image must bring
-// the agent back to the hub within update.healthTimeout.
+// healthCheck gates the commit of a trial boot (package health): within
+// update.healthTimeout the hub session must be back, the reported patches
+// queued so far acknowledged, systemd must report the system running and
+// the configured units active — or a person decides with gwagent commit or
+// gwagent rollback.
 func (a *Agent) healthCheck(ctx context.Context) error {
-	d := a.config().Update.HealthTimeout
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-a.online:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return fmt.Errorf("agent: not connected to the hub within %s of the trial boot", d)
-	}
+	return a.health.Check(ctx, a.manager.Status().UpdateID)
 }

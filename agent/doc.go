@@ -6,7 +6,10 @@
 // bounded graceful stop that stops intake, flushes the queue, persists state
 // and disconnects), the systemd protocol (READY, STATUS, STOPPING, watchdog
 // pings gated by an internal health check), the direct methods
-// (firmwareUpdate, reboot) and the writable desired properties (logLevel).
+// (firmwareUpdate, reboot), the writable desired properties (logLevel), the
+// health verdict that gates the commit of a trial boot (agent/health) and the
+// local control socket through which gwagent commit and rollback reach the
+// running state machine (agent/local).
 //
 // It must not speak MQTT (agent/session does), persist patches (twin does)
 // or touch the device (firmware and its backends do); and it must not read

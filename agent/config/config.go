@@ -108,6 +108,12 @@ type Update struct {
 	HealthTimeout time.Duration
 	// DownloadTimeout bounds one download, retries included.
 	DownloadTimeout time.Duration
+	// HealthSystemState is which `systemctl is-system-running` answers
+	// pass the health check of a trial boot: running, degraded (running
+	// or degraded) or ignore (not asked).
+	HealthSystemState string
+	// HealthUnits must all be active for a trial boot to pass.
+	HealthUnits []string
 }
 
 // Log configures logging.
@@ -176,6 +182,9 @@ var keys = []key{
 	{name: "log.format", def: "auto", flag: "log-format", usage: "auto, console, json or journal",
 		set: oneOf(func(c *Config) *string { return &c.Log.Format }, "auto", "console", "json", "journal")},
 	{name: "update.healthTimeout", def: "5m", set: dur(func(c *Config) *time.Duration { return &c.Update.HealthTimeout }, time.Second, 24*time.Hour)},
+	{name: "update.healthSystemState", def: "running",
+		set: oneOf(func(c *Config) *string { return &c.Update.HealthSystemState }, "running", "degraded", "ignore")},
+	{name: "update.healthUnits", def: []string{}, set: units(func(c *Config) *[]string { return &c.Update.HealthUnits })},
 	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
 	{name: "shutdownTimeout", def: "10s", set: dur(func(c *Config) *time.Duration { return &c.ShutdownTimeout }, 0, 10*time.Minute)},
 }
@@ -476,6 +485,44 @@ func str(field func(*Config) *string) func(*Config, any) error {
 			return err
 		}
 		*field(c) = strings.TrimSpace(s)
+		return nil
+	}
+}
+
+// units reads a list of systemd unit names: a YAML list, or a string of
+// names separated by blanks or commas (from the environment).
+func units(field func(*Config) *[]string) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		var names []string
+		switch x := raw.(type) {
+		case nil:
+		case string:
+			names = strings.FieldsFunc(x, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' || r == '\n' })
+		case []string:
+			names = x
+		case []any:
+			for _, e := range x {
+				s, ok := e.(string)
+				if !ok {
+					return fmt.Errorf("must be a list of unit names, not %T", e)
+				}
+				names = append(names, s)
+			}
+		default:
+			return fmt.Errorf("must be a list of unit names, not %T", raw)
+		}
+		out := []string{}
+		for _, n := range names {
+			n = strings.TrimSpace(n)
+			if n == "" {
+				continue
+			}
+			if strings.HasPrefix(n, "-") || strings.ContainsAny(n, "/ ") {
+				return fmt.Errorf("%q is not a unit name", n)
+			}
+			out = append(out, n)
+		}
+		*field(c) = out
 		return nil
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/gwagent/gwagent/agent/buildinfo"
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
+	"github.com/gwagent/gwagent/agent/local"
 	"github.com/gwagent/gwagent/agent/logging"
 )
 
@@ -56,7 +57,7 @@ underscores (hub.keepAlive is GWAGENT_HUB_KEEPALIVE) and the common ones by flag
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newRunCmd(), newVersionCmd())
+	root.AddCommand(newRunCmd(), newVersionCmd(), newStatusCmd(), newVerdictCmd(local.OpCommit), newVerdictCmd(local.OpRollback))
 	return root
 }
 

@@ -1,0 +1,358 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/agent"
+	"github.com/gwagent/gwagent/agent/config"
+	"github.com/gwagent/gwagent/agent/installer"
+	"github.com/gwagent/gwagent/agent/local"
+	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/firmware/abpart"
+	"github.com/gwagent/gwagent/firmware/bootenv"
+)
+
+// Local control: status reads the persisted state directly (the state
+// files are replaced atomically, so reading them while the daemon runs is
+// safe, and nothing is written); commit and rollback only ever go through
+// the running daemon's control socket, so the daemon's state machine stays
+// the one writer of the update record and the bootloader environment.
+
+// pingTimeout bounds asking whether the daemon runs.
+const pingTimeout = 3 * time.Second
+
+func loadLocalConfig(cmd *cobra.Command) (*config.Config, error) {
+	return config.Load(config.Options{Flags: cmd.Flags(), Backends: installer.Specs()})
+}
+
+// statusReport is `gwagent status -o json`; the field names are stable.
+type statusReport struct {
+	Agent struct {
+		Running bool   `json:"running"`
+		PID     int    `json:"pid,omitempty"`
+		Socket  string `json:"socket"`
+	} `json:"agent"`
+	StateDir         string                `json:"stateDir"`
+	Installer        string                `json:"installer"`
+	RunningVersion   string                `json:"runningVersion,omitempty"`
+	CommittedVersion string                `json:"committedVersion,omitempty"`
+	RunningSlot      string                `json:"runningSlot,omitempty"`
+	CommittedSlot    string                `json:"committedSlot,omitempty"`
+	TrialSlot        string                `json:"trialSlot,omitempty"`
+	Update           updateReport          `json:"update"`
+	LastResult       string                `json:"lastResult"`
+	Slots            []abpart.SlotStatus   `json:"slots,omitempty"`
+	Bootloader       *bootenv.State        `json:"bootloader,omitempty"`
+	SlotError        string                `json:"slotError,omitempty"`
+	Error            *firmware.UpdateError `json:"error,omitempty"`
+}
+
+type updateReport struct {
+	ID            string `json:"id,omitempty"`
+	Phase         string `json:"phase"`
+	Busy          bool   `json:"busy"`
+	TargetVersion string `json:"targetVersion,omitempty"`
+	Slot          string `json:"slot,omitempty"`
+	Bytes         int64  `json:"bytes,omitempty"`
+	Total         int64  `json:"total,omitempty"`
+}
+
+func newStatusCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the slots, versions and the current or last update",
+		Long: `Show what the agent knows about the device: the running and committed slot and
+version, the update in progress (id, phase) or the last one's result, and for
+the abpart installer the slots and the bootloader variables. It reads the
+persisted state in stateDir and the bootloader environment and writes
+nothing, so it works the same whether the daemon runs or not.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "text" && output != "json" {
+				return fmt.Errorf("-o %q: want text or json", output)
+			}
+			cfg, err := loadLocalConfig(cmd)
+			if err != nil {
+				return err
+			}
+			r, err := collectStatus(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(r)
+			}
+			return printStatus(cmd.OutOrStdout(), r)
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
+	config.RegisterFlags(cmd.Flags())
+	return cmd
+}
+
+func collectStatus(ctx context.Context, cfg *config.Config) (statusReport, error) {
+	r := statusReport{StateDir: cfg.StateDir, Installer: cfg.Installer.Type}
+	r.Agent.Socket = local.Path(cfg.StateDir)
+	pctx, cancel := context.WithTimeout(ctx, pingTimeout)
+	if resp, err := local.Call(pctx, r.Agent.Socket, local.Request{Op: local.OpPing}); err == nil && resp.OK {
+		r.Agent.Running, r.Agent.PID = true, resp.PID
+	}
+	cancel()
+	r.Update.Phase = string(firmware.PhaseIdle)
+	r.RunningVersion = cfg.CurrentVersion
+	r.CommittedVersion = cfg.CurrentVersion
+	if _, err := os.Stat(cfg.StateDir); err != nil {
+		// Never ran: there is no state to read, and building the installer
+		// would create its directories.
+		r.LastResult = "none (the agent has not run on this device: " + err.Error() + ")"
+		return r, nil
+	}
+	built, err := installer.Build(cfg.Installer, installer.Deps{StateDir: cfg.StateDir, Log: zap.NewNop()})
+	if err != nil {
+		return r, err
+	}
+	// NewManager only reads the record (it sets aside a record of an
+	// unknown format, which the daemon would do at its next start anyway).
+	m, err := firmware.NewManager(firmware.Config{
+		StateDir:       agent.FirmwareStateDir(cfg.StateDir),
+		Installer:      built.Installer,
+		CurrentVersion: cfg.CurrentVersion,
+		Log:            zap.NewNop(),
+	})
+	if err != nil {
+		return r, fmt.Errorf("read the update state: %w", err)
+	}
+	st := m.Status()
+	p := st.Progress
+	r.Update = updateReport{ID: p.UpdateID, Phase: string(p.Phase), Busy: st.Busy, TargetVersion: p.TargetVersion, Slot: p.Slot, Bytes: p.Bytes, Total: p.Total}
+	r.Error = p.Err
+	cur := p.CurrentVersion
+	if v, ok := built.Installer.(firmware.Versioner); ok {
+		vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if got, err := v.CurrentVersion(vctx); err == nil && got != "" {
+			cur = got
+		}
+		cancel()
+	}
+	r.RunningVersion, r.CommittedVersion = cur, cur
+
+	if ab, ok := built.Installer.(*abpart.Installer); ok {
+		s, err := ab.Status(ctx)
+		if err != nil {
+			r.SlotError = err.Error()
+		} else {
+			r.RunningSlot, r.TrialSlot, r.Slots, r.Bootloader = s.Running, s.TrialSlot, s.Slots[:], &s.Env
+			for _, sl := range s.Slots {
+				if sl.Committed {
+					r.CommittedSlot = sl.Name
+				}
+			}
+			// On a trial boot the new version runs but the old one is
+			// still the committed one.
+			if st.Busy && p.Slot != "" && s.Running == p.Slot && s.TrialSlot == p.Slot && p.TargetVersion != "" {
+				r.RunningVersion = p.TargetVersion
+			}
+		}
+	}
+	r.LastResult = lastResult(st)
+	return r, nil
+}
+
+func lastResult(st firmware.Status) string {
+	p := st.Progress
+	switch {
+	case p.UpdateID == "":
+		return "none (no update has run)"
+	case st.Busy && p.Phase == firmware.PhaseCommitting:
+		return "in progress: trial boot, waiting for the health verdict (gwagent commit or gwagent rollback decide now)"
+	case st.Busy:
+		return "in progress: " + string(p.Phase)
+	case p.Phase == firmware.PhaseCompleted:
+		return "completed"
+	case p.Err != nil:
+		return fmt.Sprintf("%s: %s: %s", p.Phase, p.Err.Code, p.Err.Message)
+	}
+	return string(p.Phase)
+}
+
+func printStatus(w io.Writer, r statusReport) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	agentLine := "stopped (no answer on " + r.Agent.Socket + ")"
+	if r.Agent.Running {
+		agentLine = fmt.Sprintf("running (pid %d)", r.Agent.PID)
+	}
+	fmt.Fprintf(tw, "agent:\t%s\n", agentLine)
+	fmt.Fprintf(tw, "installer:\t%s\n", r.Installer)
+	fmt.Fprintf(tw, "running version:\t%s\n", orDash(r.RunningVersion))
+	fmt.Fprintf(tw, "committed version:\t%s\n", orDash(r.CommittedVersion))
+	if r.RunningSlot != "" {
+		fmt.Fprintf(tw, "running slot:\t%s\n", r.RunningSlot)
+		fmt.Fprintf(tw, "committed slot:\t%s\n", orDash(r.CommittedSlot))
+		if r.TrialSlot != "" {
+			fmt.Fprintf(tw, "trial slot:\t%s\n", r.TrialSlot)
+		}
+	}
+	u := r.Update
+	fmt.Fprintf(tw, "update:\t%s\n", orDash(u.ID))
+	fmt.Fprintf(tw, "phase:\t%s\n", u.Phase)
+	if u.TargetVersion != "" {
+		fmt.Fprintf(tw, "target version:\t%s\n", u.TargetVersion)
+	}
+	if u.Busy && u.Total > 0 {
+		fmt.Fprintf(tw, "downloaded:\t%d of %d bytes (as last persisted)\n", u.Bytes, u.Total)
+	}
+	fmt.Fprintf(tw, "last result:\t%s\n", r.LastResult)
+	if r.SlotError != "" {
+		fmt.Fprintf(tw, "slots:\tunknown: %s\n", r.SlotError)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(r.Slots) > 0 {
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "SLOT\tPATH\tBYTES\tSTATE")
+		for _, s := range r.Slots {
+			var flags []string
+			if s.Running {
+				flags = append(flags, "running")
+			}
+			if s.Committed {
+				flags = append(flags, "committed")
+			}
+			if s.Name == r.TrialSlot {
+				flags = append(flags, "trial")
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", s.Name, s.Path, s.Capacity, orDash(strings.Join(flags, ",")))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	if b := r.Bootloader; b != nil {
+		_, err := fmt.Fprintf(w, "bootloader: %s=%s %s=%t %s=%d %s=%d\n", bootenv.VarSlot, orDash(b.Slot),
+			bootenv.VarUpgradeAvailable, b.UpgradeAvailable, bootenv.VarBootCount, b.BootCount, bootenv.VarBootLimit, b.BootLimit)
+		return err
+	}
+	return nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// notRunningHelp explains why commit and rollback need the daemon.
+const notRunningHelp = `commit and rollback go through the running agent so that its update record stays the only truth; start it (systemctl start gwagent) and run this again.
+While it is stopped the bootloader decides: each boot of a trial slot uses one of its bootlimit attempts, then the previous slot boots again`
+
+func newVerdictCmd(op string) *cobra.Command {
+	var wait time.Duration
+	short := map[string]string{
+		local.OpCommit:   "Commit the running trial boot now (skip the rest of the health check)",
+		local.OpRollback: "Roll the running trial boot back now (the previous slot boots again)",
+	}[op]
+	cmd := &cobra.Command{
+		Use:   op,
+		Short: short,
+		Long: short + `.
+
+A trial boot is the committing phase of an update with an installer that
+commits (abpart): the agent waits up to update.healthTimeout for its health
+verdict. This command gives the verdict in its place, through the running
+agent's control socket (stateDir/` + local.SocketName + `, root only), and waits
+up to --wait for the agent to act on it. The simulated installer has no
+trial boot. With the agent stopped nothing is changed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadLocalConfig(cmd)
+			if err != nil {
+				return err
+			}
+			return runVerdict(cmd.Context(), cmd.OutOrStdout(), local.Path(cfg.StateDir), op, wait, persistedPhase(cfg))
+		},
+	}
+	cmd.Flags().DurationVar(&wait, "wait", time.Minute, "how long to wait for the outcome (0: do not wait)")
+	config.RegisterFlags(cmd.Flags())
+	return cmd
+}
+
+// persistedPhase reads the update's phase from the persisted record: the
+// state machine writes each phase before acting on it, so the record shows
+// a rollback before the reboot that finishes it.
+func persistedPhase(cfg *config.Config) func() (id, phase string, err error) {
+	var built *installer.Built
+	return func() (string, string, error) {
+		if built == nil {
+			b, err := installer.Build(cfg.Installer, installer.Deps{StateDir: cfg.StateDir, Log: zap.NewNop()})
+			if err != nil {
+				return "", "", err
+			}
+			built = &b
+		}
+		m, err := firmware.NewManager(firmware.Config{StateDir: agent.FirmwareStateDir(cfg.StateDir), Installer: built.Installer, Log: zap.NewNop()})
+		if err != nil {
+			return "", "", err
+		}
+		p := m.Status().Progress
+		return p.UpdateID, string(p.Phase), nil
+	}
+}
+
+// runVerdict sends the verdict, then follows the persisted update until it
+// leaves the committing phase.
+func runVerdict(ctx context.Context, out io.Writer, sock, op string, wait time.Duration, phase func() (string, string, error)) error {
+	resp, err := local.Call(ctx, sock, local.Request{Op: op})
+	if errors.Is(err, local.ErrNotRunning) {
+		return fmt.Errorf("%w.\n%s", err, notRunningHelp)
+	}
+	if err != nil {
+		return err
+	}
+	if !resp.OK {
+		return fmt.Errorf("%s refused: %s", op, resp.Error)
+	}
+	fmt.Fprintln(out, resp.Message)
+	if wait <= 0 {
+		return nil
+	}
+	id := resp.UpdateID
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	t := time.NewTicker(200 * time.Millisecond) // polling a local socket, not retrying a failure
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("update %s still %s after %s; see gwagent status", id, firmware.PhaseCommitting, wait)
+		case <-t.C:
+		}
+		pid, ph, err := phase()
+		if err != nil || pid != id || ph == string(firmware.PhaseCommitting) {
+			continue
+		}
+		fmt.Fprintf(out, "update %s: %s\n", id, ph)
+		if op == local.OpCommit && ph != string(firmware.PhaseCompleted) {
+			return fmt.Errorf("update %s ended %s, not completed; see gwagent status", id, ph)
+		}
+		if op == local.OpRollback {
+			fmt.Fprintln(out, "the previous slot boots next; the agent reboots the device to finish the rollback")
+		}
+		return nil
+	}
+}
