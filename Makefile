@@ -12,7 +12,7 @@ LDFLAGS     := -s -w -X $(PKG)/agent/buildinfo.Version=$(VERSION) -X $(PKG)/agen
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian.
 APT_PACKAGES := mosquitto mosquitto-clients grub-common grub-emu e2fsprogs libubootenv-tool u-boot-tools minisign lintian \
-                systemd-container debootstrap time openssl ca-certificates iproute2
+                systemd-container debootstrap time openssl ca-certificates iproute2 python3 curl
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,6 +26,7 @@ import (
 	"github.com/gwagent/gwagent/agent/session"
 	"github.com/gwagent/gwagent/agent/writable"
 	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/firmware/signature"
 	"github.com/gwagent/gwagent/twin"
 )
 
@@ -76,6 +78,7 @@ type Agent struct {
 	acker     *writable.Acker
 	rebooter  firmware.Rebooter
 	installer firmware.Installer
+	freeOnce  sync.Once // returns start-up garbage to the OS after the first connect
 	health    *health.Checker
 
 	rebootCh      chan struct{} // cap 1: a reboot was answered, do it
@@ -206,6 +209,7 @@ func New(opts Options) (*Agent, error) {
 		CurrentVersion:  cfg.CurrentVersion,
 		HealthCheck:     a.healthCheck,
 		DownloadTimeout: cfg.Update.DownloadTimeout,
+		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
 	})
 	if err != nil {
 		_ = a.queue.Close()
@@ -223,30 +227,64 @@ func New(opts Options) (*Agent, error) {
 
 // downloadClient trusts the system roots plus hub.caFile, so images served
 // next to a local hub (same CA) download as well as those on the Internet.
+// Without hub.caFile it uses Go's shared system pool as is. With it, the
+// combined pool (a copy of every system root, a few MB) is only built by the
+// first download: an idle agent does not hold it.
 func downloadClient(caFile string) (*http.Client, error) {
-	roots, err := x509.SystemCertPool()
-	if err != nil || roots == nil {
-		roots = x509.NewCertPool()
-	}
+	var extra []byte
 	if caFile != "" {
 		pem, err := os.ReadFile(caFile)
 		if err != nil {
 			return nil, fmt.Errorf("agent: hub.caFile: %w", err)
 		}
-		roots.AppendCertsFromPEM(pem)
+		extra = pem
 	}
-	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: 30 * time.Second,
-		IdleConnTimeout:       90 * time.Second,
-		MaxIdleConns:          2,
-		ForceAttemptHTTP2:     true,
+	newTransport := func() *http.Transport {
+		tr := &http.Transport{
+			Proxy:                 http.ProxyFromEnvironment,
+			DialContext:           (&net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			TLSHandshakeTimeout:   15 * time.Second,
+			ResponseHeaderTimeout: 30 * time.Second,
+			IdleConnTimeout:       90 * time.Second,
+			MaxIdleConns:          2,
+			ForceAttemptHTTP2:     true,
+		}
+		var roots *x509.CertPool // nil: the system roots
+		if extra != nil {
+			var err error
+			if roots, err = x509.SystemCertPool(); err != nil || roots == nil {
+				roots = x509.NewCertPool()
+			}
+			roots.AppendCertsFromPEM(extra)
+		}
+		tr.TLSClientConfig = newTLSConfig(roots)
+		return tr
 	}
-	tr.TLSClientConfig = newTLSConfig(roots)
-	return &http.Client{Transport: tr}, nil
+	if extra == nil {
+		return &http.Client{Transport: newTransport()}, nil
+	}
+	return &http.Client{Transport: &lazyTransport{build: newTransport}}, nil
 }
+
+// lazyTransport builds its transport on the first request.
+type lazyTransport struct {
+	once  sync.Once
+	build func() *http.Transport
+	tr    *http.Transport // set once by once
+}
+
+func (l *lazyTransport) get() *http.Transport {
+	l.once.Do(func() { l.tr = l.build() })
+	return l.tr
+}
+
+func (l *lazyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	return l.get().RoundTrip(r)
+}
+
+// CloseIdleConnections lets http.Client.CloseIdleConnections reach the
+// transport.
+func (l *lazyTransport) CloseIdleConnections() { l.get().CloseIdleConnections() }
 
 func newTLSConfig(roots *x509.CertPool) *tls.Config {
 	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}
@@ -397,6 +435,10 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 }
 
 func (a *Agent) onConnect() {
+	// Start-up garbage (config parsing, TLS set-up, the first twin) would
+	// otherwise stay resident until the runtime's forced GC two minutes
+	// later; returning it once keeps an idle agent small.
+	a.freeOnce.Do(debug.FreeOSMemory)
 	a.queue.Wake()
 	a.onlineOnce.Do(func() { close(a.online) })
 	a.kickStatus()

@@ -495,3 +495,20 @@ func FuzzFirmwareUpdatePayload(f *testing.F) {
 		}
 	})
 }
+
+// TestUnsignedRefusedByDefault: with the shipped defaults an update that
+// names no signature is refused at once, with a reason an operator can act
+// on, and nothing starts.
+func TestUnsignedRefusedByDefault(t *testing.T) {
+	e := newEnv(t)
+	r := start(t, loadConfig(t, e.yaml(map[string]string{"signature": ""})))
+	eventually(t, "connected", func() bool { return r.Session().Health().Connected })
+	res := e.invoke(t, "firmwareUpdate", `{"fwPackageUri":"test.com/fw.bin","version":"1.2.0"}`)
+	msg, _ := decodeBody(t, res.Payload)["error"].(string)
+	if res.Status != 400 || !strings.Contains(msg, "signatureUri is required") || !strings.Contains(msg, "signature.allowUnsigned") {
+		t.Fatalf("unsigned update = %d %s, want 400 naming signatureUri and signature.allowUnsigned", res.Status, res.Payload)
+	}
+	if st := r.manager.Status(); st.Busy {
+		t.Fatalf("an update started: %+v", st)
+	}
+}

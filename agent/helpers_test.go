@@ -125,13 +125,14 @@ func (e *env) yaml(sections map[string]string) string {
 		"installer": "installer:\n  type: simulated\n  simulated:\n    waitBeforeDownload: 100ms\n    download: 600ms\n    apply: 200ms\n    initialVersion: 1.0.0\n",
 		"report":    "report:\n  minInterval: 100ms\n  minPercentStep: 10\n",
 		"log":       "log:\n  level: info\n  format: console\n",
+		"signature": "signature:\n  allowUnsigned: true\n",
 		"rest":      fmt.Sprintf("stateDir: %q\nshutdownTimeout: 3s\n", e.stateDir),
 	}
 	for k, v := range sections {
 		def[k] = v
 	}
 	var b strings.Builder
-	for _, k := range []string{"hub", "installer", "report", "log", "rest"} {
+	for _, k := range []string{"hub", "installer", "report", "log", "signature", "rest"} {
 		b.WriteString(def[k])
 	}
 	return b.String()

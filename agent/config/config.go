@@ -38,6 +38,7 @@ type Config struct {
 	Report    Report
 	Log       Log
 	Update    Update
+	Signature Signature
 	// ShutdownTimeout bounds the graceful stop (flush of the twin queue,
 	// persisting state, disconnect).
 	ShutdownTimeout time.Duration
@@ -99,6 +100,15 @@ type Installer struct {
 type Report struct {
 	MinInterval    time.Duration // at most one progress patch per interval
 	MinPercentStep int           // and at least every N percent
+}
+
+// Signature is the minisign policy for firmware images.
+type Signature struct {
+	// KeyDir holds the trusted minisign public keys (*.pub); it is read
+	// for each update, so keys can be rotated without a restart.
+	KeyDir string
+	// AllowUnsigned accepts updates that name no signatureUri.
+	AllowUnsigned bool
 }
 
 // Update bounds the firmware update state machine.
@@ -186,6 +196,10 @@ var keys = []key{
 		set: oneOf(func(c *Config) *string { return &c.Update.HealthSystemState }, "running", "degraded", "ignore")},
 	{name: "update.healthUnits", def: []string{}, set: units(func(c *Config) *[]string { return &c.Update.HealthUnits })},
 	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
+	{name: "signature.keyDir", def: "/etc/gwagent/keys", usage: "folder of trusted minisign public keys (*.pub)",
+		set: str(func(c *Config) *string { return &c.Signature.KeyDir })},
+	{name: "signature.allowUnsigned", def: false, usage: "accept firmware images without a signature",
+		set: boolean(func(c *Config) *bool { return &c.Signature.AllowUnsigned })},
 	{name: "shutdownTimeout", def: "10s", set: dur(func(c *Config) *time.Duration { return &c.ShutdownTimeout }, 0, 10*time.Minute)},
 }
 
@@ -485,6 +499,26 @@ func str(field func(*Config) *string) func(*Config, any) error {
 			return err
 		}
 		*field(c) = strings.TrimSpace(s)
+		return nil
+	}
+}
+
+// boolean reads true or false (YAML booleans, or "true"/"false" from the
+// environment).
+func boolean(field func(*Config) *bool) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		switch x := raw.(type) {
+		case bool:
+			*field(c) = x
+		case string:
+			b, err := strconv.ParseBool(strings.TrimSpace(x))
+			if err != nil {
+				return fmt.Errorf("must be true or false, not %q", x)
+			}
+			*field(c) = b
+		default:
+			return fmt.Errorf("must be true or false, not %T", raw)
+		}
 		return nil
 	}
 }

@@ -97,6 +97,8 @@ describe('gwagent through gwhub, driven by the official service SDK', { timeout:
         type: 'simulated',
         simulated: { waitBeforeDownload: '1s', download: '1s', apply: '1s' },
       },
+      // The test image is not signed.
+      signature: { allowUnsigned: true },
       report: { minInterval: '100ms' },
       log: { level: 'debug', format: 'json' },
     };

@@ -83,10 +83,12 @@ sed -i \
 	-e 's|^  # caFile: ""$|  caFile: /etc/gwagent/hub-ca.pem|' \
 	-e "s|^  # address: \"\"\$|  address: \"$MQTT_ADDR\"|" \
 	-e 's|^  # type: simulated$|  type: simulated\n  simulated:\n    waitBeforeDownload: 1s\n    download: 1s\n    apply: 2s|' \
+	-e 's|^  # allowUnsigned: false$|  allowUnsigned: true|' \
 	/etc/gwagent/config.yaml
 check config-edit sh -c "grep -qx '  caFile: /etc/gwagent/hub-ca.pem' /etc/gwagent/config.yaml &&
 	grep -qx '  address: \"$MQTT_ADDR\"' /etc/gwagent/config.yaml &&
 	grep -qx '    waitBeforeDownload: 1s' /etc/gwagent/config.yaml &&
+	grep -qx '  allowUnsigned: true' /etc/gwagent/config.yaml &&
 	grep -qx '  connectionStringFile: /etc/gwagent/connection-string' /etc/gwagent/config.yaml"
 config_sum=$(sha256sum /etc/gwagent/config.yaml)
 run grep -v -e "^ *#" -e "^$" /etc/gwagent/config.yaml
