@@ -14,7 +14,7 @@ import (
 	"unicode/utf8"
 )
 
-// Limits of IoT Hub twin documents (iothub-protocol.md §4.5). Sizes are as
+// Limits of IoT Hub twin documents (docs/iothub-protocol.md §4.5). Sizes are as
 // computed by Size.
 const (
 	MaxReportedSize = 32 * 1024 // properties/reported

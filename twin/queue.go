@@ -85,7 +85,7 @@ type QueueOptions struct {
 	MinInterval time.Duration
 }
 
-// Defaults of QueueOptions (iothub-protocol.md §9.6).
+// Defaults of QueueOptions (docs/iothub-protocol.md §9.6).
 const (
 	DefaultMinBackoff     = time.Second
 	DefaultMaxBackoff     = time.Minute

@@ -74,7 +74,7 @@ func (a *app) queryCommand() *cobra.Command {
 		Use:   "query SQL",
 		Short: "Run a twin query and print the results as JSON",
 		Long: `Run an IoT Hub query, for example
-  gwctl query "SELECT deviceId, properties.reported.firmwareStatus FROM devices"
+  gwctl query "SELECT * FROM devices WHERE properties.reported.firmwareStatus = 'failed'"
 and print every result, all pages, as a JSON array. Queries are eventually
 consistent; to follow one device use "twin show" or "update --watch".`,
 		Args: exactArgs("SQL"),
