@@ -55,6 +55,7 @@ func (a *Agent) Reload(next *config.Config) (applied, needRestart []string) {
 	diff("currentVersion", prev.CurrentVersion, next.CurrentVersion)
 	diff("installer", prev.Installer, next.Installer)
 	diff("update", prev.Update, next.Update)
+	diff("signature", prev.Signature, next.Signature)
 	diff("log.format", prev.Log.Format, next.Log.Format)
 	diff("shutdownTimeout", prev.ShutdownTimeout, next.ShutdownTimeout)
 	a.log.Info("configuration reloaded", zap.Strings("applied", applied), zap.Strings("need_restart", needRestart))

@@ -303,6 +303,9 @@ func Load(opts Options) (*Config, error) {
 	if c.Hub.MinRetryDelay > c.Hub.MaxRetryDelay {
 		return nil, fmt.Errorf("%w: hub.minRetryDelay: must not exceed hub.maxRetryDelay (%s)", ErrConfig, c.Hub.MaxRetryDelay)
 	}
+	if c.Signature.KeyDir == "" && !c.Signature.AllowUnsigned {
+		return nil, fmt.Errorf("%w: signature.keyDir: must name the folder of trusted keys unless signature.allowUnsigned is true", ErrConfig)
+	}
 	if c.StateDir == "" {
 		return nil, fmt.Errorf("%w: stateDir: must not be empty", ErrConfig)
 	}

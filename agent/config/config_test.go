@@ -131,6 +131,7 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"unknown installer key", csLine + "installer:\n  simulated:\n    aply: 1s\n", nil, "config: installer.simulated.aply: unknown key"},
 		{"scalar for a section", "hub: 5\n", nil, "config: hub: unknown key"},
 		{"empty stateDir", csLine + "stateDir: \"\"\n", nil, "config: stateDir: must not be empty"},
+		{"no signing keys", csLine + "signature:\n  keyDir: \"\"\n", nil, "config: signature.keyDir: must name the folder of trusted keys"},
 		{"not yaml", "hub: [", nil, "config: reading"},
 	}
 	for _, tc := range tests {

@@ -11,8 +11,9 @@ set -euo pipefail
 
 dir=${1:-build/rootfs}
 marker="$dir/.gwagent-rootfs-complete"
-# What the tests need inside: systemd as PID 1, journald, dbus for systemctl.
-include=systemd,systemd-sysv,dbus,libpam-systemd
+# What the tests need inside: systemd as PID 1, journald, dbus for systemctl,
+# and the package's dependency (ca-certificates).
+include=systemd,systemd-sysv,dbus,libpam-systemd,ca-certificates
 
 if [ -f "$marker" ] && [ "$(cat "$marker")" = "$include" ]; then
 	echo "$dir"
