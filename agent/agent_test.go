@@ -496,12 +496,12 @@ func FuzzFirmwareUpdatePayload(f *testing.F) {
 	})
 }
 
-// TestUnsignedRefusedByDefault: with the shipped defaults an update that
-// names no signature is refused at once, with a reason an operator can act
-// on, and nothing starts.
-func TestUnsignedRefusedByDefault(t *testing.T) {
+// TestUnsignedRefused: with signature.allowUnsigned false (the effective
+// default of every real installer) an update that names no signature is
+// refused at once, with a reason an operator can act on, and nothing starts.
+func TestUnsignedRefused(t *testing.T) {
 	e := newEnv(t)
-	r := start(t, loadConfig(t, e.yaml(map[string]string{"signature": ""})))
+	r := start(t, loadConfig(t, e.yaml(map[string]string{"signature": "signature:\n  allowUnsigned: false\n"})))
 	eventually(t, "connected", func() bool { return r.Session().Health().Connected })
 	res := e.invoke(t, "firmwareUpdate", `{"fwPackageUri":"test.com/fw.bin","version":"1.2.0"}`)
 	msg, _ := decodeBody(t, res.Payload)["error"].(string)

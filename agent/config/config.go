@@ -107,8 +107,14 @@ type Signature struct {
 	// KeyDir holds the trusted minisign public keys (*.pub); it is read
 	// for each update, so keys can be rotated without a restart.
 	KeyDir string
-	// AllowUnsigned accepts updates that name no signatureUri.
+	// AllowUnsigned accepts updates that name no signatureUri. The key
+	// takes true, false or auto: auto (the default) allows them only for
+	// the simulated installer, which writes nothing to the device, so the
+	// tutorial's unsigned payload keeps working there while every real
+	// backend requires signatures.
 	AllowUnsigned bool
+
+	allowUnsignedAuto bool // resolved once installer.type is known
 }
 
 // Update bounds the firmware update state machine.
@@ -198,8 +204,14 @@ var keys = []key{
 	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
 	{name: "signature.keyDir", def: "/etc/gwagent/keys", usage: "folder of trusted minisign public keys (*.pub)",
 		set: str(func(c *Config) *string { return &c.Signature.KeyDir })},
-	{name: "signature.allowUnsigned", def: false, usage: "accept firmware images without a signature",
-		set: boolean(func(c *Config) *bool { return &c.Signature.AllowUnsigned })},
+	{name: "signature.allowUnsigned", def: "auto", usage: "accept firmware images without a signature: true, false, or auto (only for the simulated installer)",
+		set: func(c *Config, raw any) error {
+			if s, ok := raw.(string); ok && strings.EqualFold(strings.TrimSpace(s), "auto") {
+				c.Signature.allowUnsignedAuto = true
+				return nil
+			}
+			return boolean(func(c *Config) *bool { return &c.Signature.AllowUnsigned })(c, raw)
+		}},
 	{name: "shutdownTimeout", def: "10s", set: dur(func(c *Config) *time.Duration { return &c.ShutdownTimeout }, 0, 10*time.Minute)},
 }
 
@@ -302,6 +314,9 @@ func Load(opts Options) (*Config, error) {
 	}
 	if c.Hub.MinRetryDelay > c.Hub.MaxRetryDelay {
 		return nil, fmt.Errorf("%w: hub.minRetryDelay: must not exceed hub.maxRetryDelay (%s)", ErrConfig, c.Hub.MaxRetryDelay)
+	}
+	if c.Signature.allowUnsignedAuto {
+		c.Signature.AllowUnsigned = c.Installer.Type == "simulated"
 	}
 	if c.Signature.KeyDir == "" && !c.Signature.AllowUnsigned {
 		return nil, fmt.Errorf("%w: signature.keyDir: must name the folder of trusted keys unless signature.allowUnsigned is true", ErrConfig)

@@ -131,7 +131,7 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"unknown installer key", csLine + "installer:\n  simulated:\n    aply: 1s\n", nil, "config: installer.simulated.aply: unknown key"},
 		{"scalar for a section", "hub: 5\n", nil, "config: hub: unknown key"},
 		{"empty stateDir", csLine + "stateDir: \"\"\n", nil, "config: stateDir: must not be empty"},
-		{"no signing keys", csLine + "signature:\n  keyDir: \"\"\n", nil, "config: signature.keyDir: must name the folder of trusted keys"},
+		{"no signing keys", csLine + "installer:\n  type: abpart\nsignature:\n  keyDir: \"\"\n", nil, "config: signature.keyDir: must name the folder of trusted keys"},
 		{"not yaml", "hub: [", nil, "config: reading"},
 	}
 	for _, tc := range tests {
@@ -246,5 +246,40 @@ func TestKeysAndDefaults(t *testing.T) {
 	}
 	if _, ok := Default("nope"); ok {
 		t.Error("Default(nope) found")
+	}
+}
+
+// TestAllowUnsigned: auto (the default) accepts unsigned images only for
+// the simulated installer; an explicit value wins, from the file or the
+// environment.
+func TestAllowUnsigned(t *testing.T) {
+	base := "hub:\n  connectionString: \"" + cs + "\"\n"
+	tests := []struct {
+		name, yaml, env string
+		want            bool
+	}{
+		{"auto, simulated", base, "", true},
+		{"auto, abpart", base + "installer:\n  type: abpart\n", "", false},
+		{"explicit auto, abpart", base + "installer:\n  type: abpart\nsignature:\n  allowUnsigned: auto\n", "", false},
+		{"false, simulated", base + "signature:\n  allowUnsigned: false\n", "", false},
+		{"true, abpart", base + "installer:\n  type: abpart\nsignature:\n  allowUnsigned: true\n", "", true},
+		{"environment", base + "installer:\n  type: abpart\n", "true", true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("GWAGENT_SIGNATURE_ALLOWUNSIGNED", tc.env)
+			}
+			c, err := load(t, tc.yaml)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Signature.AllowUnsigned != tc.want {
+				t.Errorf("AllowUnsigned = %v, want %v", c.Signature.AllowUnsigned, tc.want)
+			}
+		})
+	}
+	if _, err := load(t, base+"signature:\n  allowUnsigned: sometimes\n"); err == nil || !strings.Contains(err.Error(), "signature.allowUnsigned") {
+		t.Errorf("a bad value: %v", err)
 	}
 }

@@ -83,7 +83,7 @@ sed -i \
 	-e 's|^  # caFile: ""$|  caFile: /etc/gwagent/hub-ca.pem|' \
 	-e "s|^  # address: \"\"\$|  address: \"$MQTT_ADDR\"|" \
 	-e 's|^  # type: simulated$|  type: simulated\n  simulated:\n    waitBeforeDownload: 1s\n    download: 1s\n    apply: 2s|' \
-	-e 's|^  # allowUnsigned: false$|  allowUnsigned: true|' \
+	-e 's|^  # allowUnsigned: auto$|  allowUnsigned: true|' \
 	/etc/gwagent/config.yaml
 check config-edit sh -c "grep -qx '  caFile: /etc/gwagent/hub-ca.pem' /etc/gwagent/config.yaml &&
 	grep -qx '  address: \"$MQTT_ADDR\"' /etc/gwagent/config.yaml &&
