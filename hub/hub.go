@@ -101,6 +101,10 @@ type ReportedPatch struct {
 // Hub is a local IoT hub: an MQTT broker that speaks IoT Hub's device
 // protocol, a device registry with twins, and IoT Hub's service REST API.
 type Hub struct {
+	// brokerLogOff silences the broker's logger from Close on (set before
+	// the broker stops, read by its goroutines).
+	brokerLogOff atomic.Bool
+
 	cfg     Config
 	log     *zap.Logger
 	store   *store
@@ -275,7 +279,7 @@ func (h *Hub) start() (err error) {
 	serverTLS := h.serverTLSConfig()
 	h.broker = mqtt.New(&mqtt.Options{
 		Capabilities: brokerCapabilities(),
-		Logger:       newSlogLogger(h.log.Named("broker")),
+		Logger:       newSlogLogger(h.log.Named("broker"), &h.brokerLogOff),
 		// $SYS topics are of no use to devices that may not subscribe to
 		// them; publish them rarely.
 		SysTopicResendInterval: 3600,
@@ -389,7 +393,9 @@ func (h *Hub) Close() error {
 			}
 		}
 		// Closes the listeners and every client, and waits for the
-		// clients' goroutines.
+		// clients' goroutines, but not for its event loop, which still
+		// logs once after this returns.
+		h.brokerLogOff.Store(true)
 		if err := h.broker.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("hub: stop broker: %w", err))
 		}

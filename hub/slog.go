@@ -3,6 +3,7 @@ package hub
 import (
 	"context"
 	"log/slog"
+	"sync/atomic"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -11,13 +12,16 @@ import (
 // newSlogLogger bridges the broker's slog logging into the hub's zap logger.
 // The broker logs every refused client at Warn; those are normal for a hub
 // that refuses bad devices on purpose, so its Warn becomes Debug and only
-// its errors stay visible.
-func newSlogLogger(log *zap.Logger) *slog.Logger {
-	return slog.New(&zapHandler{log: log})
+// its errors stay visible. Once off is set, records are dropped: the broker's
+// event loop logs after Close returns, when the logger's owner (a test's
+// zaptest logger, say) may be gone.
+func newSlogLogger(log *zap.Logger, off *atomic.Bool) *slog.Logger {
+	return slog.New(&zapHandler{log: log, off: off})
 }
 
 type zapHandler struct {
 	log    *zap.Logger
+	off    *atomic.Bool
 	fields []zap.Field
 	group  string
 }
@@ -30,10 +34,13 @@ func (z *zapHandler) level(l slog.Level) zapcore.Level {
 }
 
 func (z *zapHandler) Enabled(_ context.Context, l slog.Level) bool {
-	return z.log.Core().Enabled(z.level(l))
+	return !z.off.Load() && z.log.Core().Enabled(z.level(l))
 }
 
 func (z *zapHandler) Handle(_ context.Context, r slog.Record) error {
+	if z.off.Load() {
+		return nil
+	}
 	ce := z.log.Check(z.level(r.Level), r.Message)
 	if ce == nil {
 		return nil
@@ -56,7 +63,7 @@ func (z *zapHandler) field(a slog.Attr) zap.Field {
 }
 
 func (z *zapHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
-	n := &zapHandler{log: z.log, group: z.group, fields: append([]zap.Field(nil), z.fields...)}
+	n := &zapHandler{log: z.log, off: z.off, group: z.group, fields: append([]zap.Field(nil), z.fields...)}
 	for _, a := range attrs {
 		n.fields = append(n.fields, z.field(a))
 	}
@@ -68,5 +75,5 @@ func (z *zapHandler) WithGroup(name string) slog.Handler {
 	if z.group != "" {
 		g = z.group + "." + name
 	}
-	return &zapHandler{log: z.log, group: g, fields: z.fields}
+	return &zapHandler{log: z.log, off: z.off, group: g, fields: z.fields}
 }
