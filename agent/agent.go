@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -240,15 +239,6 @@ func downloadClient(caFile string) (*http.Client, error) {
 		extra = pem
 	}
 	newTransport := func() *http.Transport {
-		tr := &http.Transport{
-			Proxy:                 http.ProxyFromEnvironment,
-			DialContext:           (&net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-			TLSHandshakeTimeout:   15 * time.Second,
-			ResponseHeaderTimeout: 30 * time.Second,
-			IdleConnTimeout:       90 * time.Second,
-			MaxIdleConns:          2,
-			ForceAttemptHTTP2:     true,
-		}
 		var roots *x509.CertPool // nil: the system roots
 		if extra != nil {
 			var err error
@@ -257,8 +247,7 @@ func downloadClient(caFile string) (*http.Client, error) {
 			}
 			roots.AppendCertsFromPEM(extra)
 		}
-		tr.TLSClientConfig = newTLSConfig(roots)
-		return tr
+		return firmware.NewTransport(newTLSConfig(roots))
 	}
 	if extra == nil {
 		return &http.Client{Transport: newTransport()}, nil

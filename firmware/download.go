@@ -931,7 +931,7 @@ func hashReadAhead(ctx context.Context, r io.Reader, n int64) (hash.Hash, int64,
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		lr := io.LimitReader(ctxReader{ctx, r}, n)
+		lr := io.LimitReader(ContextReader(ctx, r), n)
 		for {
 			var b []byte
 			select {
@@ -974,7 +974,9 @@ func hashReadAhead(ctx context.Context, r io.Reader, n int64) (hash.Hash, int64,
 	}
 }
 
-// ctxReader stops a long read-back when ctx is done.
+// ContextReader stops a long read (a slot read back, say) once ctx is done.
+func ContextReader(ctx context.Context, r io.Reader) io.Reader { return ctxReader{ctx, r} }
+
 type ctxReader struct {
 	ctx context.Context
 	r   io.Reader

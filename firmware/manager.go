@@ -2,6 +2,7 @@ package firmware
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -111,7 +112,14 @@ func (c *Config) setDefaults() {
 }
 
 func defaultHTTPClient() *http.Client {
-	return &http.Client{Transport: &http.Transport{
+	return &http.Client{Transport: NewTransport(nil)}
+}
+
+// NewTransport is the HTTP transport for image downloads: bounded dial,
+// handshake and header waits, few idle connections. tlsConfig may be nil
+// (the system roots).
+func NewTransport(tlsConfig *tls.Config) *http.Transport {
+	return &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSHandshakeTimeout:   15 * time.Second,
@@ -119,7 +127,8 @@ func defaultHTTPClient() *http.Client {
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConns:          2,
 		ForceAttemptHTTP2:     true,
-	}}
+		TLSClientConfig:       tlsConfig,
+	}
 }
 
 // Status is the Manager's view of the latest or running update.

@@ -251,7 +251,7 @@ func (i *Installer) hashSlot(ctx context.Context, slot string, size int64) (stri
 	defer rc.Close()
 	h := sha256.New()
 	buf := make([]byte, 1<<20)
-	n, err := io.CopyBuffer(h, ctxReader{ctx, rc}, buf)
+	n, err := io.CopyBuffer(h, firmware.ContextReader(ctx, rc), buf)
 	if err != nil {
 		return "", fmt.Errorf("abpart: read slot %s: %w", slot, err)
 	}
@@ -259,19 +259,6 @@ func (i *Installer) hashSlot(ctx context.Context, slot string, size int64) (stri
 		return "", fmt.Errorf("%w: slot %s ends after %d of %d bytes", ErrVerify, slot, n, size)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// ctxReader stops a long read when ctx is done.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }
 
 var errNoImage = errors.New("abpart: the update has no verified image size and sha256")
