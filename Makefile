@@ -7,7 +7,7 @@ GO          ?= go
 BUILD       ?= build
 PKG         := github.com/gwagent/gwagent
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null | sed 's/^v//' || echo 0.0.0)
-LDFLAGS     := -s -w -X $(PKG)/agent/buildinfo.Version=$(VERSION) -X $(PKG)/agent/buildinfo.Commit=$(shell git rev-parse --short HEAD 2>/dev/null)
+LDFLAGS     := -s -w -X $(PKG)/internal/buildinfo.Version=$(VERSION) -X $(PKG)/internal/buildinfo.Commit=$(shell git rev-parse --short HEAD 2>/dev/null)
 # Tools are run at pinned versions through the Go module proxy.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian.
@@ -37,10 +37,12 @@ demo: build ## Run a local hub, an agent and a firmware update watched to comple
 	test/demo/run.sh $(BUILD)
 
 .PHONY: lint
-lint: ## go vet, gofmt and staticcheck
+lint: ## go vet, gofmt, staticcheck, go mod tidy and the package layering
 	$(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) run $(STATICCHECK) ./...
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; }
+	@.ci/layering
 
 .PHONY: unit
 unit: deps ## Unit and integration tests with the race detector

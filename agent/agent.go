@@ -16,17 +16,17 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/buildinfo"
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/health"
 	"github.com/gwagent/gwagent/agent/installer"
-	"github.com/gwagent/gwagent/agent/report"
 	"github.com/gwagent/gwagent/agent/router"
 	"github.com/gwagent/gwagent/agent/session"
-	"github.com/gwagent/gwagent/agent/writable"
 	"github.com/gwagent/gwagent/firmware"
 	"github.com/gwagent/gwagent/firmware/signature"
+	"github.com/gwagent/gwagent/internal/buildinfo"
 	"github.com/gwagent/gwagent/twin"
+	"github.com/gwagent/gwagent/twin/report"
+	"github.com/gwagent/gwagent/twin/writable"
 )
 
 // Subdirectories of the state directory.

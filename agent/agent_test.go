@@ -24,6 +24,7 @@ import (
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/firmware/simulated"
+	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/twin"
 )
 
@@ -446,7 +447,7 @@ func TestNewFailures(t *testing.T) {
 // offline is a publisher that is never connected.
 type offline struct{}
 
-func (offline) PatchReported(context.Context, []byte) (int64, error) { return 0, twin.ErrNotConnected }
+func (offline) PatchReported(context.Context, []byte) (int64, error) { return 0, iothub.ErrNotConnected }
 
 // Any firmwareUpdate payload gets one of the contract's answers with a JSON
 // body that says why.

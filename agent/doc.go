@@ -11,7 +11,9 @@
 // local control socket through which gwagent commit and rollback reach the
 // running state machine (agent/local).
 //
-// It must not speak MQTT (agent/session does), persist patches (twin does)
-// or touch the device (firmware and its backends do); and it must not read
-// flags or signals: cmd/gwagent does and hands the results in.
+// It must not speak MQTT (agent/session does), build or persist reported
+// patches (twin and its subpackages do) or touch the device (firmware and
+// its backends do); and it must not read flags or signals: cmd/gwagent does
+// and hands the results in. Nothing outside cmd/gwagent imports agent/: the
+// hub and gwctl share only iothub/, twin/ and internal/.
 package agent

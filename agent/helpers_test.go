@@ -16,8 +16,8 @@ import (
 
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
-	"github.com/gwagent/gwagent/agent/iothub"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 const (

@@ -10,10 +10,10 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/gwagent/gwagent/agent/report"
 	"github.com/gwagent/gwagent/agent/router"
-	"github.com/gwagent/gwagent/agent/writable"
 	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/twin/report"
+	"github.com/gwagent/gwagent/twin/writable"
 )
 
 // rebootTimeout bounds the Rebooter call (systemctl reboot returns at once;

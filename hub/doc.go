@@ -4,7 +4,7 @@
 // the agent, gwctl and the official Azure IoT SDKs can run against it
 // unchanged. It follows docs/iothub-protocol.md §1–§7 and the emulator
 // checklist of §10; the wire dialect (topics, property bags, SAS tokens,
-// connection strings, REST shapes, error bodies) comes from agent/iothub and
+// connection strings, REST shapes, error bodies) comes from iothub and
 // the twin document rules (merge patch, validation, sizes) from twin.
 //
 // What it owns:

@@ -3,7 +3,7 @@ package hub
 import (
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // TwinOp selects the twin requests a TwinFault applies to.

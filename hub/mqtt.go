@@ -17,7 +17,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // maxSubscriptions is how many topic filters a device may hold at once.

@@ -22,7 +22,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // signRaw signs sr exactly as given (the C SDK sends it unencoded).

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 func TestRegistry(t *testing.T) {

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/twin"
 )
 

@@ -10,7 +10,7 @@ import (
 
 	"github.com/gwagent/gwagent/twin"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // timeLayout is how IoT Hub writes times in service answers.

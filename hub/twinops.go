@@ -7,7 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/twin"
 )
 

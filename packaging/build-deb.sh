@@ -73,7 +73,7 @@ if [ -n "${GWAGENT_BIN:-}" ]; then
 	install -m 0755 "$GWAGENT_BIN" "$DEB_STAGE/gwagent"
 else
 	CGO_ENABLED=0 GOARCH=$goarch $GO build -trimpath -buildvcs=false \
-		-ldflags "-s -w -X $pkg/agent/buildinfo.Version=$version -X $pkg/agent/buildinfo.Commit=$commit" \
+		-ldflags "-s -w -X $pkg/internal/buildinfo.Version=$version -X $pkg/internal/buildinfo.Commit=$commit" \
 		-o "$DEB_STAGE/gwagent" ./cmd/gwagent
 fi
 

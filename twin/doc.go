@@ -1,7 +1,9 @@
 // Package twin owns the device twin's reported side: JSON merge-patch
 // documents with IoT Hub's rules and limits (Decode, Merge, ValidatePatch,
 // Size), and the persistent reported-patch queue (Queue) through which
-// every reported change of the agent goes.
+// every reported change of the agent goes. Its subpackages decide what is
+// reported: twin/report turns firmware progress into patches and
+// twin/writable acknowledges desired properties.
 //
 // The queue stores each patch durably before Report returns, coalesces
 // progress patches into the newest pending entry, never merges away a

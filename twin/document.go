@@ -1,17 +1,17 @@
 package twin
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"slices"
 	"strconv"
 	"strings"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // Limits of IoT Hub twin documents (docs/iothub-protocol.md §4.5). Sizes are as
@@ -60,18 +60,9 @@ func (e *ValidationError) Unwrap() error { return ErrInvalid }
 // Anything but exactly one JSON object (arrays, scalars, null, trailing
 // data) is rejected with an error wrapping ErrInvalid.
 func Decode(b []byte) (map[string]any, error) {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	var v any
-	if err := dec.Decode(&v); err != nil {
-		return nil, &ValidationError{Reason: "malformed JSON: " + err.Error()}
-	}
-	doc, ok := v.(map[string]any)
-	if !ok {
-		return nil, &ValidationError{Reason: "not a JSON object: " + typeName(v)}
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, &ValidationError{Reason: "trailing data after the JSON object"}
+	doc, err := iothub.DecodeObject(b)
+	if err != nil {
+		return nil, &ValidationError{Reason: err.Error()}
 	}
 	return doc, nil
 }
@@ -344,19 +335,4 @@ func joinPath(path, k string) string {
 	return path + "." + k
 }
 
-func typeName(v any) string {
-	switch v.(type) {
-	case nil:
-		return "null"
-	case []any:
-		return "array"
-	case string:
-		return "string"
-	case bool:
-		return "boolean"
-	case json.Number, float64:
-		return "number"
-	default:
-		return fmt.Sprintf("%T", v)
-	}
-}
+func typeName(v any) string { return iothub.JSONType(v) }

@@ -18,46 +18,21 @@ import (
 	"github.com/google/renameio/v2"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // Publisher sends one reported-properties patch to the hub and waits for
 // its answer. The agent's session implements it over
 // $iothub/twin/PATCH/properties/reported/. It must honour ctx (the queue
 // bounds every request with QueueOptions.RequestTimeout) and return
-// ErrNotConnected while there is no connection and a *StatusError when the
+// iothub.ErrNotConnected while there is no connection and a *iothub.StatusError when the
 // hub answers with a status other than 2xx.
 type Publisher interface {
 	PatchReported(ctx context.Context, body []byte) (version int64, err error)
 }
 
-// StatusError is a hub's error answer to a request: $iothub/twin/res/{Status}.
-type StatusError struct {
-	Status int
-	Body   []byte
-}
-
-func (e *StatusError) Error() string {
-	body := strings.TrimSpace(string(e.Body))
-	if len(body) > 256 {
-		body = body[:256] + "…"
-	}
-	if body == "" {
-		return fmt.Sprintf("twin: hub answered %d", e.Status)
-	}
-	return fmt.Sprintf("twin: hub answered %d: %s", e.Status, body)
-}
-
-// Temporary reports whether the same request may succeed later: timeouts
-// (408), throttling (429) and server errors (5xx). Other statuses (400 for
-// a bad key, 413 for a too large patch) will not change on a retry.
-func (e *StatusError) Temporary() bool {
-	return e.Status == 408 || e.Status == 429 || e.Status >= 500
-}
-
 var (
-	// ErrNotConnected is returned by a Publisher while the session is down.
-	// It is transient: the queue keeps the entry and retries.
-	ErrNotConnected = errors.New("twin: not connected")
 	// ErrClosed is returned by a Queue after Close.
 	ErrClosed = errors.New("twin: queue closed")
 	// ErrLocked is returned by OpenQueue when another open Queue (in this
@@ -508,10 +483,10 @@ func (q *Queue) Close() error {
 
 // Run is the sender: it publishes the head entry, removes it once the hub
 // accepted it, and goes on in order until ctx is done (a normal stop: it
-// then returns nil). Transient failures (ErrNotConnected, timeouts,
-// temporary *StatusError and any other error) are retried with capped,
+// then returns nil). Transient failures (iothub.ErrNotConnected, timeouts,
+// temporary *iothub.StatusError and any other error) are retried with capped,
 // jittered exponential backoff; Wake cuts a wait short. A permanent
-// rejection (a non-temporary 4xx *StatusError) is logged with the patch's
+// rejection (a non-temporary 4xx *iothub.StatusError) is logged with the patch's
 // keys and the entry dropped. With QueueOptions.MinInterval, progress-only
 // entries are spaced out. An idle queue waits for Report without timers.
 func (q *Queue) Run(ctx context.Context) error {
@@ -585,7 +560,7 @@ func (q *Queue) Run(ctx context.Context) error {
 		// Cap the jittered value too: MaxBackoff is a promise.
 		d := min(b.NextBackOff(), q.opts.MaxBackoff)
 		lvl := zap.WarnLevel
-		if errors.Is(failure, ErrNotConnected) {
+		if errors.Is(failure, iothub.ErrNotConnected) {
 			lvl = zap.DebugLevel // expected while offline; the session logs the outage
 		}
 		q.log.Log(lvl, "reported patch not delivered; retrying",
@@ -655,7 +630,7 @@ func (q *Queue) send(ctx context.Context, e *entry, body []byte, attempt int) er
 	q.mu.Lock()
 	e.sending = false
 	q.mu.Unlock()
-	if se := (*StatusError)(nil); errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && !se.Temporary() {
+	if se := (*iothub.StatusError)(nil); errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && !se.Temporary() {
 		q.log.Error("reported patch rejected by the hub; dropped",
 			zap.Uint64("seq", e.seq), zap.Bool("milestone", e.milestone),
 			zap.Int("status", se.Status), zap.Strings("keys", keyPaths(e.patch, 50)),

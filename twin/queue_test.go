@@ -24,6 +24,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/gwagent/gwagent/iothub"
 )
 
 const crashDirEnv = "TWIN_QUEUE_CRASH_DIR"
@@ -69,7 +71,7 @@ func (h *hubSim) PatchReported(ctx context.Context, body []byte) (int64, error) 
 		err = ValidatePatch(patch)
 	}
 	if err != nil {
-		return 0, &StatusError{Status: 400, Body: []byte(`{"errorCode":400004,"message":"` + err.Error() + `"}`)}
+		return 0, &iothub.StatusError{Status: 400, Body: []byte(`{"errorCode":400004,"message":"` + err.Error() + `"}`)}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -165,19 +167,6 @@ func pending(q *Queue) []string {
 
 func fastOpts() QueueOptions {
 	return QueueOptions{MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond, RequestTimeout: 5 * time.Second}
-}
-
-func TestStatusErrorTemporary(t *testing.T) {
-	for status, want := range map[int]bool{400: false, 401: false, 404: false, 408: true, 412: false, 413: false,
-		429: true, 500: true, 503: true, 504: true} {
-		if got := (&StatusError{Status: status}).Temporary(); got != want {
-			t.Errorf("StatusError{%d}.Temporary() = %v, want %v", status, got, want)
-		}
-	}
-	e := &StatusError{Status: 429, Body: []byte(`{"errorCode":429001}`)}
-	if got := e.Error(); got != `twin: hub answered 429: {"errorCode":429001}` {
-		t.Errorf("Error() = %q", got)
-	}
 }
 
 func TestCoalescing(t *testing.T) {
@@ -500,12 +489,14 @@ func TestTransientErrorsRetried(t *testing.T) {
 		name string
 		fail func(ctx context.Context) error
 	}{
-		{"not connected", func(context.Context) error { return ErrNotConnected }},
-		{"wrapped not connected", func(context.Context) error { return fmt.Errorf("session: publish: %w", ErrNotConnected) }},
-		{"408", func(context.Context) error { return &StatusError{Status: 408} }},
-		{"429", func(context.Context) error { return &StatusError{Status: 429, Body: []byte(`{"errorCode":429001}`)} }},
-		{"500", func(context.Context) error { return &StatusError{Status: 500} }},
-		{"503", func(context.Context) error { return &StatusError{Status: 503} }},
+		{"not connected", func(context.Context) error { return iothub.ErrNotConnected }},
+		{"wrapped not connected", func(context.Context) error { return fmt.Errorf("session: publish: %w", iothub.ErrNotConnected) }},
+		{"408", func(context.Context) error { return &iothub.StatusError{Status: 408} }},
+		{"429", func(context.Context) error {
+			return &iothub.StatusError{Status: 429, Body: []byte(`{"errorCode":429001}`)}
+		}},
+		{"500", func(context.Context) error { return &iothub.StatusError{Status: 500} }},
+		{"503", func(context.Context) error { return &iothub.StatusError{Status: 503} }},
 		{"no answer (request timeout)", func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }},
 		{"unknown error", func(context.Context) error { return errors.New("mqtt: connection lost") }},
 	}
@@ -540,7 +531,7 @@ func TestPermanentRejectionDropsEntry(t *testing.T) {
 			hub := &hubSim{}
 			hub.setScript(func(ctx context.Context, call int, body []byte) error {
 				if strings.Contains(string(body), "rejected") {
-					return &StatusError{Status: status, Body: []byte(`{"errorCode":` + strconv.Itoa(status) + `001}`)}
+					return &iothub.StatusError{Status: status, Body: []byte(`{"errorCode":` + strconv.Itoa(status) + `001}`)}
 				}
 				return nil
 			})
@@ -583,11 +574,11 @@ func TestBackoffThenSuccess(t *testing.T) {
 		hub.setScript(func(ctx context.Context, call int, body []byte) error {
 			switch {
 			case call <= 6:
-				return &StatusError{Status: 429}
+				return &iothub.StatusError{Status: 429}
 			case call == 7:
 				return nil
 			case call == 8:
-				return &StatusError{Status: 503}
+				return &iothub.StatusError{Status: 503}
 			}
 			return nil
 		})
@@ -635,7 +626,7 @@ func TestWakeCutsBackoffShort(t *testing.T) {
 			mu.Lock()
 			defer mu.Unlock()
 			if !online {
-				return ErrNotConnected
+				return iothub.ErrNotConnected
 			}
 			return nil
 		})
@@ -702,7 +693,7 @@ func TestFlush(t *testing.T) {
 			mu.Lock()
 			defer mu.Unlock()
 			if !online {
-				return ErrNotConnected
+				return iothub.ErrNotConnected
 			}
 			return nil
 		})
@@ -745,11 +736,11 @@ func TestOrderUnderRandomFailures(t *testing.T) {
 		rngMu.Unlock()
 		switch r {
 		case 0:
-			return ErrNotConnected
+			return iothub.ErrNotConnected
 		case 1:
-			return &StatusError{Status: 429}
+			return &iothub.StatusError{Status: 429}
 		case 2:
-			return &StatusError{Status: 500}
+			return &iothub.StatusError{Status: 500}
 		}
 		return nil
 	})

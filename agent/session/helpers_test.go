@@ -22,8 +22,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/gwagent/gwagent/agent/iothub"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // wait is the generous bound of every wait in these tests.

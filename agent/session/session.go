@@ -21,8 +21,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/iothub"
-	"github.com/gwagent/gwagent/twin"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // DefaultPort is IoT Hub's MQTT-over-TLS port.
@@ -700,7 +699,7 @@ func (s *Session) teardown(c *conn) {
 	s.pending = map[string]*pending{}
 	s.mu.Unlock()
 	for _, p := range waiting {
-		p.complete(reply{err: twin.ErrNotConnected})
+		p.complete(reply{err: iothub.ErrNotConnected})
 	}
 	s.notify()
 	c.markLost(errors.New("closed"))
@@ -749,13 +748,13 @@ func (s *Session) getTwin(ctx context.Context, c *conn) error {
 }
 
 // PatchReported publishes a reported-properties patch and waits, bounded,
-// for the hub's answer. It implements twin.Publisher: twin.ErrNotConnected
-// when offline or when the connection drops, *twin.StatusError for an answer
+// for the hub's answer. It implements twin.Publisher: iothub.ErrNotConnected
+// when offline or when the connection drops, *iothub.StatusError for an answer
 // other than 204, ErrTimeout for no answer.
 func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error) {
 	c := s.current()
 	if c == nil {
-		return 0, twin.ErrNotConnected
+		return 0, iothub.ErrNotConnected
 	}
 	rid, p := s.register(false)
 	defer s.unregister(rid)
@@ -765,11 +764,11 @@ func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error)
 	select {
 	case <-tok.Done():
 		if err := tok.Error(); err != nil {
-			return 0, fmt.Errorf("%w: %v", twin.ErrNotConnected, err)
+			return 0, fmt.Errorf("%w: %v", iothub.ErrNotConnected, err)
 		}
 	case <-p.done: // the answer can overtake the PUBACK's token completion
 	case <-c.lost:
-		return 0, twin.ErrNotConnected
+		return 0, iothub.ErrNotConnected
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	case <-t.C:
@@ -778,7 +777,7 @@ func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error)
 	select {
 	case <-p.done:
 	case <-c.lost:
-		return 0, twin.ErrNotConnected
+		return 0, iothub.ErrNotConnected
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	case <-t.C:
@@ -791,7 +790,7 @@ func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error)
 	case r.status == 204 || r.status == 200:
 		return r.version, nil
 	}
-	return 0, &twin.StatusError{Status: r.status, Body: r.body}
+	return 0, &iothub.StatusError{Status: r.status, Body: r.body}
 }
 
 // onMessage is paho's handler for everything the hub sends on connection c.
@@ -811,7 +810,7 @@ func (s *Session) onMessage(c *conn) mqtt.MessageHandler {
 		case iothub.KindTwinResponse:
 			s.onTwinResponse(t, m.Payload())
 		case iothub.KindDesiredPatch:
-			doc, err := twin.Decode(m.Payload())
+			doc, err := iothub.DecodeObject(m.Payload())
 			if err != nil {
 				s.log.Warn("undecodable desired patch: reading the whole twin instead", zap.Int64("version", t.Version), zap.Error(err))
 				s.requestResync()
@@ -866,7 +865,7 @@ func (s *Session) onTwinResponse(t iothub.Topic, body []byte) {
 // section, from a twin GET answer
 // ({"desired":{…,"$version":N},"reported":{…,"$version":M}}).
 func decodeGet(body []byte) (desired map[string]any, version int64, reported map[string]any, err error) {
-	doc, err := twin.Decode(body)
+	doc, err := iothub.DecodeObject(body)
 	if err != nil {
 		return nil, 0, nil, fmt.Errorf("twin GET answer: %w", err)
 	}

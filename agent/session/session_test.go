@@ -15,8 +15,8 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/gwagent/gwagent/agent/iothub"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/twin"
 )
 
@@ -247,7 +247,7 @@ func TestPatchReported(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	if _, err := s.PatchReported(ctx, []byte(`{"a":1}`)); !errors.Is(err, twin.ErrNotConnected) {
+	if _, err := s.PatchReported(ctx, []byte(`{"a":1}`)); !errors.Is(err, iothub.ErrNotConnected) {
 		t.Fatalf("offline PatchReported = %v, want ErrNotConnected", err)
 	}
 	run(t, s)
@@ -272,14 +272,14 @@ func TestPatchReported(t *testing.T) {
 	for _, status := range []int{429, 500, 400} {
 		h.InjectTwinFault("gw-01", hub.TwinFault{Op: hub.TwinReported, Count: 1, Status: status})
 		_, err := s.PatchReported(ctx, []byte(`{"a":3}`))
-		var se *twin.StatusError
+		var se *iothub.StatusError
 		if !errors.As(err, &se) || se.Status != status || len(se.Body) == 0 {
 			t.Fatalf("fault %d: err = %v", status, err)
 		}
 	}
 	// Invalid content: the real hub's 400.
 	_, err = s.PatchReported(ctx, []byte(`{"bad.key":1}`))
-	var se *twin.StatusError
+	var se *iothub.StatusError
 	if !errors.As(err, &se) || se.Status != 400 || se.Temporary() {
 		t.Fatalf("bad key: %v", err)
 	}
@@ -295,7 +295,7 @@ func TestPatchReported(t *testing.T) {
 	})
 	// The connection drops with the answer outstanding.
 	h.InjectTwinFault("gw-01", hub.TwinFault{Op: hub.TwinReported, Count: 1, Disconnect: true})
-	if _, err := s.PatchReported(ctx, []byte(`{"a":5}`)); !errors.Is(err, twin.ErrNotConnected) {
+	if _, err := s.PatchReported(ctx, []byte(`{"a":5}`)); !errors.Is(err, iothub.ErrNotConnected) {
 		t.Fatalf("dropped connection: %v, want ErrNotConnected", err)
 	}
 	eventually(t, "reconnect", func() bool { return rec.connectCount() == 2 })
@@ -358,7 +358,7 @@ func TestReconnectAfterHubRestart(t *testing.T) {
 	eventually(t, "offline", func() bool { return !s.Health().Connected })
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	if _, err := s.PatchReported(ctx, []byte(`{"a":1}`)); !errors.Is(err, twin.ErrNotConnected) {
+	if _, err := s.PatchReported(ctx, []byte(`{"a":1}`)); !errors.Is(err, iothub.ErrNotConnected) {
 		t.Fatalf("PatchReported offline = %v", err)
 	}
 	var version int64

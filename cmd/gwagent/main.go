@@ -16,11 +16,11 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/agent"
-	"github.com/gwagent/gwagent/agent/buildinfo"
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/agent/local"
-	"github.com/gwagent/gwagent/agent/logging"
+	"github.com/gwagent/gwagent/internal/buildinfo"
+	"github.com/gwagent/gwagent/internal/logging"
 )
 
 // exitConfig is EX_CONFIG from sysexits.h: the unit can stop restarting on

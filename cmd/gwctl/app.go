@@ -16,8 +16,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/gwagent/gwagent/agent/iothub"
-	"github.com/gwagent/gwagent/agent/iothub/service"
+	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/iothub/service"
 )
 
 // Exit codes.

@@ -6,8 +6,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/gwagent/gwagent/agent/iothub"
-	"github.com/gwagent/gwagent/agent/iothub/service"
+	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/iothub/service"
 )
 
 type iotDevice = iothub.Device

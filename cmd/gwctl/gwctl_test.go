@@ -13,9 +13,9 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/gwagent/gwagent/agent/iothub"
-	"github.com/gwagent/gwagent/agent/iothub/service"
-	"github.com/gwagent/gwagent/agent/iothub/service/servicetest"
+	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/iothub/service"
+	"github.com/gwagent/gwagent/iothub/service/servicetest"
 )
 
 var updateGolden = flag.Bool("update", false, "rewrite the golden files under testdata/")

@@ -12,8 +12,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/gwagent/gwagent/agent/iothub"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // startHub runs the local hub in-process on loopback ports.

@@ -10,7 +10,7 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 
-	"github.com/gwagent/gwagent/agent/iothub/service"
+	"github.com/gwagent/gwagent/iothub/service"
 )
 
 // watchPrinter shows the events of an update watch: plain lines (one per

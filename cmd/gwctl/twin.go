@@ -7,7 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/gwagent/gwagent/agent/iothub/service"
+	"github.com/gwagent/gwagent/iothub/service"
 )
 
 func (a *app) twinCommand() *cobra.Command {

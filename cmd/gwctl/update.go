@@ -11,7 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/gwagent/gwagent/agent/iothub/service"
+	"github.com/gwagent/gwagent/iothub/service"
 )
 
 // fwRequest is the firmwareUpdate payload: the tutorial's fwPackageUri plus

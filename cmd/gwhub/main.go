@@ -15,8 +15,8 @@ import (
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/logging"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/logging"
 )
 
 func main() {

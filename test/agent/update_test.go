@@ -14,9 +14,9 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/iothub"
-	"github.com/gwagent/gwagent/agent/iothub/service"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/iothub/service"
 	"github.com/gwagent/gwagent/twin"
 )
 

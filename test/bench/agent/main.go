@@ -17,9 +17,9 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/iothub"
-	"github.com/gwagent/gwagent/agent/iothub/service"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/iothub/service"
 )
 
 const deviceID = "gw-bench"

@@ -20,7 +20,7 @@ import (
 	"github.com/cenkalti/backoff/v5"
 	"go.uber.org/zap"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // Defaults of Options.

@@ -5,7 +5,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // tokenSource mints the policy SAS token (sr={host}, skn={policy}) and keeps

@@ -1,7 +1,7 @@
 // Package buildinfo holds the version of the running binary. Release builds
 // set Version and Commit with the linker:
 //
-//	go build -ldflags "-X github.com/gwagent/gwagent/agent/buildinfo.Version=1.2.3 -X github.com/gwagent/gwagent/agent/buildinfo.Commit=abc123"
+//	go build -ldflags "-X github.com/gwagent/gwagent/internal/buildinfo.Version=1.2.3 -X github.com/gwagent/gwagent/internal/buildinfo.Commit=abc123"
 //
 // Without them, the module version and VCS revision Go embeds are used. It
 // must not depend on anything but the standard library.

@@ -7,7 +7,7 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // InvokeMethod calls a direct method on a device and returns the device's

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub/service/servicetest"
+	"github.com/gwagent/gwagent/iothub/service/servicetest"
 )
 
 // fw builds reported properties as gwagent writes them.

@@ -21,7 +21,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/gwagent/gwagent/agent/iothub"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 // HostName is the hub name in the connection string: it has a dot, as real
