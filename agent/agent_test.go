@@ -24,6 +24,7 @@ import (
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/firmware/simulated"
+	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/twin"
 )
@@ -56,7 +57,7 @@ func decodeBody(t *testing.T, b []byte) map[string]any {
 func TestFirmwareUpdateThroughHub(t *testing.T) {
 	e := newEnv(t)
 	r := start(t, loadConfig(t, e.yaml(nil)))
-	eventually(t, "connected and standBy reported", func() bool {
+	testutil.Eventually(t, wait, "connected and standBy reported", func() bool {
 		rep := e.reportedNow(t)
 		return r.Session().Health().Connected && rep["firmwareStatus"] == "standBy" && field(rep, "firmware", "currentVersion") == "1.0.0"
 	})
@@ -95,7 +96,7 @@ func TestFirmwareUpdateThroughHub(t *testing.T) {
 		}
 	}
 
-	eventually(t, "completed", func() bool {
+	testutil.Eventually(t, wait, "completed", func() bool {
 		st := e.statuses()
 		return e.reportedNow(t)["firmwareStatus"] == "completed" && st[len(st)-1] == "completed"
 	})
@@ -169,7 +170,7 @@ func TestFirmwareUpdateHTTP(t *testing.T) {
 				t.Fatalf("%d %s", res.Status, res.Payload)
 			}
 			id := decodeBody(t, res.Payload)["updateId"]
-			eventually(t, tc.status, func() bool {
+			testutil.Eventually(t, wait, tc.status, func() bool {
 				rep := e.reportedNow(t)
 				return field(rep, "firmware", "updateId") == id && rep["firmwareStatus"] == tc.status
 			})
@@ -199,7 +200,7 @@ func TestRebootMethod(t *testing.T) {
 	if res.Status != 200 || string(res.Payload) != `{"status":"rebooting"}` {
 		t.Fatalf("reboot = %d %s", res.Status, res.Payload)
 	}
-	eventually(t, "lastReboot on the twin and the reboot", func() bool {
+	testutil.Eventually(t, wait, "lastReboot on the twin and the reboot", func() bool {
 		return field(e.reportedNow(t), "iothubDM", "reboot", "lastReboot") != nil && !reb.LastReboot().IsZero()
 	})
 	last, err := time.Parse(time.RFC3339, fmt.Sprint(field(e.reportedNow(t), "iothubDM", "reboot", "lastReboot")))
@@ -207,7 +208,7 @@ func TestRebootMethod(t *testing.T) {
 		t.Fatalf("lastReboot %v (%v), rebooted at %v: the report must come first", last, err, reb.LastReboot())
 	}
 	// A second reboot is taken once the first is done.
-	eventually(t, "a second reboot accepted", func() bool { return e.invoke(t, "reboot", ``).Status == 200 })
+	testutil.Eventually(t, wait, "a second reboot accepted", func() bool { return e.invoke(t, "reboot", ``).Status == 200 })
 }
 
 // Desired logLevel changes the running level and is acknowledged; unknown
@@ -217,12 +218,12 @@ func TestDesiredProperties(t *testing.T) {
 	e := newEnv(t)
 	cfg := loadConfig(t, e.yaml(nil))
 	r := start(t, cfg)
-	eventually(t, "connected", func() bool { return r.Session().Health().Connected })
+	testutil.Eventually(t, wait, "connected", func() bool { return r.Session().Health().Connected })
 	v, err := e.UpdateDesired(deviceID, map[string]any{"logLevel": "debug", "colour": "blue"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "logLevel acknowledged", func() bool {
+	testutil.Eventually(t, wait, "logLevel acknowledged", func() bool {
 		rep := e.reportedNow(t)
 		return fmt.Sprint(field(rep, "logLevel", "av")) == fmt.Sprint(v) && fmt.Sprint(field(rep, "colour", "av")) == fmt.Sprint(v)
 	})
@@ -236,7 +237,7 @@ func TestDesiredProperties(t *testing.T) {
 	if _, err := e.UpdateDesired(deviceID, map[string]any{"logLevel": "shout"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "refusal", func() bool { return fmt.Sprint(field(e.reportedNow(t), "logLevel", "ac")) == "400" })
+	testutil.Eventually(t, wait, "refusal", func() bool { return fmt.Sprint(field(e.reportedNow(t), "logLevel", "ac")) == "400" })
 	if r.level.Level() != zap.DebugLevel || field(e.reportedNow(t), "logLevel", "value") != "debug" {
 		t.Fatal("a refused value changed the level")
 	}
@@ -249,13 +250,13 @@ func TestDesiredProperties(t *testing.T) {
 		t.Fatal(err)
 	}
 	r2 := start(t, cfg)
-	eventually(t, "the change made while stopped", func() bool {
+	testutil.Eventually(t, wait, "the change made while stopped", func() bool {
 		return fmt.Sprint(field(e.reportedNow(t), "logLevel", "av")) == fmt.Sprint(v2)
 	})
 	if r2.level.Level() != zap.ErrorLevel {
 		t.Fatalf("level %v", r2.level.Level())
 	}
-	eventually(t, "colour withdrawn", func() bool { _, ok := e.reportedNow(t)["colour"]; return !ok })
+	testutil.Eventually(t, wait, "colour withdrawn", func() bool { _, ok := e.reportedNow(t)["colour"]; return !ok })
 }
 
 // Under systemd: READY=1 comes with the hub unreachable, STATUS says so,
@@ -330,8 +331,8 @@ func TestWatchdogFollowsHealth(t *testing.T) {
 	cfg := loadConfig(t, e.yaml(nil))
 	r := start(t, cfg, func(o *Options) { o.Notifier = &recNotifier{interval: 200 * time.Millisecond} })
 	n := r.notifier
-	eventually(t, "connected", func() bool { return r.Session().Health().Connected })
-	eventually(t, "pings", func() bool { return n.count("WATCHDOG=1") >= 3 })
+	testutil.Eventually(t, wait, "connected", func() bool { return r.Session().Health().Connected })
+	testutil.Eventually(t, wait, "pings", func() bool { return n.count("WATCHDOG=1") >= 3 })
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
@@ -344,7 +345,7 @@ func TestWatchdogFollowsHealth(t *testing.T) {
 	n.mu.Unlock()
 	// A new status line (the hub drops the device) wedges the status loop.
 	e.Kick(deviceID)
-	eventually(t, "unhealthy", func() bool { return r.Healthy(context.Background(), 100*time.Millisecond) != nil })
+	testutil.Eventually(t, wait, "unhealthy", func() bool { return r.Healthy(context.Background(), 100*time.Millisecond) != nil })
 	before := n.count("WATCHDOG=1")
 	time.Sleep(600 * time.Millisecond) // three ping periods
 	if after := n.count("WATCHDOG=1"); after > before+1 {
@@ -354,7 +355,7 @@ func TestWatchdogFollowsHealth(t *testing.T) {
 	n.wedge = nil
 	n.mu.Unlock()
 	close(release)
-	eventually(t, "pings again", func() bool { return n.count("WATCHDOG=1") >= before+3 })
+	testutil.Eventually(t, wait, "pings again", func() bool { return n.count("WATCHDOG=1") >= before+3 })
 }
 
 // The graceful stop flushes what can be delivered; what cannot is kept on
@@ -364,7 +365,7 @@ func TestGracefulStop(t *testing.T) {
 	cfg := loadConfig(t, e.yaml(nil))
 
 	r := start(t, cfg)
-	eventually(t, "connected", func() bool { return r.Session().Health().Connected })
+	testutil.Eventually(t, wait, "connected", func() bool { return r.Session().Health().Connected })
 	if err := r.queue.Report(map[string]any{"flushedAtStop": 1}, false); err != nil {
 		t.Fatal(err)
 	}
@@ -376,11 +377,11 @@ func TestGracefulStop(t *testing.T) {
 	}
 
 	r2 := start(t, cfg)
-	eventually(t, "connected", func() bool { return r2.Session().Health().Connected })
+	testutil.Eventually(t, wait, "connected", func() bool { return r2.Session().Health().Connected })
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "offline", func() bool { return !r2.Session().Health().Connected })
+	testutil.Eventually(t, wait, "offline", func() bool { return !r2.Session().Health().Connected })
 	if err := r2.queue.Report(map[string]any{"keptAcrossStop": 2}, true); err != nil {
 		t.Fatal(err)
 	}
@@ -402,7 +403,7 @@ func TestGracefulStop(t *testing.T) {
 
 	e.startHub(t)
 	r3 := start(t, cfg)
-	eventually(t, "the kept patch delivered", func() bool { return e.reportedNow(t)["keptAcrossStop"] != nil })
+	testutil.Eventually(t, wait, "the kept patch delivered", func() bool { return e.reportedNow(t)["keptAcrossStop"] != nil })
 	_ = r3
 }
 
@@ -447,7 +448,9 @@ func TestNewFailures(t *testing.T) {
 // offline is a publisher that is never connected.
 type offline struct{}
 
-func (offline) PatchReported(context.Context, []byte) (int64, error) { return 0, iothub.ErrNotConnected }
+func (offline) PatchReported(context.Context, []byte) (int64, error) {
+	return 0, iothub.ErrNotConnected
+}
 
 // Any firmwareUpdate payload gets one of the contract's answers with a JSON
 // body that says why.
@@ -503,7 +506,7 @@ func FuzzFirmwareUpdatePayload(f *testing.F) {
 func TestUnsignedRefused(t *testing.T) {
 	e := newEnv(t)
 	r := start(t, loadConfig(t, e.yaml(map[string]string{"signature": "signature:\n  allowUnsigned: false\n"})))
-	eventually(t, "connected", func() bool { return r.Session().Health().Connected })
+	testutil.Eventually(t, wait, "connected", func() bool { return r.Session().Health().Connected })
 	res := e.invoke(t, "firmwareUpdate", `{"fwPackageUri":"test.com/fw.bin","version":"1.2.0"}`)
 	msg, _ := decodeBody(t, res.Payload)["error"].(string)
 	if res.Status != 400 || !strings.Contains(msg, "signatureUri is required") || !strings.Contains(msg, "signature.allowUnsigned") {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/internal/testutil"
 )
 
 // scriptedSystemd answers the health check's systemd questions.
@@ -131,7 +132,7 @@ func (d *trialDevice) update(t *testing.T, e *env) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- m.Run(ctx) }()
-	eventually(t, "the reboot request", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
+	testutil.Eventually(t, wait, "the reboot request", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -166,7 +167,7 @@ func TestTrialBootHealth(t *testing.T) {
 			r := start(t, cfg, func(o *Options) { o.Systemd = sd })
 
 			if tc.unit == "active" {
-				eventually(t, "completed on the twin", func() bool {
+				testutil.Eventually(t, wait, "completed on the twin", func() bool {
 					fw, _ := e.reportedNow(t)["firmware"].(map[string]any)
 					return fw["status"] == "completed"
 				})
@@ -178,7 +179,7 @@ func TestTrialBootHealth(t *testing.T) {
 				}
 				return
 			}
-			eventually(t, "the rollback's reboot", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
+			testutil.Eventually(t, wait, "the rollback's reboot", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
 			if env := d.grub(t, "list"); !strings.Contains(env, "gw_slot=A") || !strings.Contains(env, "upgrade_available=0") {
 				t.Fatalf("environment after the rollback:\n%s", env)
 			}

@@ -25,17 +25,6 @@ const (
 	wait     = 20 * time.Second
 )
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(wait)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // env is a local hub with one device, recording every reported patch it
 // accepts, and a state directory for the agent.
 type env struct {

@@ -22,6 +22,8 @@ import (
 	"github.com/cenkalti/backoff/v5"
 	"github.com/klauspost/compress/zstd"
 	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/internal/retry"
 )
 
 // copyBufSize is the one buffer a download streams through; memory use does
@@ -328,10 +330,7 @@ func (s *streamer) fromHTTP(ctx context.Context, u Update) error {
 		etag: s.cp.ETag, lastModified: s.cp.LastModified, limit: s.limit,
 	}
 	defer rr.close()
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval = s.m.cfg.RetryInitialInterval
-	b.MaxInterval = s.m.cfg.RetryMaxInterval
-	rr.backoff = b
+	rr.backoff = retry.NewBackoff(s.m.cfg.RetryInitialInterval, s.m.cfg.RetryMaxInterval)
 
 	// Connect first: the response says how big the image is and whether it
 	// is compressed.

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/firmware/signature"
+	"github.com/gwagent/gwagent/internal/retry"
 )
 
 // maxSignatureSize bounds the signature download.
@@ -98,9 +99,7 @@ func (m *Manager) checkSignature(rec record, cp checkpoint) error {
 // fetchSignature downloads the (small) signature file with the same retry
 // rules as the image.
 func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error) {
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval = m.cfg.RetryInitialInterval
-	b.MaxInterval = m.cfg.RetryMaxInterval
+	b := retry.NewBackoff(m.cfg.RetryInitialInterval, m.cfg.RetryMaxInterval)
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.RetryMaxElapsed+m.cfg.IdleTimeout)
 	defer cancel()
 	defer m.cfg.HTTPClient.CloseIdleConnections()

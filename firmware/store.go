@@ -12,7 +12,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/google/renameio/v2"
+	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // stateFormat is the version of the persisted files. A newer agent reads
@@ -92,18 +92,16 @@ type store struct{ dir string }
 
 func (s store) path(name string) string { return filepath.Join(s.dir, name) }
 
-// writeJSON replaces name atomically: renameio writes a temp file in the same
-// directory, fsyncs and renames it; the directory is then fsynced so the
-// rename itself survives a power cut.
+// writeJSON replaces name atomically and durably (atomicfile).
 func (s store) writeJSON(name string, v any) error {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return fmt.Errorf("firmware: encode %s: %w", name, err)
 	}
-	if err := renameio.WriteFile(s.path(name), b, 0o600, renameio.WithTempDir(s.dir)); err != nil {
+	if err := atomicfile.WriteFile(s.path(name), b, 0o600); err != nil {
 		return fmt.Errorf("firmware: write %s: %w", s.path(name), err)
 	}
-	return syncDir(s.dir)
+	return nil
 }
 
 // readJSON loads name into v. A missing, empty or torn file reports
@@ -123,27 +121,15 @@ func (s store) readJSON(name string, v any) (ok bool, err error) {
 }
 
 func (s store) remove(name string) error {
-	if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := atomicfile.Remove(s.path(name)); err != nil {
 		return fmt.Errorf("firmware: remove %s: %w", s.path(name), err)
 	}
-	return syncDir(s.dir)
+	return nil
 }
 
 // setAside renames an unreadable-format file so a person can inspect it.
 func (s store) setAside(name string) error {
 	return os.Rename(s.path(name), s.path(name+".unknown"))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("firmware: open %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("firmware: fsync %s: %w", dir, err)
-	}
-	return nil
 }
 
 func marshalHash(h hash.Hash) ([]byte, error) {

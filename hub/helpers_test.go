@@ -348,18 +348,3 @@ func num(t testing.TB, v any) int64 {
 	t.Fatalf("%v (%T) is not a number", v, v)
 	return 0
 }
-
-// eventually waits, bounded, for cond to hold.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	deadline := time.After(waitLong)
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-deadline:
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
-}

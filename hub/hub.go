@@ -18,11 +18,11 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/google/renameio/v2"
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"go.uber.org/zap"
 
+	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -224,7 +224,7 @@ func (h *Hub) loadServiceConnectionString() error {
 	if h.service.HostName != h.cfg.HostName || err != nil {
 		h.service.HostName = h.cfg.HostName
 		data := []byte(h.service.String() + "\n")
-		if werr := renameio.WriteFile(path, data, 0o600, renameio.WithTempDir(h.cfg.StateDir)); werr != nil {
+		if werr := atomicfile.WriteFile(path, data, 0o600); werr != nil {
 			return fmt.Errorf("hub: write %s: %w", path, werr)
 		}
 	}

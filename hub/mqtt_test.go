@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -157,7 +158,7 @@ func TestTokenExpiryClosesConnection(t *testing.T) {
 	if now := time.Now(); now.Before(exp.Truncate(time.Second)) {
 		t.Fatalf("closed at %v, before the token expired at %v", now, exp)
 	}
-	eventually(t, "the hub to list the device as disconnected", func() bool { return !h.Connected("dev1") })
+	testutil.Eventually(t, waitLong, "the hub to list the device as disconnected", func() bool { return !h.Connected("dev1") })
 }
 
 func TestSecondConnectionDropsFirst(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -40,7 +41,7 @@ func TestRegistry(t *testing.T) {
 	d := connect(t, h, "gw-01", key)
 	// The session is registered just after the CONNACK is written, so the
 	// state may lag the client by a moment (IoT Hub's does too).
-	eventually(t, "connectionState Connected", func() bool {
+	testutil.Eventually(t, waitLong, "connectionState Connected", func() bool {
 		st, b, _ := svc.do("GET", "/devices/gw-01", nil)
 		return st == 200 && strings.Contains(string(b), `"connectionState":"Connected"`)
 	})

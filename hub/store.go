@@ -14,7 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/renameio/v2"
+	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // recordFormat is the version of the on-disk device record. A record with a
@@ -203,7 +203,7 @@ func (d *device) save() error {
 	if err != nil {
 		return fmt.Errorf("hub: encode device %s: %w", d.rec.DeviceID, err)
 	}
-	if err := renameio.WriteFile(d.path, b, 0o600, renameio.WithTempDir(filepath.Dir(d.path))); err != nil {
+	if err := atomicfile.WriteFile(d.path, b, 0o600); err != nil {
 		return fmt.Errorf("hub: save device %s: %w", d.rec.DeviceID, err)
 	}
 	return nil

@@ -19,7 +19,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/renameio/v2"
+	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // File names inside the state directory.
@@ -226,7 +226,7 @@ func writePEMKey(path string, key *ecdsa.PrivateKey) error {
 
 func writePEM(path, typ string, der []byte, perm os.FileMode) error {
 	data := pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
-	if err := renameio.WriteFile(path, data, perm, renameio.WithTempDir(filepath.Dir(path))); err != nil {
+	if err := atomicfile.WriteFile(path, data, perm); err != nil {
 		return fmt.Errorf("hub: write %s: %w", path, err)
 	}
 	return nil

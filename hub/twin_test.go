@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/twin"
 )
@@ -333,7 +334,7 @@ func TestFaultsAndObserver(t *testing.T) {
 		t.Fatal("Kick found no connection")
 	}
 	d2.waitLost()
-	eventually(t, "dev1 to be disconnected", func() bool { return !h.Connected("dev1") })
+	testutil.Eventually(t, waitLong, "dev1 to be disconnected", func() bool { return !h.Connected("dev1") })
 	if h.Kick("dev1") {
 		t.Fatal("Kick of an offline device reported a connection")
 	}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cenkalti/backoff/v5"
 	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/internal/retry"
 )
 
 // System-state policies (update.healthSystemState).
@@ -220,8 +222,7 @@ func (c *Checker) conditions(ctx context.Context, last *lastState) error {
 		last.set("")
 		return nil
 	}
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval, b.MaxInterval = c.cfg.MinPoll, c.cfg.MaxPoll
+	b := retry.NewBackoff(c.cfg.MinPoll, c.cfg.MaxPoll)
 	_, err := backoff.Retry(ctx, func() (struct{}, error) {
 		msg, err := c.probe(ctx)
 		if err != nil {

@@ -29,18 +29,6 @@ import (
 // wait is the generous bound of every wait in these tests.
 const wait = 15 * time.Second
 
-// eventually polls cond until it holds or the bound passes.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(wait)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // localHub starts the project's local hub on loopback and registers one
 // device.
 type localHub struct {

@@ -21,6 +21,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"go.uber.org/zap"
 
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -369,13 +370,7 @@ func (s *Session) Run(ctx context.Context) error {
 }
 
 func (s *Session) newBackoff() *backoff.ExponentialBackOff {
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval = s.cfg.MinRetryDelay
-	b.MaxInterval = s.cfg.MaxRetryDelay
-	b.Multiplier = 2
-	b.RandomizationFactor = 0.5
-	b.Reset()
-	return b
+	return retry.NewBackoff(s.cfg.MinRetryDelay, s.cfg.MaxRetryDelay)
 }
 
 func (s *Session) loop(ctx context.Context) {
@@ -386,7 +381,7 @@ func (s *Session) loop(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			d := min(b.NextBackOff(), s.cfg.MaxRetryDelay) // the jitter must not break the cap
+			d := retry.Next(b)
 			s.mu.Lock()
 			s.health.RetryAt = time.Now().Add(d)
 			s.health.LastError = err.Error()
@@ -407,7 +402,7 @@ func (s *Session) loop(ctx context.Context) {
 		if planned {
 			continue // a token renewal reconnects at once
 		}
-		d := min(b.NextBackOff(), s.cfg.MaxRetryDelay) // the jitter must not break the cap
+		d := retry.Next(b)
 		s.mu.Lock()
 		s.health.RetryAt = time.Now().Add(d)
 		s.mu.Unlock()
@@ -635,11 +630,11 @@ func (s *Session) serve(ctx context.Context, c *conn) (planned bool) {
 		defer t.Stop()
 		renew = t.C
 	}
-	var retry *time.Timer
+	var again *time.Timer
 	var retryC <-chan time.Time
 	defer func() {
-		if retry != nil {
-			retry.Stop()
+		if again != nil {
+			again.Stop()
 		}
 	}()
 	gb := s.newBackoff()
@@ -672,14 +667,14 @@ func (s *Session) serve(ctx context.Context, c *conn) (planned bool) {
 			if errors.Is(err, errLost) || ctx.Err() != nil {
 				continue
 			}
-			d := min(gb.NextBackOff(), s.cfg.MaxRetryDelay)
+			d := retry.Next(gb)
 			s.log.Warn("twin GET failed", zap.Duration("retry_in", d), zap.Error(err))
-			if retry == nil {
-				retry = time.NewTimer(d)
+			if again == nil {
+				again = time.NewTimer(d)
 			} else {
-				retry.Reset(d)
+				again.Reset(d)
 			}
-			retryC = retry.C
+			retryC = again.C
 		} else {
 			gb.Reset()
 		}

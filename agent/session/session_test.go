@@ -16,6 +16,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/twin"
 )
@@ -35,7 +36,7 @@ func TestConnectSubscribeGet(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, s)
-	eventually(t, "the twin's desired section", func() bool { return len(rec.desiredList()) == 1 })
+	testutil.Eventually(t, wait, "the twin's desired section", func() bool { return len(rec.desiredList()) == 1 })
 	d := rec.desiredList()[0]
 	if !d.Full || d.Version < 2 || d.Doc["logLevel"] != "debug" {
 		t.Fatalf("desired after connect = %+v, want full doc with logLevel=debug", d)
@@ -87,7 +88,7 @@ func TestConnectFailures(t *testing.T) {
 				t.Fatal(err)
 			}
 			run(t, s)
-			eventually(t, "a failed attempt", func() bool { return s.Health().LastError != "" })
+			testutil.Eventually(t, wait, "a failed attempt", func() bool { return s.Health().LastError != "" })
 			hl := s.Health()
 			if hl.Connected || !strings.Contains(hl.LastError, tc.want) {
 				t.Fatalf("health = %+v, want an error containing %q", hl, tc.want)
@@ -138,7 +139,7 @@ func TestMethodRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, s)
-	eventually(t, "connect", func() bool { return rec.connectCount() == 1 })
+	testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 })
 	for _, status := range []int{200, 400, 404, 409, 500} {
 		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		payload := json.RawMessage(fmt.Sprintf(`{"Status":%d}`, status))
@@ -186,7 +187,7 @@ func TestHandlersNeverBlockTheSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, s)
-	eventually(t, "connect", func() bool { return rec.connectCount() == 1 })
+	testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 })
 
 	// One call holds the only worker, two wait in the queue (2×workers),
 	// the rest must be refused quickly.
@@ -204,7 +205,7 @@ func TestHandlersNeverBlockTheSession(t *testing.T) {
 			results <- res.Status
 		})
 	}
-	eventually(t, "three 503 answers", func() bool { return len(results) >= 3 })
+	testutil.Eventually(t, wait, "three 503 answers", func() bool { return len(results) >= 3 })
 	for range 3 {
 		if st := <-results; st != 503 {
 			t.Fatalf("early answer %d, want 503", st)
@@ -219,7 +220,7 @@ func TestHandlersNeverBlockTheSession(t *testing.T) {
 	if _, err := h.UpdateDesired("gw-01", map[string]any{"x": 1}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the desired patch", func() bool {
+	testutil.Eventually(t, wait, "the desired patch", func() bool {
 		l := rec.desiredList()
 		return len(l) == 2 && !l[1].Full
 	})
@@ -251,7 +252,7 @@ func TestPatchReported(t *testing.T) {
 		t.Fatalf("offline PatchReported = %v, want ErrNotConnected", err)
 	}
 	run(t, s)
-	eventually(t, "connect", func() bool { return rec.connectCount() == 1 })
+	testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 })
 
 	v1, err := s.PatchReported(ctx, []byte(`{"a":1}`))
 	if err != nil {
@@ -289,7 +290,7 @@ func TestPatchReported(t *testing.T) {
 		t.Fatalf("delayed answer: %v, want ErrTimeout", err)
 	}
 	// The delayed request holds the device's later ones behind it.
-	eventually(t, "the hub to answer again", func() bool {
+	testutil.Eventually(t, wait, "the hub to answer again", func() bool {
 		_, err := s.PatchReported(ctx, []byte(`{"a":4}`))
 		return err == nil
 	})
@@ -298,7 +299,7 @@ func TestPatchReported(t *testing.T) {
 	if _, err := s.PatchReported(ctx, []byte(`{"a":5}`)); !errors.Is(err, iothub.ErrNotConnected) {
 		t.Fatalf("dropped connection: %v, want ErrNotConnected", err)
 	}
-	eventually(t, "reconnect", func() bool { return rec.connectCount() == 2 })
+	testutil.Eventually(t, wait, "reconnect", func() bool { return rec.connectCount() == 2 })
 	if _, err := s.PatchReported(ctx, []byte(`{"a":6}`)); err != nil {
 		t.Fatalf("after reconnect: %v", err)
 	}
@@ -351,11 +352,11 @@ func TestReconnectAfterHubRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, s)
-	eventually(t, "connect", func() bool { return rec.connectCount() == 1 && len(rec.desiredList()) == 1 })
+	testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 && len(rec.desiredList()) == 1 })
 	if err := h.Close(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "offline", func() bool { return !s.Health().Connected })
+	testutil.Eventually(t, wait, "offline", func() bool { return !s.Health().Connected })
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
 	if _, err := s.PatchReported(ctx, []byte(`{"a":1}`)); !errors.Is(err, iothub.ErrNotConnected) {
@@ -369,8 +370,8 @@ func TestReconnectAfterHubRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	eventually(t, "reconnect", func() bool { return rec.connectCount() == 2 })
-	eventually(t, "the change made while offline", func() bool { return len(rec.desiredList()) == 2 })
+	testutil.Eventually(t, wait, "reconnect", func() bool { return rec.connectCount() == 2 })
+	testutil.Eventually(t, wait, "the change made while offline", func() bool { return len(rec.desiredList()) == 2 })
 	d := rec.desiredList()[1]
 	if !d.Full || d.Version != version || d.Doc["logLevel"] != "warn" {
 		t.Fatalf("desired after reconnect = %+v, want full v%d", d, version)
@@ -386,7 +387,7 @@ func TestReconnectAfterHubRestart(t *testing.T) {
 	if _, err := h.UpdateDesired("gw-01", map[string]any{"logLevel": "error"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a desired patch", func() bool { return len(rec.desiredList()) == 3 })
+	testutil.Eventually(t, wait, "a desired patch", func() bool { return len(rec.desiredList()) == 3 })
 	if d := rec.desiredList()[2]; d.Full || d.Doc["logLevel"] != "error" {
 		t.Fatalf("patch = %+v", d)
 	}
@@ -404,14 +405,14 @@ func TestTokenRenewalBeforeExpiry(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, s)
-	eventually(t, "two renewals", func() bool { return s.Health().Renewals >= 2 })
-	eventually(t, "reconnected", func() bool { return s.Health().Connected })
+	testutil.Eventually(t, wait, "two renewals", func() bool { return s.Health().Renewals >= 2 })
+	testutil.Eventually(t, wait, "reconnected", func() bool { return s.Health().Connected })
 	if hl := s.Health(); hl.Drops != 0 || hl.Connects < 3 {
 		t.Fatalf("health = %+v: the hub dropped an expired token", hl)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	eventually(t, "twin works", func() bool {
+	testutil.Eventually(t, wait, "twin works", func() bool {
 		_, err := s.PatchReported(ctx, []byte(`{"a":1}`))
 		return err == nil
 	})
@@ -436,34 +437,34 @@ func TestDesiredVersionFiltering(t *testing.T) {
 		t.Fatal(err)
 	}
 	run(t, s)
-	eventually(t, "connect", func() bool { return rec.connectCount() == 1 && len(rec.desiredList()) == 1 })
+	testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 && len(rec.desiredList()) == 1 })
 	for _, v := range []int64{3, 4, 5, 5, 2, 7, 6} {
 		body := fmt.Sprintf(`{"a":%d,"$version":%d}`, v, v)
 		if err := b.Publish(iothub.DesiredPatchTopic(v), []byte(body), false, 0); err != nil {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "patches 5 and 7", func() bool { return len(rec.desiredList()) == 3 })
+	testutil.Eventually(t, wait, "patches 5 and 7", func() bool { return len(rec.desiredList()) == 3 })
 	// A reconnect whose GET shows nothing new delivers nothing; a GET with
 	// a newer version delivers the whole document.
 	mu.Lock()
 	getVersion = 7
 	mu.Unlock()
 	b.kickAll(t)
-	eventually(t, "reconnect", func() bool { return rec.connectCount() == 2 })
+	testutil.Eventually(t, wait, "reconnect", func() bool { return rec.connectCount() == 2 })
 	mu.Lock()
 	getVersion = 9
 	mu.Unlock()
 	b.kickAll(t)
-	eventually(t, "second reconnect", func() bool { return rec.connectCount() == 3 })
-	eventually(t, "full v9", func() bool { return len(rec.desiredList()) == 4 })
+	testutil.Eventually(t, wait, "second reconnect", func() bool { return rec.connectCount() == 3 })
+	testutil.Eventually(t, wait, "full v9", func() bool { return len(rec.desiredList()) == 4 })
 	// A GET with a lower version means the twin was recreated: it is taken.
 	mu.Lock()
 	getVersion = 1
 	mu.Unlock()
 	b.kickAll(t)
-	eventually(t, "third reconnect", func() bool { return rec.connectCount() == 4 })
-	eventually(t, "full v1", func() bool { return len(rec.desiredList()) == 5 })
+	testutil.Eventually(t, wait, "third reconnect", func() bool { return rec.connectCount() == 4 })
+	testutil.Eventually(t, wait, "full v1", func() bool { return len(rec.desiredList()) == 5 })
 	got := rec.desiredList()
 	want := []struct {
 		v    int64
@@ -504,7 +505,7 @@ func TestStop(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
 		go func() { done <- s.Run(ctx) }()
-		eventually(t, "an attempt", func() bool { return rec.connectCount() == 1 || s.Health().LastError != "" })
+		testutil.Eventually(t, wait, "an attempt", func() bool { return rec.connectCount() == 1 || s.Health().LastError != "" })
 		cancel()
 		select {
 		case err := <-done:
@@ -579,7 +580,7 @@ func TestConnectPacket(t *testing.T) {
 		if ttl := time.Until(sas.Expiry); ttl < 50*time.Minute || ttl > time.Hour {
 			t.Fatalf("token lifetime %v, want about the default 1h", ttl)
 		}
-		eventually(t, "connect", func() bool { return rec.connectCount() == 1 })
+		testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 })
 	})
 	t.Run("x509", func(t *testing.T) {
 		clientCert, clientPool := selfSigned(t, "gw-x509")
@@ -598,7 +599,7 @@ func TestConnectPacket(t *testing.T) {
 		if pk.Connect.PasswordFlag || len(pk.Connect.Password) != 0 || pk.Connect.ClientIdentifier != "gw-x509" {
 			t.Fatalf("X.509 CONNECT %+v", pk.Connect)
 		}
-		eventually(t, "connect", func() bool { return rec.connectCount() == 1 })
+		testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 })
 		if !s.Health().Connected {
 			t.Fatal("not connected")
 		}

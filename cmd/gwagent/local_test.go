@@ -23,6 +23,7 @@ import (
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/internal/testutil"
 )
 
 const testConn = "HostName=hub.example.net;DeviceId=gw-01;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -152,7 +153,7 @@ func (d *abDevice) trialBoot() string {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- m.Run(ctx) }()
-	waitFor(t, "the reboot request", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
+	testutil.Eventually(t, 30*time.Second, "the reboot request", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -163,17 +164,6 @@ func (d *abDevice) trialBoot() string {
 	d.grub("set", "bootcount=1") // the bootloader counts the trial boot
 	d.boot("B")
 	return id
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond) // polling a condition, not a retry
-	}
 }
 
 func (d *abDevice) status(t *testing.T) statusReport {
@@ -242,7 +232,7 @@ func TestLocalControlTrialBoot(t *testing.T) {
 			id := d.trialBoot()
 			stop := d.startAgent(t)
 			var r statusReport
-			waitFor(t, "the agent in the committing phase", func() bool {
+			testutil.Eventually(t, 30*time.Second, "the agent in the committing phase", func() bool {
 				r = d.status(t)
 				return r.Agent.Running && r.Update.Phase == "committing"
 			})
@@ -263,7 +253,7 @@ func TestLocalControlTrialBoot(t *testing.T) {
 			if op == "rollback" {
 				// The record says rolledBack before the bootloader is
 				// switched back; the reboot comes after the switch.
-				waitFor(t, "the reboot that finishes the rollback", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
+				testutil.Eventually(t, 30*time.Second, "the reboot that finishes the rollback", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
 			}
 			env := d.grub("list")
 			switch op {
@@ -327,7 +317,7 @@ func TestLocalControlSimulated(t *testing.T) {
 		}
 	}()
 	var out string
-	waitFor(t, "the agent's control socket", func() bool {
+	testutil.Eventually(t, 30*time.Second, "the agent's control socket", func() bool {
 		var err error
 		out, err = execute(context.Background(), "status", "--config", "../../configs/dev.yaml", "--state-dir", state)
 		return err == nil && strings.Contains(out, "running (pid")

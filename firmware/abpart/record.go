@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/google/renameio/v2"
+	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // recordFormat versions abpart.json; a record of another format is ignored
@@ -78,15 +78,7 @@ func (i *Installer) saveRecord(r record) error {
 	if err != nil {
 		return fmt.Errorf("abpart: encode record: %w", err)
 	}
-	if err := renameio.WriteFile(i.recordPath(), append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("abpart: write record: %w", err)
-	}
-	d, err := os.Open(i.cfg.StateDir)
-	if err != nil {
-		return fmt.Errorf("abpart: write record: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
+	if err := atomicfile.WriteFile(i.recordPath(), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("abpart: write record: %w", err)
 	}
 	return nil

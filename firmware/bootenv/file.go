@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sync"
 
-	"github.com/google/renameio/v2"
 	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // FileConfig configures the "file" backend: a plain name=value file that
@@ -78,22 +78,9 @@ func (f *file) Set(_ context.Context, vars map[string]string) error {
 			all[k] = v
 		}
 	}
-	if err := renameio.WriteFile(f.path, sortedLines(all), 0o644); err != nil {
-		return fmt.Errorf("bootenv: %w", err)
-	}
-	if err := syncDir(filepath.Dir(f.path)); err != nil {
+	if err := atomicfile.WriteFile(f.path, sortedLines(all), 0o644); err != nil {
 		return fmt.Errorf("bootenv: %w", err)
 	}
 	f.log.Info("boot environment written", zap.Any("vars", vars))
 	return nil
-}
-
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

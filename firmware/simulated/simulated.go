@@ -12,10 +12,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/renameio/v2"
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/internal/atomicfile"
 )
 
 // Stage names accepted by Config.FailAt (the tutorial's firmwareStatus
@@ -230,26 +230,11 @@ func (i *Installer) setVersion(v string) error {
 		b, _ := json.Marshal(struct {
 			Version string `json:"version"`
 		}{v})
-		if err := renameio.WriteFile(filepath.Join(i.cfg.StateDir, versionFile), b, 0o600, renameio.WithTempDir(i.cfg.StateDir)); err != nil {
+		if err := atomicfile.WriteFile(filepath.Join(i.cfg.StateDir, versionFile), b, 0o600); err != nil {
 			return fmt.Errorf("simulated: write version: %w", err)
-		}
-		if err := syncDir(i.cfg.StateDir); err != nil {
-			return err
 		}
 	}
 	i.version = v
-	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("simulated: open %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("simulated: fsync %s: %w", dir, err)
-	}
 	return nil
 }
 

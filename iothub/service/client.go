@@ -20,6 +20,7 @@ import (
 	"github.com/cenkalti/backoff/v5"
 	"go.uber.org/zap"
 
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -211,8 +212,7 @@ func (c *Client) do(ctx context.Context, r request) (*response, error) {
 	if r.noRetry {
 		p.MaxTries = 1
 	}
-	eb := backoff.NewExponentialBackOff()
-	eb.InitialInterval, eb.MaxInterval = p.InitialInterval, p.MaxInterval
+	eb := retry.NewBackoff(p.InitialInterval, p.MaxInterval)
 	bo := &retryAfterBackOff{BackOff: eb}
 	attempt := 0
 	op := func() (*response, error) {

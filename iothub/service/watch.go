@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/cenkalti/backoff/v5"
 	"go.uber.org/zap"
 
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -74,9 +74,7 @@ func (c *Client) WatchFirmware(ctx context.Context, id string, opts WatchOptions
 	}
 	// After throttling wait clearly longer than a normal poll (2 to 6
 	// intervals at first), growing up to MaxInterval.
-	bo := backoff.NewExponentialBackOff()
-	bo.InitialInterval, bo.MaxInterval = 4*opts.Interval, opts.MaxInterval
-	bo.Reset()
+	bo := retry.NewBackoff(4*opts.Interval, opts.MaxInterval)
 
 	var (
 		last       FirmwareState

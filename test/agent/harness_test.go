@@ -29,6 +29,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/iothub/service"
 )
@@ -38,8 +39,6 @@ const (
 	// wait bounds every wait for a condition; generous, because the
 	// machine is shared and the agent may be built with the race detector.
 	wait = 60 * time.Second
-	// poll is how often a bounded wait re-checks its condition.
-	poll = 25 * time.Millisecond
 )
 
 var (
@@ -94,27 +93,6 @@ func buildAgent(out string) error {
 		return fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, outBuf.String())
 	}
 	return nil
-}
-
-// waitFor polls cond until it holds, failing the test after wait.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	waitWithin(t, wait, what, cond)
-}
-
-func waitWithin(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.NewTimer(d)
-	defer deadline.Stop()
-	tick := time.NewTicker(poll)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		case <-tick.C:
-		}
-	}
 }
 
 // accepted is a reported patch the hub accepted, as the device sent it.
@@ -230,7 +208,7 @@ func (e *hubEnv) reported(t *testing.T) map[string]any {
 func (e *hubEnv) waitReported(t *testing.T, what string, cond func(map[string]any) bool) map[string]any {
 	t.Helper()
 	var rep map[string]any
-	waitFor(t, what, func() bool {
+	testutil.Eventually(t, wait, what, func() bool {
 		rep = e.reported(t)
 		return cond(rep)
 	})
@@ -241,7 +219,7 @@ func (e *hubEnv) waitReported(t *testing.T, what string, cond func(map[string]an
 // of an idle device, seen by the observer too.
 func (e *hubEnv) waitStandBy(t *testing.T) {
 	t.Helper()
-	waitFor(t, "standBy accepted by the hub", func() bool {
+	testutil.Eventually(t, wait, "standBy accepted by the hub", func() bool {
 		for _, p := range e.rec.all() {
 			if p.Patch["firmwareStatus"] == "standBy" {
 				return true
@@ -257,7 +235,7 @@ func (e *hubEnv) waitStandBy(t *testing.T) {
 // it, and the tests read both.
 func (e *hubEnv) waitCompleted(t *testing.T, updateID string) map[string]any {
 	t.Helper()
-	waitFor(t, "completed accepted by the hub", func() bool {
+	testutil.Eventually(t, wait, "completed accepted by the hub", func() bool {
 		for _, p := range e.rec.all() {
 			if p.Patch["firmwareStatus"] == "completed" && field(p.Patch, "firmware", "updateId") == updateID {
 				return true
@@ -471,7 +449,7 @@ func (p *agentProc) kill(t *testing.T) {
 func (p *agentProc) waitLog(t *testing.T, what string, match func(logLine) bool) logLine {
 	t.Helper()
 	var found logLine
-	waitFor(t, p.name+" to log "+what, func() bool {
+	testutil.Eventually(t, wait, p.name+" to log "+what, func() bool {
 		for _, l := range p.log.lines() {
 			if match(l) {
 				found = l

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/testutil"
 )
 
 // logLevelAck reports whether the twin acknowledges the desired logLevel of
@@ -31,7 +32,7 @@ func TestDesiredWhileOffline(t *testing.T) {
 		if err := a1.stop(t); err != nil {
 			t.Fatalf("gwagent after SIGTERM: %v", err)
 		}
-		waitFor(t, "the hub to see the device gone", func() bool { return !e.hub().Connected(deviceID) })
+		testutil.Eventually(t, wait, "the hub to see the device gone", func() bool { return !e.hub().Connected(deviceID) })
 
 		v, err := e.hub().UpdateDesired(deviceID, map[string]any{"logLevel": "debug"})
 		if err != nil {
@@ -110,7 +111,7 @@ func TestSASRenewalBeforeExpiry(t *testing.T) {
 		t.Errorf("no renewal during the update (%d connects)", len(renewed))
 	}
 
-	waitFor(t, "more than one token lifetime with a renewal", func() bool {
+	testutil.Eventually(t, wait, "more than one token lifetime with a renewal", func() bool {
 		return time.Since(first) > ttl+2*time.Second && len(e.hubLogs("device connected")) >= 2
 	})
 	if n := len(e.hubLogs("SAS token expired, closing connection")); n != 0 {

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/iothub/service"
 	"github.com/gwagent/gwagent/twin"
@@ -119,12 +120,12 @@ func TestHubRestartMidUpdate(t *testing.T) {
 	e.waitStandBy(t)
 
 	id := e.startUpdate(t, `{"fwPackageUri":"test.com/fw.bin","version":"3.0.0"}`)
-	waitFor(t, "downloading accepted by the hub", func() bool { return slices.Contains(statuses(e.rec.all()), "downloading") })
+	testutil.Eventually(t, wait, "downloading accepted by the hub", func() bool { return slices.Contains(statuses(e.rec.all()), "downloading") })
 	e.stop(t)
 	a.waitLog(t, "the lost connection", msgIs("connection lost"))
 	// The update goes on while the hub is down; its stages wait in the queue.
 	a.waitLog(t, "the applying stage", msgIs("update phase", "update_id", id, "phase", "applying"))
-	waitFor(t, "three failed reconnects", func() bool { return a.log.count(msgIs("hub connect failed")) >= 3 })
+	testutil.Eventually(t, wait, "three failed reconnects", func() bool { return a.log.count(msgIs("hub connect failed")) >= 3 })
 	offline := e.rec.len()
 	e.restart(t)
 
@@ -293,7 +294,7 @@ func TestAgentKilledWithPatchesPending(t *testing.T) {
 				a1.waitLog(t, "the stand-by before the download", msgIs("standing by before download", "update_id", id))
 			case "downloading":
 				a1.waitLog(t, "the download", msgIs("update phase", "update_id", id, "phase", "downloading"))
-				waitFor(t, "5 MiB of the image served", func() bool { return img.served.Load() >= 5<<20 })
+				testutil.Eventually(t, wait, "5 MiB of the image served", func() bool { return img.served.Load() >= 5<<20 })
 			case "applying":
 				a1.waitLog(t, "the applying stage", msgIs("update phase", "update_id", id, "phase", "applying"))
 			}

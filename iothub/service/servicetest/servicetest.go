@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/twin"
 )
 
 // HostName is the hub name in the connection string: it has a dot, as real
@@ -379,34 +380,15 @@ func (s *Server) twin(w http.ResponseWriter, r *http.Request, id string, body []
 		t.tags, t.desired = map[string]any{}, map[string]any{}
 	}
 	if patch.Tags != nil {
-		t.tags = merge(t.tags, patch.Tags)
+		t.tags = twin.Merge(t.tags, patch.Tags)
 	}
 	if patch.Properties != nil && patch.Properties.Desired != nil {
-		t.desired = merge(t.desired, patch.Properties.Desired)
+		t.desired = twin.Merge(t.desired, patch.Properties.Desired)
 		t.dver++
 	}
 	t.version++
 	t.etag = s.nextEtag()
 	writeJSON(w, 200, s.twinDoc(id, t))
-}
-
-// merge is RFC 7396 on decoded documents.
-func merge(doc, patch map[string]any) map[string]any {
-	if doc == nil {
-		doc = map[string]any{}
-	}
-	for k, v := range patch {
-		switch pv := v.(type) {
-		case nil:
-			delete(doc, k)
-		case map[string]any:
-			sub, _ := doc[k].(map[string]any)
-			doc[k] = merge(sub, pv)
-		default:
-			doc[k] = v
-		}
-	}
-	return doc
 }
 
 func (s *Server) invoke(w http.ResponseWriter, id string, body []byte) {
