@@ -139,6 +139,11 @@ func New(opts Options) (*Agent, error) {
 	a.rebooter = built.Rebooter
 	a.installer = built.Installer
 
+	// The router comes first: the session hands it every direct method.
+	a.router = router.New(log.Named("methods"), 0)
+	a.router.Handle("firmwareUpdate", a.handleFirmwareUpdate)
+	a.router.Handle("reboot", a.handleReboot)
+
 	var err error
 	a.session, err = session.New(session.Config{
 		Conn:           cfg.Hub.ConnectionString,
@@ -153,7 +158,7 @@ func New(opts Options) (*Agent, error) {
 		MaxRetryDelay:  cfg.Hub.MaxRetryDelay,
 		ClientType:     "gwagent/" + buildinfo.Get().Version,
 		Log:            log.Named("session"),
-		OnMethod:       a.dispatch,
+		Methods:        a.router,
 		OnDesired:      a.onDesired,
 		OnConnect:      a.onConnect,
 	})
@@ -214,10 +219,6 @@ func New(opts Options) (*Agent, error) {
 		_ = a.queue.Close()
 		return nil, fmt.Errorf("agent: open the update state: %w", err)
 	}
-
-	a.router = router.New(log.Named("methods"), 0)
-	a.router.Handle("firmwareUpdate", a.handleFirmwareUpdate)
-	a.router.Handle("reboot", a.handleReboot)
 
 	a.acker = writable.New(a.queue, reservedReported, log.Named("desired"))
 	a.acker.Register("logLevel", a.logLevelProperty())
@@ -381,9 +382,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	if !waitTimeout(&rest, max(time.Until(deadline), 5*time.Second)) {
 		a.log.Warn("parts did not stop in time")
 	}
-	rctx, rcancel := context.WithTimeout(context.Background(), time.Second)
-	_ = a.router.Wait(rctx)
-	rcancel()
 	if err := a.queue.Close(); err != nil {
 		runErr = errors.Join(runErr, fmt.Errorf("agent: close the queue: %w", err))
 	}

@@ -476,7 +476,7 @@ func FuzzFirmwareUpdatePayload(f *testing.F) {
 	}
 	f.Cleanup(func() { _ = a.queue.Close() })
 	f.Fuzz(func(t *testing.T, payload []byte) {
-		st, body, _ := a.dispatch(context.Background(), "firmwareUpdate", payload)
+		st, body := a.router.ServeMethod(context.Background(), "firmwareUpdate", payload).Encode()
 		var m map[string]any
 		if err := json.Unmarshal(body, &m); err != nil {
 			t.Fatalf("%d %q: %v", st, body, err)

@@ -20,10 +20,6 @@ import (
 // the stop that follows is the service manager's).
 const rebootTimeout = 30 * time.Second
 
-func (a *Agent) dispatch(ctx context.Context, name string, payload []byte) (int, []byte, func()) {
-	return a.router.Dispatch(ctx, name, payload)
-}
-
 // handleFirmwareUpdate accepts an update and answers at once; the state
 // machine does the work and the twin shows its progress.
 func (a *Agent) handleFirmwareUpdate(_ context.Context, payload []byte) router.Response {

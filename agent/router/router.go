@@ -3,6 +3,7 @@ package router
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"runtime/debug"
 	"sort"
@@ -18,8 +19,9 @@ import (
 const DefaultTimeout = 10 * time.Second
 
 // Handler answers one method call. payload is the request body as sent (JSON
-// or empty). It must return quickly; long work goes to Response.After or to
-// a goroutine the handler's owner manages.
+// or empty). It must return quickly and honour ctx, whose deadline is the
+// router's timeout; long work goes to Response.After or to a goroutine the
+// handler's owner manages.
 type Handler func(ctx context.Context, payload []byte) Response
 
 // Response is a handler's answer.
@@ -28,7 +30,8 @@ type Response struct {
 	// Body is marshalled to JSON (a json.RawMessage is checked and sent
 	// as is); nil becomes {}.
 	Body any
-	// After, when not nil, runs once the response has been published.
+	// After, when not nil, runs once the response has been published (or
+	// has failed to be), e.g. to reboot only after saying so.
 	After func()
 }
 
@@ -41,13 +44,12 @@ func Error(status int, format string, args ...any) Response {
 }
 
 // Router maps method names to handlers. Handle is called during set-up;
-// Dispatch may then be called from any goroutine.
+// ServeMethod may then be called from any goroutine.
 type Router struct {
 	log      *zap.Logger
 	timeout  time.Duration
 	mu       sync.RWMutex // guards handlers
 	handlers map[string]Handler
-	running  sync.WaitGroup // handler goroutines, including timed-out ones
 }
 
 // New returns an empty router; timeout ≤ 0 means DefaultTimeout.
@@ -80,81 +82,56 @@ func (r *Router) Methods() []string {
 	return names
 }
 
-// Dispatch runs the handler for name and returns the status, the JSON body
-// and the after hook to publish. It never panics and returns within the
-// router's timeout.
-func (r *Router) Dispatch(ctx context.Context, name string, payload []byte) (int, []byte, func()) {
+// ServeMethod runs the handler for name on the caller's goroutine and
+// returns its response. The router's timeout is the one bound of a call: it
+// is the deadline of the handler's ctx, which handlers honour, and a handler
+// that returns after it is answered 504. A panic is answered 500 and an
+// unknown name 404, so every call gets an answer the caller can act on.
+func (r *Router) ServeMethod(ctx context.Context, name string, payload []byte) (resp Response) {
 	r.mu.RLock()
 	h, ok := r.handlers[name]
 	r.mu.RUnlock()
 	if !ok {
 		r.log.Info("unknown method", zap.String("method", name))
-		return encode(Error(404, "unknown method %s", name))
+		return Error(404, "unknown method %s", name)
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	done := make(chan Response, 1)
-	r.running.Go(func() { done <- r.call(ctx, name, h, payload) })
-	select {
-	case resp := <-done:
-		st, body, after := encode(resp)
-		r.log.Debug("method handled", zap.String("method", name), zap.Int("status", st))
-		return st, body, after
-	case <-ctx.Done():
-		// The handler goroutine finishes on its own (its context is now
-		// cancelled); its late answer is dropped.
-		r.log.Warn("method handler did not answer in time", zap.String("method", name), zap.Duration("timeout", r.timeout))
-		return encode(Error(504, "method %s did not answer in %s", name, r.timeout))
-	}
-}
-
-// Wait waits, bounded by ctx, for handler goroutines (including timed-out
-// ones) to finish.
-func (r *Router) Wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		r.running.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("router: handlers still running: %w", ctx.Err())
-	}
-}
-
-func (r *Router) call(ctx context.Context, name string, h Handler, payload []byte) (resp Response) {
 	defer func() {
 		if p := recover(); p != nil {
 			r.log.Error("method handler panicked", zap.String("method", name), zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 			resp = Error(500, "method %s failed: internal error", name)
 		}
 	}()
-	return h(ctx, payload)
+	resp = h(ctx, payload)
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		r.log.Warn("method handler did not answer in time", zap.String("method", name), zap.Duration("timeout", r.timeout))
+		return Error(504, "method %s did not answer in %s", name, r.timeout)
+	}
+	r.log.Debug("method handled", zap.String("method", name), zap.Int("status", resp.Status))
+	return resp
 }
 
-// encode turns a Response into a status and a JSON body that is always
-// valid.
-func encode(resp Response) (int, []byte, func()) {
-	status := resp.Status
+// Encode returns the response's status (200 when unset) and a JSON body that
+// is always valid: a body that cannot be encoded becomes a 500.
+func (resp Response) Encode() (status int, body []byte) {
+	status = resp.Status
 	if status == 0 {
 		status = 200
 	}
-	var body []byte
 	switch b := resp.Body.(type) {
 	case nil:
 		body = []byte("{}")
 	case json.RawMessage:
 		if !json.Valid(b) {
-			return 500, []byte(`{"error":"internal error: handler answered invalid JSON"}`), nil
+			return 500, []byte(`{"error":"internal error: handler answered invalid JSON"}`)
 		}
 		body = b
 	default:
 		var err error
 		if body, err = json.Marshal(b); err != nil {
-			return 500, []byte(`{"error":"internal error: handler answer is not JSON"}`), nil
+			return 500, []byte(`{"error":"internal error: handler answer is not JSON"}`)
 		}
 	}
-	return status, body, resp.After
+	return status, body
 }

@@ -12,7 +12,7 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-func TestDispatch(t *testing.T) {
+func TestServeMethod(t *testing.T) {
 	r := New(zaptest.NewLogger(t), 200*time.Millisecond)
 	afterRan := false
 	r.Handle("echo", func(_ context.Context, p []byte) Response {
@@ -48,32 +48,28 @@ func TestDispatch(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			st, body, after := r.Dispatch(context.Background(), tc.method, []byte(tc.payload))
+			resp := r.ServeMethod(context.Background(), tc.method, []byte(tc.payload))
+			st, body := resp.Encode()
 			if st != tc.status || string(body) != tc.body {
-				t.Fatalf("Dispatch(%s) = %d %s, want %d %s", tc.method, st, body, tc.status, tc.body)
+				t.Fatalf("ServeMethod(%s) = %d %s, want %d %s", tc.method, st, body, tc.status, tc.body)
 			}
 			if !json.Valid(body) {
 				t.Fatalf("body %q is not JSON", body)
 			}
-			if after != nil {
-				after()
+			if resp.After != nil {
+				resp.After()
 			}
 		})
 	}
 	if !afterRan {
 		t.Fatal("after hook was not returned")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := r.Wait(ctx); err != nil {
-		t.Fatal(err)
-	}
 	if got := r.Methods(); len(got) != 8 || got[0] != "after" {
 		t.Fatalf("Methods() = %v", got)
 	}
 }
 
-func FuzzDispatch(f *testing.F) {
+func FuzzServeMethod(f *testing.F) {
 	f.Add("echo", []byte(`{"fwPackageUri":"https://x"}`))
 	f.Add("nope", []byte(``))
 	f.Add("echo", []byte("\xff"))
@@ -86,9 +82,9 @@ func FuzzDispatch(f *testing.F) {
 		return JSON(200, v)
 	})
 	f.Fuzz(func(t *testing.T, name string, payload []byte) {
-		st, body, _ := r.Dispatch(context.Background(), name, payload)
+		st, body := r.ServeMethod(context.Background(), name, payload).Encode()
 		if st < 100 || st > 999 || !json.Valid(body) {
-			t.Fatalf("Dispatch(%q, %q) = %d %q", name, payload, st, body)
+			t.Fatalf("ServeMethod(%q, %q) = %d %q", name, payload, st, body)
 		}
 	})
 }

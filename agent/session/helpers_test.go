@@ -22,6 +22,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/gwagent/gwagent/agent/router"
 	"github.com/gwagent/gwagent/hub"
 	"github.com/gwagent/gwagent/iothub"
 )
@@ -258,4 +259,11 @@ func (b *rawBroker) connect(t *testing.T) packets.Packet {
 		t.Fatal("no CONNECT reached the broker")
 		return packets.Packet{}
 	}
+}
+
+// methodsFunc adapts a function to Methods.
+type methodsFunc func(ctx context.Context, name string, payload []byte) router.Response
+
+func (f methodsFunc) ServeMethod(ctx context.Context, name string, payload []byte) router.Response {
+	return f(ctx, name, payload)
 }

@@ -15,6 +15,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/gwagent/gwagent/agent/router"
 	"github.com/gwagent/gwagent/hub"
 	"github.com/gwagent/gwagent/internal/testutil"
 	"github.com/gwagent/gwagent/iothub"
@@ -122,18 +123,19 @@ func TestNewRejectsBadIdentity(t *testing.T) {
 	}
 }
 
-// Methods reach OnMethod with their payload and the answer goes back with
+// Methods reach the Methods handler with their payload and the answer goes back with
 // the call's rid and status, for any status.
 func TestMethodRoundTrip(t *testing.T) {
 	h := startHub(t)
 	rec := &recorder{}
 	cfg := baseConfig(t, h.conn, h.addr, h.RootCAs(), rec)
 	afterRan := make(chan string, 8)
-	cfg.OnMethod = func(_ context.Context, name string, payload []byte) (int, []byte, func()) {
+	cfg.Methods = methodsFunc(func(_ context.Context, name string, payload []byte) router.Response {
 		var p struct{ Status int }
 		_ = json.Unmarshal(payload, &p)
-		return p.Status, []byte(fmt.Sprintf(`{"method":%q,"echo":%s}`, name, payload)), func() { afterRan <- name }
-	}
+		body := json.RawMessage(fmt.Sprintf(`{"method":%q,"echo":%s}`, name, payload))
+		return router.Response{Status: p.Status, Body: body, After: func() { afterRan <- name }}
+	})
 	s, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -164,15 +166,15 @@ func TestMethodRoundTrip(t *testing.T) {
 }
 
 // A handler that blocks does not stop twin traffic, desired patches or other
-// calls: extra calls beyond the workers and their queue get 503 at once.
+// calls: calls beyond MaxMethodCalls in flight get 503 at once.
 func TestHandlersNeverBlockTheSession(t *testing.T) {
 	h := startHub(t)
 	rec := &recorder{}
 	cfg := baseConfig(t, h.conn, h.addr, h.RootCAs(), rec)
-	cfg.MethodWorkers = 1
+	cfg.MaxMethodCalls = 3
 	release := make(chan struct{})
 	var entered atomic.Int32
-	cfg.OnMethod = func(ctx context.Context, name string, _ []byte) (int, []byte, func()) {
+	cfg.Methods = methodsFunc(func(ctx context.Context, name string, _ []byte) router.Response {
 		if name == "block" {
 			entered.Add(1)
 			select {
@@ -180,8 +182,8 @@ func TestHandlersNeverBlockTheSession(t *testing.T) {
 			case <-ctx.Done():
 			}
 		}
-		return 200, []byte(`{}`), nil
-	}
+		return router.JSON(200, nil)
+	})
 	s, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -189,8 +191,7 @@ func TestHandlersNeverBlockTheSession(t *testing.T) {
 	run(t, s)
 	testutil.Eventually(t, wait, "connect", func() bool { return rec.connectCount() == 1 })
 
-	// One call holds the only worker, two wait in the queue (2×workers),
-	// the rest must be refused quickly.
+	// Three calls hold the three slots; the rest must be refused quickly.
 	var wg sync.WaitGroup
 	results := make(chan int, 8)
 	for range 6 {
@@ -629,10 +630,11 @@ func FuzzOnMessage(f *testing.F) {
 	f.Add("$iothub/twin/res/204/?$rid=r-2&$version=9", []byte(``))
 	f.Add("$iothub/twin/PATCH/properties/desired/?$version=x", []byte(`[]`))
 	f.Fuzz(func(t *testing.T, topic string, payload []byte) {
-		s, err := New(Config{Conn: iothub.ConnectionString{HostName: "h", DeviceID: "d", SharedAccessKey: "AAAA"}, MethodWorkers: 1})
+		s, err := New(Config{Conn: iothub.ConnectionString{HostName: "h", DeviceID: "d", SharedAccessKey: "AAAA"}, MaxMethodCalls: 1})
 		if err != nil {
 			t.Fatal(err)
 		}
+		s.runCtx = context.Background()
 		c := &conn{client: mqtt.NewClient(mqtt.NewClientOptions()), lost: make(chan struct{})}
 		// Requests in flight for the rids the seeds answer.
 		_, get := s.register(true)
@@ -643,7 +645,7 @@ func FuzzOnMessage(f *testing.F) {
 		h := s.onMessage(c)
 		done := make(chan struct{})
 		go func() {
-			for range 4 { // more than the method queue holds
+			for range 4 { // more calls than MaxMethodCalls
 				h(nil, fuzzMsg{topic, payload})
 			}
 			close(done)
@@ -653,7 +655,7 @@ func FuzzOnMessage(f *testing.F) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("handler blocked")
 		}
-		s.extra.Wait()
+		s.calls.Wait()
 		for len(s.desired) > 0 {
 			d := <-s.desired
 			if _, ok := d.Doc["$version"]; ok || d.Doc == nil || d.Version < 0 {
