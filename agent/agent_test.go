@@ -15,11 +15,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
@@ -329,7 +331,16 @@ func TestSystemdNotifySocket(t *testing.T) {
 func TestWatchdogFollowsHealth(t *testing.T) {
 	e := newEnv(t)
 	cfg := loadConfig(t, e.yaml(nil))
-	r := start(t, cfg, func(o *Options) { o.Notifier = &recNotifier{interval: 200 * time.Millisecond} })
+	var refusals atomic.Int32 // the watchdog's failed health checks, from its log
+	r := start(t, cfg, func(o *Options) {
+		o.Notifier = &recNotifier{interval: 200 * time.Millisecond}
+		o.Log = o.Log.WithOptions(zap.Hooks(func(e zapcore.Entry) error {
+			if strings.HasPrefix(e.Message, "health check failed: not feeding the watchdog") {
+				refusals.Add(1)
+			}
+			return nil
+		}))
+	})
 	n := r.notifier
 	testutil.Eventually(t, wait, "connected", func() bool { return r.Session().Health().Connected })
 	testutil.Eventually(t, wait, "pings", func() bool { return n.count("WATCHDOG=1") >= 3 })
@@ -346,8 +357,11 @@ func TestWatchdogFollowsHealth(t *testing.T) {
 	// A new status line (the hub drops the device) wedges the status loop.
 	e.Kick(deviceID)
 	testutil.Eventually(t, wait, "unhealthy", func() bool { return r.Healthy(context.Background(), 100*time.Millisecond) != nil })
+	// No sleep: the watchdog's own failed checks are the clock. After three
+	// of them, at most the one ping already under way may have landed.
 	before := n.count("WATCHDOG=1")
-	time.Sleep(600 * time.Millisecond) // three ping periods
+	failedBefore := refusals.Load()
+	testutil.Eventually(t, wait, "three failed health checks", func() bool { return refusals.Load() >= failedBefore+3 })
 	if after := n.count("WATCHDOG=1"); after > before+1 {
 		t.Fatalf("watchdog fed %d times while wedged", after-before)
 	}

@@ -476,10 +476,14 @@ func TestDesiredVersionFiltering(t *testing.T) {
 			t.Fatalf("delivery %d = %+v, want v%d full=%v", i, got[i], w.v, w.full)
 		}
 	}
-	// Wait long enough for a stray late delivery to show up.
-	time.Sleep(100 * time.Millisecond)
-	if n := len(rec.desiredList()); n != 5 {
-		t.Fatalf("%d deliveries, want 5", n)
+	// No stray late delivery: deliveries are in order, so a marker patch
+	// published now arrives right after the five, or something came between.
+	if err := b.Publish(iothub.DesiredPatchTopic(2), []byte(`{"a":"marker","$version":2}`), false, 0); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, wait, "the marker patch", func() bool { return len(rec.desiredList()) >= 6 })
+	if got := rec.desiredList(); len(got) != 6 || got[5].Version != 2 || got[5].Doc["a"] != "marker" {
+		t.Fatalf("deliveries after the five: %+v, want only the marker v2", got[5:])
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -74,17 +75,10 @@ func TestRunAgainstHub(t *testing.T) {
 			"--hub-address", h.MQTTAddr(), "--state-dir", t.TempDir(), "--log-format", "json")
 		done <- err
 	}()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	testutil.Eventually(t, 20*time.Second, "the agent's standBy report", func() bool {
 		tw, err := h.Twin("gw-cli")
-		if err == nil && tw.Properties.Reported["firmwareStatus"] == "standBy" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("agent never reported standBy: %v %v", tw.Properties.Reported, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err == nil && tw.Properties.Reported["firmwareStatus"] == "standBy"
+	})
 	cancel()
 	select {
 	case err := <-done:
