@@ -163,6 +163,60 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 		return nil, err
 	}
 	c := &conn{lost: make(chan struct{}), expires: exp}
+	s.mu.Lock()
+	s.health.RetryAt = time.Time{}
+	s.mu.Unlock()
+	s.notify()
+	s.log.Debug("connecting", zap.String("addr", s.addr), zap.String("device_id", s.clientID))
+
+	client := mqtt.NewClient(s.clientOptions(c, pw))
+	tok := client.Connect()
+	if err := s.await(ctx, nil, tok.Done(), s.cfg.ConnectTimeout+5*time.Second); err != nil {
+		// Give paho a moment to finish the attempt so no goroutine is left
+		// behind, then drop it.
+		select {
+		case <-tok.Done():
+		case <-time.After(2 * time.Second):
+		}
+		client.Disconnect(0)
+		return nil, fmt.Errorf("connect to %s: %w", s.addr, err)
+	}
+	if err := tok.Error(); err != nil {
+		return nil, fmt.Errorf("connect to %s: %w%s", s.addr, err, connectHint(tok))
+	}
+	c.client = client
+	if err := s.subscribe(ctx, c); err != nil {
+		client.Disconnect(0)
+		return nil, err
+	}
+
+	s.mu.Lock()
+	s.cur = c
+	s.health.Connected = true
+	s.health.Since = time.Now()
+	s.health.LastError = ""
+	s.health.Connects++
+	s.mu.Unlock()
+	s.touch()
+	s.notify()
+	s.log.Info("connected", zap.String("addr", s.addr), zap.String("device_id", s.clientID))
+
+	if err := s.getTwin(ctx, c); err != nil {
+		if errors.Is(err, errLost) || ctx.Err() != nil {
+			// serve notices and reconnects.
+			s.log.Warn("twin GET after connect failed", zap.Error(err))
+		} else {
+			s.log.Warn("twin GET after connect failed; retrying", zap.Error(err))
+			s.requestResync()
+		}
+	}
+	s.cfg.OnConnect()
+	return c, nil
+}
+
+// clientOptions are paho's options for connection c with CONNECT password
+// pw (empty for X.509).
+func (s *Session) clientOptions(c *conn, pw string) *mqtt.ClientOptions {
 	opts := mqtt.NewClientOptions().
 		AddBroker("tls://" + s.addr).
 		SetClientID(s.clientID).
@@ -192,69 +246,27 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 	if pw != "" {
 		opts.SetPassword(pw)
 	}
-	s.mu.Lock()
-	s.health.RetryAt = time.Time{}
-	s.mu.Unlock()
-	s.notify()
-	s.log.Debug("connecting", zap.String("addr", s.addr), zap.String("device_id", s.clientID))
+	return opts
+}
 
-	client := mqtt.NewClient(opts)
-	tok := client.Connect()
-	if err := s.await(ctx, nil, tok.Done(), s.cfg.ConnectTimeout+5*time.Second); err != nil {
-		// Give paho a moment to finish the attempt so no goroutine is left
-		// behind, then drop it.
-		select {
-		case <-tok.Done():
-		case <-time.After(2 * time.Second):
-		}
-		client.Disconnect(0)
-		return nil, fmt.Errorf("connect to %s: %w", s.addr, err)
-	}
-	if err := tok.Error(); err != nil {
-		return nil, fmt.Errorf("connect to %s: %w%s", s.addr, err, connectHint(tok))
-	}
-	c.client = client
-
-	sub := client.SubscribeMultiple(subscriptions, s.onMessage(c))
+// subscribe subscribes c to twin answers, methods and desired patches; a
+// filter the hub refuses (0x80) is an error.
+func (s *Session) subscribe(ctx context.Context, c *conn) error {
+	sub := c.client.SubscribeMultiple(subscriptions, s.onMessage(c))
 	if err := s.await(ctx, c, sub.Done(), s.cfg.RequestTimeout); err != nil {
-		client.Disconnect(0)
-		return nil, fmt.Errorf("subscribe: %w", err)
+		return fmt.Errorf("subscribe: %w", err)
 	}
 	if err := sub.Error(); err != nil {
-		client.Disconnect(0)
-		return nil, fmt.Errorf("subscribe: %w", err)
+		return fmt.Errorf("subscribe: %w", err)
 	}
 	if st, ok := sub.(*mqtt.SubscribeToken); ok {
 		for filter, code := range st.Result() {
 			if code == 0x80 {
-				client.Disconnect(0)
-				return nil, fmt.Errorf("subscribe: the hub refused %s", filter)
+				return fmt.Errorf("subscribe: the hub refused %s", filter)
 			}
 		}
 	}
-
-	s.mu.Lock()
-	s.cur = c
-	s.health.Connected = true
-	s.health.Since = time.Now()
-	s.health.LastError = ""
-	s.health.Connects++
-	s.mu.Unlock()
-	s.touch()
-	s.notify()
-	s.log.Info("connected", zap.String("addr", s.addr), zap.String("device_id", s.clientID))
-
-	if err := s.getTwin(ctx, c); err != nil {
-		if errors.Is(err, errLost) || ctx.Err() != nil {
-			// serve notices and reconnects.
-			s.log.Warn("twin GET after connect failed", zap.Error(err))
-		} else {
-			s.log.Warn("twin GET after connect failed; retrying", zap.Error(err))
-			s.requestResync()
-		}
-	}
-	s.cfg.OnConnect()
-	return c, nil
+	return nil
 }
 
 func connectHint(tok mqtt.Token) string {
