@@ -1,5 +1,7 @@
 // Package internal holds the helpers that more than one of gwagent's
-// programs needs and that are not part of any one of them: logging (the zap
-// logger for journald, a terminal or JSON) and buildinfo (the version).
-// Everything here is small, stateless and free of IoT Hub knowledge.
+// programs or packages needs and that belong to none of them: logging (the
+// zap logger for journald, a terminal or JSON), buildinfo (the version),
+// atomicfile (the one atomic, durable file write), retry (the one backoff
+// policy) and testutil (helpers for tests only). Everything here is small,
+// stateless and free of IoT Hub knowledge.
 package internal
