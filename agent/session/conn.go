@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
@@ -22,6 +23,7 @@ type conn struct {
 	lostOnce sync.Once
 	lostErr  error // set before lost is closed
 	expires  time.Time
+	lastRead atomic.Int64 // unix nanos of the last byte from the hub (liveness.go)
 }
 
 func (c *conn) markLost(err error) {
@@ -232,8 +234,11 @@ func (s *Session) clientOptions(c *conn, pw string) *mqtt.ClientOptions {
 		// Reconnection is ours: a fresh token each time, jittered backoff.
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
-		SetKeepAlive(s.cfg.KeepAlive).
-		SetPingTimeout(min(30*time.Second, s.cfg.KeepAlive/2)).
+		// Pings are scheduled so that a dead link is noticed within
+		// KeepAlive (liveness.go).
+		SetKeepAlive(s.keepAlive.pingEvery).
+		SetPingTimeout(s.keepAlive.pingTimeout).
+		SetCustomOpenConnectionFn(s.dialer(c)).
 		SetConnectTimeout(s.cfg.ConnectTimeout).
 		SetWriteTimeout(s.cfg.RequestTimeout).
 		// In order, so a twin GET answer and the desired patches after it

@@ -54,6 +54,7 @@ func (s *Session) onMethod(call methodCall) {
 // on, with the call's rid.
 func (s *Session) respond(call methodCall, resp router.Response) {
 	status, body := resp.Encode()
+	sent := time.Now()
 	tok := call.c.client.Publish(iothub.MethodResponseTopic(status, call.rid), 1, false, body)
 	t := time.NewTimer(s.cfg.RequestTimeout)
 	defer t.Stop()
@@ -69,5 +70,6 @@ func (s *Session) respond(call methodCall, resp router.Response) {
 		s.log.Warn("method response not sent: connection lost", zap.String("method", call.name), zap.String("rid", call.rid))
 	case <-t.C:
 		s.log.Warn("method response not acknowledged", zap.String("method", call.name), zap.String("rid", call.rid))
+		s.unanswered(call.c, sent, "the response to method "+call.name)
 	}
 }

@@ -166,6 +166,7 @@ type Session struct {
 	clientID  string
 	username  string
 	ridPrefix string
+	keepAlive keepAlive // paho's ping schedule for cfg.KeepAlive
 	ridSeq    atomic.Uint64
 	lastExch  atomic.Int64 // unix nanos of the last message from the hub
 	draining  atomic.Bool  // answer new method calls 503
@@ -228,6 +229,7 @@ func New(cfg Config) (*Session, error) {
 		clientID:     id,
 		username:     iothub.Username(cs.HostName, id, cfg.ClientType),
 		ridPrefix:    hex.EncodeToString(b[:]) + "-",
+		keepAlive:    keepAliveFor(cfg.KeepAlive),
 		callSlots:    make(chan struct{}, cfg.MaxMethodCalls),
 		desired:      make(chan desiredMsg, 32),
 		resync:       make(chan struct{}, 1),

@@ -55,6 +55,7 @@ func (s *Session) unregister(rid string) {
 func (s *Session) getTwin(ctx context.Context, c *conn) error {
 	rid, p := s.register(true)
 	defer s.unregister(rid)
+	sent := time.Now()
 	tok := c.client.Publish(iothub.TwinGetTopic(rid), 0, false, []byte{})
 	if err := s.await(ctx, c, tok.Done(), s.cfg.RequestTimeout); err != nil {
 		return fmt.Errorf("twin GET: %w", err)
@@ -63,6 +64,9 @@ func (s *Session) getTwin(ctx context.Context, c *conn) error {
 		return fmt.Errorf("twin GET: %w", err)
 	}
 	if err := s.await(ctx, c, p.done, s.cfg.RequestTimeout); err != nil {
+		if errors.Is(err, errTimeout) {
+			s.unanswered(c, sent, "the twin GET")
+		}
 		return fmt.Errorf("twin GET: %w", err)
 	}
 	if p.rep.err != nil {
@@ -87,6 +91,7 @@ func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error)
 	defer s.unregister(rid)
 	t := time.NewTimer(s.cfg.RequestTimeout)
 	defer t.Stop()
+	sent := time.Now()
 	tok := c.client.Publish(iothub.TwinReportedTopic(rid), 1, false, body)
 	select {
 	case <-tok.Done():
@@ -97,8 +102,10 @@ func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error)
 	case <-c.lost:
 		return 0, iothub.ErrNotConnected
 	case <-ctx.Done():
+		s.unansweredIf(ctx, c, sent, "reported patch "+rid)
 		return 0, ctx.Err()
 	case <-t.C:
+		s.unanswered(c, sent, "reported patch "+rid)
 		return 0, fmt.Errorf("%w: reported patch %s not acknowledged in %s", ErrTimeout, rid, s.cfg.RequestTimeout)
 	}
 	select {
@@ -106,8 +113,10 @@ func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error)
 	case <-c.lost:
 		return 0, iothub.ErrNotConnected
 	case <-ctx.Done():
+		s.unansweredIf(ctx, c, sent, "reported patch "+rid)
 		return 0, ctx.Err()
 	case <-t.C:
+		s.unanswered(c, sent, "reported patch "+rid)
 		return 0, fmt.Errorf("%w: no answer to reported patch %s in %s", ErrTimeout, rid, s.cfg.RequestTimeout)
 	}
 	r := p.rep
