@@ -288,7 +288,7 @@ func selfSignedCert(t *testing.T, cn string) (tls.Certificate, string, string) {
 }
 
 func TestX509Device(t *testing.T) {
-	h := startHub(t)
+	h := startHub(t, func(c *Config) { c.WebSocket = true })
 	svc := newService(t, h)
 	cert, sha1Print, sha256Print := selfSignedCert(t, "x1")
 	other, _, _ := selfSignedCert(t, "x1")
@@ -306,15 +306,22 @@ func TestX509Device(t *testing.T) {
 		name string
 		id   string
 		cert *tls.Certificate
+		ws   bool
 		want byte
 	}{
-		{"SHA-1 thumbprint", "x1", &cert, 0},
-		{"SHA-256 thumbprint", "x2", &cert, 0},
-		{"other certificate", "x1", &other, 5},
-		{"no certificate", "x1", nil, 5},
+		{"SHA-1 thumbprint", "x1", &cert, false, 0},
+		{"SHA-256 thumbprint", "x2", &cert, false, 0},
+		{"other certificate", "x1", &other, false, 5},
+		{"no certificate", "x1", nil, false, 5},
+		{"over WebSocket", "x1", &cert, true, 0},
+		{"over WebSocket, other certificate", "x1", &other, true, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d, code, err := dial(t, h, tc.id, devOpts{tlsCert: tc.cert})
+			o := devOpts{tlsCert: tc.cert}
+			if tc.ws {
+				o.wsURL = h.WebSocketURL()
+			}
+			d, code, err := dial(t, h, tc.id, o)
 			if code != tc.want {
 				t.Fatalf("CONNACK %d, want %d (%v)", code, tc.want, err)
 			}

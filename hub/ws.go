@@ -145,11 +145,12 @@ func (c *wsConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// ConnectionState exposes the TLS state so X.509 devices can connect over
-// WebSocket too.
-func (c *wsConn) ConnectionState() (tls.ConnectionState, bool) {
+// ConnectionState exposes the TLS state, with the client certificate, so
+// X.509 devices can connect over WebSocket too; it is the zero state
+// without TLS. Its signature is tls.Conn's, which checkThumbprint asks for.
+func (c *wsConn) ConnectionState() tls.ConnectionState {
 	if c.tls == nil {
-		return tls.ConnectionState{}, false
+		return tls.ConnectionState{}
 	}
-	return c.tls.ConnectionState(), true
+	return c.tls.ConnectionState()
 }
