@@ -39,6 +39,14 @@
 //     /twins/{id} (GET/PATCH/PUT with If-Match), /twins/{id}/methods and
 //     /devices/query (ParseQuery). Optionally /files/ (Config.FilesDir) and
 //     MQTT over WebSocket at /$iothub/websocket.
+//   - Hostile clients: every new connection must finish its TLS handshake
+//     and CONNECT (or WebSocket upgrade, or HTTPS request headers) within
+//     Config.ConnectTimeout; connections that have not authenticated yet
+//     are capped in all and per remote IP (Config.MaxPreAuthConns,
+//     MaxPreAuthConnsPerIP) and those over a cap are closed at once; a
+//     failing accept (no descriptors left) is retried with backoff, so
+//     the listener serves again once descriptors are free. Refusals and
+//     accept errors are logged at most once per 10 s.
 //   - Persistence: one JSON record per device in DIR/devices, written
 //     atomically on every change, so a restarted hub keeps its devices,
 //     twins and versions.

@@ -104,6 +104,9 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	// telemetry, so a will is dropped.
 	cl.Properties.Will = mqtt.Will{}
 	cl.State.Keepalive = h.keepAlive(pk.Connect.Keepalive)
+	if c, ok := cl.Net.Conn.(authenticated); ok {
+		c.authenticated()
+	}
 
 	// The newer connection wins; the older one is closed before the broker
 	// takes its session over, so it never sees a DISCONNECT packet (which
