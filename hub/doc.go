@@ -46,7 +46,10 @@
 //     MaxPreAuthConnsPerIP) and those over a cap are closed at once; a
 //     failing accept (no descriptors left) is retried with backoff, so
 //     the listener serves again once descriptors are free. Refusals and
-//     accept errors are logged at most once per 10 s.
+//     accept errors are logged at most once per 10 s. A service request
+//     must arrive whole within Config.ReadTimeout; one without a valid
+//     token is answered 401 from its headers, its body unread, and its
+//     connection closed.
 //   - Persistence: one JSON record per device in DIR/devices, written
 //     atomically on every change, so a restarted hub keeps its devices,
 //     twins and versions.

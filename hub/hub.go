@@ -86,6 +86,9 @@ type Config struct {
 	// over WebSocket. On the HTTPS listener it bounds the handshake and the
 	// headers of each request. Default 20 s.
 	ConnectTimeout time.Duration
+	// ReadTimeout bounds reading one service request, headers and body.
+	// Default 1 min.
+	ReadTimeout time.Duration
 	// MaxPreAuthConns and MaxPreAuthConnsPerIP cap the connections that
 	// have not authenticated yet (MQTT before its CONNECT is accepted,
 	// HTTPS before its first request), in all and per remote IP address.
@@ -174,6 +177,9 @@ func New(cfg Config) (*Hub, error) {
 	}
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = DefaultReadTimeout
 	}
 	if cfg.MaxPreAuthConns <= 0 {
 		cfg.MaxPreAuthConns = DefaultMaxPreAuthConns
@@ -360,7 +366,7 @@ func (h *Hub) start() (err error) {
 }
 
 // newHTTPServer bounds what a client can hold: the handshake and headers
-// by ConnectTimeout, an idle connection by
+// by ConnectTimeout, a whole request by ReadTimeout, an idle connection by
 // two minutes, and a connection that has sent no request yet takes a place
 // in the gate. No WriteTimeout: a firmware download may take long, and a
 // method call waits for the device.
@@ -369,6 +375,7 @@ func (h *Hub) newHTTPServer(handler http.Handler, name string) *http.Server {
 	return &http.Server{
 		Handler:           handler,
 		ReadHeaderTimeout: h.cfg.ConnectTimeout,
+		ReadTimeout:       h.cfg.ReadTimeout,
 		IdleTimeout:       2 * time.Minute,
 		BaseContext:       func(net.Listener) context.Context { return h.ctx },
 		ErrorLog:          zap.NewStdLog(h.log.Named(name)),

@@ -1,10 +1,12 @@
 package hub
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -276,4 +278,108 @@ func mustRead(t testing.TB, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// rawRequest opens an HTTP/1.1 connection to the hub's REST API and sends
+// head (request line and headers) and then body, which may be shorter than
+// the Content-Length it announces.
+func rawRequest(t *testing.T, h *Hub, head, body string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c := tls.Client(dialFrom(t, "", h.HTTPSAddr()), clientTLS(h))
+	_ = c.SetDeadline(time.Now().Add(waitLong))
+	if _, err := io.WriteString(c, head+"\r\n"+body); err != nil {
+		t.Fatal(err)
+	}
+	return c, bufio.NewReader(c)
+}
+
+// TestUnauthenticatedBodyNotRead: a request without a valid token is
+// answered 401 from its headers, without waiting for its body, and its
+// connection is closed, so a client cannot hold it by trickling a body.
+func TestUnauthenticatedBodyNotRead(t *testing.T) {
+	const readTimeout = time.Minute
+	h := startHub(t, func(c *Config) { c.ReadTimeout = readTimeout })
+	cs, _ := iothub.ParseConnectionString(h.ServiceConnectionString())
+	key, _ := cs.Key()
+	wrong := iothub.NewSAS(h.HostName(), make([]byte, 32), ServicePolicy, time.Now().Add(time.Hour))
+	for _, tc := range []struct{ name, auth, extra string }{
+		{"no token", "", ""},
+		{"wrong key", "Authorization: " + wrong + "\r\n", ""},
+		{"expect 100-continue", "", "Expect: 100-continue\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			start := time.Now()
+			c, br := rawRequest(t, h, "PUT /devices/gw-01?api-version="+iothub.APIVersion+" HTTP/1.1\r\nHost: localhost\r\n"+
+				"Content-Type: application/json\r\nContent-Length: 100000\r\n"+tc.auth+tc.extra, "{")
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			wantError(t, resp.StatusCode, b, 401, codeUnauthorizedAccess)
+			if !resp.Close {
+				t.Error("401 does not say Connection: close")
+			}
+			waitClosed(t, c)
+			if el := time.Since(start); el > readTimeout/4 {
+				t.Fatalf("connection closed after %v; the read timeout is %v", el, readTimeout)
+			}
+		})
+	}
+	t.Run("HTTP/2", func(t *testing.T) {
+		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: h.RootCAs(), ServerName: "localhost"}, ForceAttemptHTTP2: true}
+		defer tr.CloseIdleConnections()
+		pr, pw := io.Pipe()
+		defer pw.Close()
+		go func() { _, _ = pw.Write([]byte("{")) }()
+		req, _ := http.NewRequest("PUT", "https://"+h.HTTPSAddr()+"/devices/gw-01?api-version="+iothub.APIVersion, pr)
+		req.ContentLength = 100000
+		start := time.Now()
+		resp, err := (&http.Client{Transport: tr, Timeout: waitLong}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("spoke %s, want HTTP/2", resp.Proto)
+		}
+		wantError(t, resp.StatusCode, b, 401, codeUnauthorizedAccess)
+		if el := time.Since(start); el > readTimeout/4 {
+			t.Fatalf("answered after %v", el)
+		}
+	})
+	// A client with a token is still served, body and all.
+	tok := iothub.NewSAS(h.HostName(), key, ServicePolicy, time.Now().Add(time.Hour))
+	_, br := rawRequest(t, h, "PUT /devices/gw-01?api-version="+iothub.APIVersion+" HTTP/1.1\r\nHost: localhost\r\n"+
+		"Content-Type: application/json\r\nContent-Length: 2\r\nAuthorization: "+tok+"\r\n", "{}")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("authorized PUT: %d", resp.StatusCode)
+	}
+}
+
+// TestSlowBodyTimesOut: even an authorized client has Config.ReadTimeout
+// to send its request.
+func TestSlowBodyTimesOut(t *testing.T) {
+	const readTimeout = time.Second
+	h := startHub(t, func(c *Config) { c.ReadTimeout = readTimeout })
+	cs, _ := iothub.ParseConnectionString(h.ServiceConnectionString())
+	key, _ := cs.Key()
+	tok := iothub.NewSAS(h.HostName(), key, ServicePolicy, time.Now().Add(time.Hour))
+	start := time.Now()
+	c, _ := rawRequest(t, h, "PUT /devices/gw-01?api-version="+iothub.APIVersion+" HTTP/1.1\r\nHost: localhost\r\n"+
+		"Content-Type: application/json\r\nContent-Length: 100000\r\nAuthorization: "+tok+"\r\n", "{")
+	waitClosed(t, c)
+	if el := time.Since(start); el < readTimeout {
+		t.Fatalf("closed after %v, before the read timeout", el)
+	}
+	if h.store.get("gw-01") != nil {
+		t.Fatal("a device was created from a cut-off body")
+	}
 }
