@@ -37,8 +37,10 @@
 //     of the iothubowner policy whose connection string the hub creates in
 //     DIR/service-connection-string: /devices (registry, with etags),
 //     /twins/{id} (GET/PATCH/PUT with If-Match), /twins/{id}/methods and
-//     /devices/query (ParseQuery). Optionally /files/ (Config.FilesDir) and
-//     MQTT over WebSocket at /$iothub/websocket.
+//     /devices/query (ParseQuery). Optionally /files/ (Config.FilesDir:
+//     unauthenticated, so regular files inside the folder only, resolved
+//     through os.Root so no symlink leads out, no listings, no dotfiles)
+//     and MQTT over WebSocket at /$iothub/websocket.
 //   - Hostile clients: every new connection must finish its TLS handshake
 //     and CONNECT (or WebSocket upgrade, or HTTPS request headers) within
 //     Config.ConnectTimeout; connections that have not authenticated yet

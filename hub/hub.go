@@ -72,7 +72,8 @@ type Config struct {
 	WSAddr string
 	// FilesDir, if set, is served read-only at https://host/files/ (no
 	// authentication, Range requests supported), the way a storage
-	// account holds firmware images.
+	// account holds firmware images: regular files inside it only (no
+	// symlink out of it), no directory listings, no dotfiles.
 	FilesDir string
 	// TLSCertFile and TLSKeyFile replace the hub's own CA-signed server
 	// certificate.

@@ -58,7 +58,7 @@ func (h *Hub) routes(withWS bool) http.Handler {
 	if h.cfg.FilesDir != "" {
 		// No authentication, like a storage URL that carries its own SAS:
 		// the agent downloads firmware images from here.
-		mux.Handle("GET /files/", http.StripPrefix("/files/", http.FileServer(http.Dir(h.cfg.FilesDir))))
+		mux.HandleFunc("GET /files/{path...}", h.serveFile)
 	}
 	if withWS {
 		mux.HandleFunc("GET "+WebSocketPath, h.serveWebSocket)

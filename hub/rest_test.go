@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -381,5 +382,99 @@ func TestSlowBodyTimesOut(t *testing.T) {
 	}
 	if h.store.get("gw-01") != nil {
 		t.Fatal("a device was created from a cut-off body")
+	}
+}
+
+// TestFilesConfined: /files/ serves regular files inside the folder and
+// answers 404 for everything else — symlinks out of it (to the hub's own
+// service connection string, to /etc/passwd), directories, dotfiles, FIFOs.
+func TestFilesConfined(t *testing.T) {
+	dir := t.TempDir()
+	outside := t.TempDir()
+	write := func(p, data string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := func(target, name string) {
+		t.Helper()
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(filepath.Join(dir, "fw.bin"), "image")
+	write(filepath.Join(dir, "sub", "inner.bin"), "inner")
+	write(filepath.Join(dir, ".hidden"), "secret")
+	write(filepath.Join(dir, ".git", "config"), "secret")
+	write(filepath.Join(dir, "sub", ".env"), "secret")
+	write(filepath.Join(outside, "secret.txt"), "secret")
+	if err := syscall.Mkfifo(filepath.Join(dir, "pipe"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	link(filepath.Join(state, ServiceConnectionStringFile), "service")
+	link("../"+filepath.Base(outside)+"/secret.txt", "relative-out")
+	link(filepath.Join(outside, "secret.txt"), "absolute-out")
+	link("/etc/passwd", "passwd")
+	link(outside, "dir-out")
+	link("fw.bin", "fw-latest.bin")
+	link("sub", "sub-link")
+	h := startHub(t, func(c *Config) { c.StateDir = state; c.FilesDir = dir })
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: h.RootCAs(), ServerName: "localhost"}}
+	defer tr.CloseIdleConnections()
+	cl := &http.Client{Transport: tr, Timeout: waitLong,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	get := func(method, p string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, "https://"+h.HTTPSAddr()+p, nil)
+		resp, err := cl.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, p, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for _, tc := range []struct {
+		path   string
+		status int
+		body   string
+	}{
+		{"/files/fw.bin", 200, "image"},
+		{"/files/sub/inner.bin", 200, "inner"},
+		{"/files/fw-latest.bin", 200, "image"},      // a link that stays inside
+		{"/files/sub-link/inner.bin", 200, "inner"}, // through a directory link inside
+		{"/files/service", 404, ""},
+		{"/files/relative-out", 404, ""},
+		{"/files/absolute-out", 404, ""},
+		{"/files/passwd", 404, ""},
+		{"/files/dir-out/secret.txt", 404, ""},
+		{"/files/.hidden", 404, ""},
+		{"/files/.git/config", 404, ""},
+		{"/files/sub/.env", 404, ""},
+		{"/files/%2e%2e/" + filepath.Base(outside) + "/secret.txt", 404, ""},
+		{"/files/", 404, ""},
+		{"/files/sub", 404, ""},
+		{"/files/sub/", 404, ""},
+		{"/files/pipe", 404, ""},
+		{"/files/missing.bin", 404, ""},
+	} {
+		t.Run(tc.path, func(t *testing.T) {
+			st, body := get("GET", tc.path)
+			if st != tc.status || (tc.status == 200 && body != tc.body) {
+				t.Fatalf("GET: %d %q, want %d %q", st, body, tc.status, tc.body)
+			}
+			if strings.Contains(body, "secret") || strings.Contains(body, "SharedAccessKey") || strings.Contains(body, "root:") ||
+				strings.Contains(body, "<a href") {
+				t.Fatalf("GET leaked: %q", body)
+			}
+			if st, _ := get("HEAD", tc.path); st != tc.status {
+				t.Fatalf("HEAD: %d, want %d", st, tc.status)
+			}
+		})
 	}
 }
