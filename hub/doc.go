@@ -13,7 +13,9 @@
 //     trust) and a server certificate for Config.HostName, 127.0.0.1 and
 //     ::1; or the operator's pair (Config.TLSCertFile/TLSKeyFile).
 //   - Device connections: protocol level 4 only (CONNACK 0x01 otherwise);
-//     client id = device id; the username in both IoT Hub forms with a
+//     only MQTT 3.1.1 return codes (0x02 for an empty client id; a
+//     CONNECT that 3.1.1 calls malformed, or one with a will at QoS 2, is
+//     closed without a CONNACK); client id = device id; the username in both IoT Hub forms with a
 //     matching host; a SAS token checked against the device's keys (or the
 //     iothubowner policy key) and its expiry, or an X.509 client
 //     certificate matched by SHA-1 or SHA-256 thumbprint; CONNACK 0x05 when
