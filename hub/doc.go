@@ -13,7 +13,9 @@
 //     trust) and a server certificate for Config.HostName, 127.0.0.1 and
 //     ::1; or the operator's pair (Config.TLSCertFile/TLSKeyFile).
 //   - Device connections: protocol level 4 only (CONNACK 0x01 otherwise);
-//     client id = device id; the username in both IoT Hub forms with a
+//     only MQTT 3.1.1 return codes (0x02 for an empty client id; a
+//     CONNECT that 3.1.1 calls malformed, or one with a will at QoS 2, is
+//     closed without a CONNACK); client id = device id; the username in both IoT Hub forms with a
 //     matching host; a SAS token checked against the device's keys (or the
 //     iothubowner policy key) and its expiry, or an X.509 client
 //     certificate matched by SHA-1 or SHA-256 thumbprint; CONNACK 0x05 when
@@ -37,8 +39,21 @@
 //     of the iothubowner policy whose connection string the hub creates in
 //     DIR/service-connection-string: /devices (registry, with etags),
 //     /twins/{id} (GET/PATCH/PUT with If-Match), /twins/{id}/methods and
-//     /devices/query (ParseQuery). Optionally /files/ (Config.FilesDir) and
-//     MQTT over WebSocket at /$iothub/websocket.
+//     /devices/query (ParseQuery). Optionally /files/ (Config.FilesDir:
+//     unauthenticated, so regular files inside the folder only, resolved
+//     through os.Root so no symlink leads out, no listings, no dotfiles)
+//     and MQTT over WebSocket at /$iothub/websocket.
+//   - Hostile clients: every new connection must finish its TLS handshake
+//     and CONNECT (or WebSocket upgrade, or HTTPS request headers) within
+//     Config.ConnectTimeout; connections that have not authenticated yet
+//     are capped in all and per remote IP (Config.MaxPreAuthConns,
+//     MaxPreAuthConnsPerIP) and those over a cap are closed at once; a
+//     failing accept (no descriptors left) is retried with backoff, so
+//     the listener serves again once descriptors are free. Refusals and
+//     accept errors are logged at most once per 10 s. A service request
+//     must arrive whole within Config.ReadTimeout; one without a valid
+//     token is answered 401 from its headers, its body unread, and its
+//     connection closed.
 //   - Persistence: one JSON record per device in DIR/devices, written
 //     atomically on every change, so a restarted hub keeps its devices,
 //     twins and versions.

@@ -6,7 +6,9 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +21,9 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(fdChildEnv) != "" {
+		os.Exit(fdChild())
+	}
 	goleak.VerifyTestMain(m)
 }
 
@@ -89,6 +94,7 @@ type devOpts struct {
 	tlsCert  *tls.Certificate
 	keep     time.Duration
 	wsURL    string
+	localIP  string // dial from this loopback address (e.g. 127.0.0.2) instead of the default
 }
 
 func sas(h *Hub, id string, key []byte, ttl time.Duration) string {
@@ -128,6 +134,9 @@ func dial(t testing.TB, h *Hub, id string, o devOpts) (*testDevice, byte, error)
 		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { d.msgs <- m })
 	if o.keep > 0 {
 		opts.SetKeepAlive(o.keep)
+	}
+	if o.localIP != "" {
+		opts.SetDialer(&net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(o.localIP)}})
 	}
 	d.c = paho.NewClient(opts)
 	tok := d.c.Connect()

@@ -19,7 +19,6 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/listeners"
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
@@ -73,7 +72,8 @@ type Config struct {
 	WSAddr string
 	// FilesDir, if set, is served read-only at https://host/files/ (no
 	// authentication, Range requests supported), the way a storage
-	// account holds firmware images.
+	// account holds firmware images: regular files inside it only (no
+	// symlink out of it), no directory listings, no dotfiles.
 	FilesDir string
 	// TLSCertFile and TLSKeyFile replace the hub's own CA-signed server
 	// certificate.
@@ -82,6 +82,19 @@ type Config struct {
 	// connection after 1.5 × keep-alive without traffic, and never waits
 	// longer than KeepAliveCap. Default 1767 s, IoT Hub's figure.
 	KeepAliveCap time.Duration
+	// ConnectTimeout bounds how long a new connection may take to become a
+	// device: TLS handshake and CONNECT, with the upgrade request for MQTT
+	// over WebSocket. On the HTTPS listener it bounds the handshake and the
+	// headers of each request. Default 20 s.
+	ConnectTimeout time.Duration
+	// ReadTimeout bounds reading one service request, headers and body.
+	// Default 1 min.
+	ReadTimeout time.Duration
+	// MaxPreAuthConns and MaxPreAuthConnsPerIP cap the connections that
+	// have not authenticated yet (MQTT before its CONNECT is accepted,
+	// HTTPS before its first request), in all and per remote IP address.
+	// A connection over a cap is closed at once. Defaults 1024 and 64.
+	MaxPreAuthConns, MaxPreAuthConnsPerIP int
 	// Log receives the hub's logs. Default: no logging.
 	Log *zap.Logger
 	// OnReported, if set, is called with every accepted reported-properties
@@ -112,8 +125,9 @@ type Hub struct {
 	service iothub.ConnectionString
 	svcKey  []byte
 
+	gate    *gate // unauthenticated connections, capped
 	broker  *mqtt.Server
-	mqttLn  *listeners.TCP
+	mqttLn  *tlsListener
 	wsLn    *wsListener // nil unless WebSocket
 	httpSrv *http.Server
 	httpLn  net.Listener
@@ -162,6 +176,18 @@ func New(cfg Config) (*Hub, error) {
 	if cfg.KeepAliveCap <= 0 {
 		cfg.KeepAliveCap = DefaultKeepAliveCap
 	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = DefaultReadTimeout
+	}
+	if cfg.MaxPreAuthConns <= 0 {
+		cfg.MaxPreAuthConns = DefaultMaxPreAuthConns
+	}
+	if cfg.MaxPreAuthConnsPerIP <= 0 {
+		cfg.MaxPreAuthConnsPerIP = DefaultMaxPreAuthConnsPerIP
+	}
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
@@ -188,6 +214,7 @@ func New(cfg Config) (*Hub, error) {
 		sessChanged: make(chan struct{}),
 		pending:     map[string]*pendingCall{},
 		faults:      map[string][]*TwinFault{},
+		gate:        newGate(cfg.MaxPreAuthConns, cfg.MaxPreAuthConnsPerIP, cfg.Log.Named("conns")),
 	}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	var err error
@@ -287,7 +314,7 @@ func (h *Hub) start() (err error) {
 	if err := h.broker.AddHook(&hook{h: h}, nil); err != nil {
 		return fmt.Errorf("hub: add broker hook: %w", err)
 	}
-	h.mqttLn = listeners.NewTCP(listeners.Config{ID: "mqtts", Address: h.cfg.MQTTAddr, TLSConfig: serverTLS})
+	h.mqttLn = newTLSListener("mqtts", h.cfg.MQTTAddr, serverTLS, h.cfg.ConnectTimeout, h.gate, h.log.Named("mqtts"))
 	if err := h.broker.AddListener(h.mqttLn); err != nil {
 		return fmt.Errorf("hub: listen MQTT on %s: %w", h.cfg.MQTTAddr, err)
 	}
@@ -307,13 +334,7 @@ func (h *Hub) start() (err error) {
 	if err != nil {
 		return fmt.Errorf("hub: listen HTTPS on %s: %w", h.cfg.HTTPSAddr, err)
 	}
-	h.httpSrv = &http.Server{
-		Handler:           h.routes(h.cfg.WebSocket && h.cfg.WSAddr == ""),
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		BaseContext:       func(net.Listener) context.Context { return h.ctx },
-		ErrorLog:          zap.NewStdLog(h.log.Named("https")),
-	}
+	h.httpSrv = h.newHTTPServer(h.routes(h.cfg.WebSocket && h.cfg.WSAddr == ""), "https")
 	if h.cfg.WebSocket && h.cfg.WSAddr != "" {
 		h.wsNetLn, err = tls.Listen("tcp", h.cfg.WSAddr, serverTLS)
 		if err != nil {
@@ -322,12 +343,7 @@ func (h *Hub) start() (err error) {
 		}
 		mux := http.NewServeMux()
 		mux.HandleFunc("GET "+WebSocketPath, h.serveWebSocket)
-		h.wsSrv = &http.Server{
-			Handler:           mux,
-			ReadHeaderTimeout: 30 * time.Second,
-			BaseContext:       func(net.Listener) context.Context { return h.ctx },
-			ErrorLog:          zap.NewStdLog(h.log.Named("wss")),
-		}
+		h.wsSrv = h.newHTTPServer(mux, "wss")
 	}
 
 	if err := h.broker.Serve(); err != nil {
@@ -348,6 +364,38 @@ func (h *Hub) start() (err error) {
 		zap.String("https_addr", h.HTTPSAddr()),
 		zap.Int("devices", h.store.len()))
 	return nil
+}
+
+// newHTTPServer bounds what a client can hold: the handshake and headers
+// by ConnectTimeout, a whole request by ReadTimeout, an idle connection by
+// two minutes, and a connection that has sent no request yet takes a place
+// in the gate. No WriteTimeout: a firmware download may take long, and a
+// method call waits for the device.
+func (h *Hub) newHTTPServer(handler http.Handler, name string) *http.Server {
+	var held sync.Map // net.Conn → func() that gives its place back
+	return &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: h.cfg.ConnectTimeout,
+		ReadTimeout:       h.cfg.ReadTimeout,
+		IdleTimeout:       2 * time.Minute,
+		BaseContext:       func(net.Listener) context.Context { return h.ctx },
+		ErrorLog:          zap.NewStdLog(h.log.Named(name)),
+		ConnState: func(c net.Conn, st http.ConnState) {
+			switch st {
+			case http.StateNew:
+				// Runs on the accept loop, before the connection is read.
+				if release, ok := h.gate.admit(c.RemoteAddr()); ok {
+					held.Store(c, release)
+				} else {
+					_ = c.Close()
+				}
+			case http.StateActive, http.StateHijacked, http.StateClosed:
+				if release, ok := held.LoadAndDelete(c); ok {
+					release.(func())()
+				}
+			}
+		},
+	}
 }
 
 func (h *Hub) serveHTTP(srv *http.Server, ln net.Listener) {

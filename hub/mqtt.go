@@ -35,6 +35,8 @@ var (
 	errForbiddenTopic  = errors.New("hub: publish to a topic the device may not use")
 	errQoS2            = errors.New("hub: QoS 2 is not supported")
 	errProtocolVersion = errors.New("hub: only MQTT 3.1.1 is supported")
+	errClientID        = errors.New("hub: CONNECT without a client identifier")
+	errBadConnect      = errors.New("hub: malformed CONNECT")
 	errDeviceRemoved   = errors.New("hub: device identity changed or removed")
 )
 
@@ -87,12 +89,6 @@ func (k *hook) Provides(b byte) bool {
 // itself, so that the CONNACK carries IoT Hub's return codes.
 func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	h := k.h
-	if pk.ProtocolVersion != 4 {
-		// An MQTT 3.1.1 server answers any other protocol level with the
-		// 3.1.1 CONNACK "unacceptable protocol version".
-		_, _ = cl.Net.Conn.Write([]byte{0x20, 0x02, 0x00, 0x01})
-		return errProtocolVersion
-	}
 	code, err := h.authenticate(cl, pk, time.Now())
 	if err != nil {
 		h.log.Info("device refused", zap.String("device_id", cl.ID), zap.String("remote", cl.Net.Remote),
@@ -104,6 +100,9 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	// telemetry, so a will is dropped.
 	cl.Properties.Will = mqtt.Will{}
 	cl.State.Keepalive = h.keepAlive(pk.Connect.Keepalive)
+	if c, ok := cl.Net.Conn.(authenticated); ok {
+		c.authenticated()
+	}
 
 	// The newer connection wins; the older one is closed before the broker
 	// takes its session over, so it never sees a DISCONNECT packet (which
@@ -377,15 +376,16 @@ func (h *Hub) signal() {
 	h.sessMu.Unlock()
 }
 
-// OnPacketRead closes the connection of a device that publishes QoS 2 or to
-// a topic it may not use, as IoT Hub does.
+// OnPacketRead screens a connection's CONNECT (screenConnect), and closes
+// the connection of a device that publishes QoS 2 or to a topic it may not
+// use, as IoT Hub does.
 func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Type == packets.Connect {
-		return pk, nil
-	}
 	h := k.h
 	s := h.sessionOf(cl)
 	if s == nil {
+		if pk.FixedHeader.Type == packets.Connect {
+			return h.screenConnect(cl, pk) // the first packet; a second CONNECT is the broker's to refuse
+		}
 		return pk, nil
 	}
 	if pk.FixedHeader.Type != packets.Publish {
@@ -402,6 +402,60 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 			zap.String("topic", pk.TopicName), zap.Uint8("qos", pk.FixedHeader.Qos), zap.Error(reason))
 		cl.Stop(reason)
 		return pk, packets.ErrRejectPacket
+	}
+	return pk, nil
+}
+
+// screenConnect checks a CONNECT as an MQTT 3.1.1 server must, before the
+// broker does: the broker validates with MQTT 5 rules and answers with
+// MQTT 5 reason codes (0x82 protocol error, 0x80, 0x9A, 0x9B) that a 3.1.1
+// CONNACK does not have. A 3.1.1 server answers 0x01 to another protocol
+// level and 0x02 to an identifier it rejects; for anything else it cannot
+// accept and has no return code for, it closes the connection without a
+// CONNACK [MQTT-3.2.2-6]. A returned error closes the connection.
+//
+// What 3.1.1 allows and the hub does not act on is cleared so that the
+// broker's MQTT 5 rules do not refuse it: the will (the hub drops wills,
+// see OnConnect) and the password flag of an empty password (such a device
+// authenticates by certificate, as without a password).
+func (h *Hub) screenConnect(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	c := &pk.Connect
+	refuse := func(code byte, err error, why string) (packets.Packet, error) {
+		if code != 0 {
+			_, _ = cl.Net.Conn.Write([]byte{0x20, 0x02, 0x00, code}) // CONNACK, no session present
+		}
+		h.log.Debug("CONNECT refused", zap.String("remote", cl.Net.Remote), zap.String("client_id", c.ClientIdentifier),
+			zap.Uint8("connack", code), zap.String("why", why))
+		// The broker ignores a hook's error unless it is ErrRejectPacket.
+		return pk, fmt.Errorf("%w: %w", err, packets.ErrRejectPacket)
+	}
+	switch name := string(c.ProtocolName); {
+	case name == "MQTT" && pk.ProtocolVersion == 4:
+	case name == "MQTT", name == "MQIsdp" && pk.ProtocolVersion == 3: // MQTT 5, MQTT 3.1
+		return refuse(0x01, errProtocolVersion, fmt.Sprintf("protocol %s level %d", name, pk.ProtocolVersion)) // [MQTT-3.1.2-2]
+	default:
+		return refuse(0, errBadConnect, fmt.Sprintf("protocol %q level %d", name, pk.ProtocolVersion)) // [MQTT-3.1.2-1]
+	}
+	switch {
+	case pk.ReservedBit != 0:
+		return refuse(0, errBadConnect, "reserved flag set") // [MQTT-3.1.2-3]
+	case !c.WillFlag && (c.WillQos != 0 || c.WillRetain):
+		return refuse(0, errBadConnect, "will QoS or retain without a will") // [MQTT-3.1.2-11], [MQTT-3.1.2-13], [MQTT-3.1.2-15]
+	case c.WillQos > 2:
+		return refuse(0, errBadConnect, "will QoS 3") // [MQTT-3.1.2-14]
+	case c.WillFlag && c.WillQos == 2:
+		return refuse(0, errQoS2, "will QoS 2") // no 3.1.1 return code says "QoS not supported"
+	case c.WillFlag && c.WillTopic == "":
+		return refuse(0, errBadConnect, "empty will topic") // [MQTT-4.7.3-1]
+	case !c.UsernameFlag && c.PasswordFlag:
+		return refuse(0, errBadConnect, "password without user name") // [MQTT-3.1.2-22]
+	case c.ClientIdentifier == "":
+		// IoT Hub needs the device id as client id; it assigns none.
+		return refuse(0x02, errClientID, "empty client identifier") // [MQTT-3.1.3-8], [MQTT-3.1.3-9]
+	}
+	c.WillFlag, c.WillQos, c.WillRetain, c.WillTopic, c.WillPayload = false, 0, false, "", nil
+	if c.PasswordFlag && len(c.Password) == 0 {
+		c.PasswordFlag = false
 	}
 	return pk, nil
 }

@@ -12,8 +12,10 @@ import (
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"io"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -137,6 +139,125 @@ func TestOnlyMQTT311(t *testing.T) {
 			got := rawConnect(t, h, tc.pkt)
 			if want := []byte{0x20, 0x02, 0x00, 0x01}; string(got) != string(want) {
 				t.Fatalf("answer % x, want % x (CONNACK unacceptable protocol version)", got, want)
+			}
+		})
+	}
+}
+
+// connect311 builds a CONNECT with the given protocol name, level and
+// flags, then the fields as length-prefixed strings (client id, will topic
+// and message, user name, password — whichever the flags announce).
+func connect311(name string, level, flags byte, fields ...string) []byte {
+	str := func(b []byte, s string) []byte { return append(append(b, byte(len(s)>>8), byte(len(s))), s...) }
+	body := str(nil, name)
+	body = append(body, level, flags, 0, 60)
+	for _, f := range fields {
+		body = str(body, f)
+	}
+	pkt := []byte{0x10}
+	for n := len(body); ; {
+		b := byte(n % 128)
+		if n /= 128; n > 0 {
+			pkt = append(pkt, b|0x80)
+			continue
+		}
+		pkt = append(pkt, b)
+		break
+	}
+	return append(pkt, body...)
+}
+
+// connectAnswer sends a CONNECT over TLS and returns the CONNACK return
+// code, or -1 when the hub closed the connection without a CONNACK. A
+// refusal must be followed by the hub closing the connection.
+func connectAnswer(t *testing.T, h *Hub, pkt []byte) int {
+	t.Helper()
+	c, err := tls.Dial("tcp", h.MQTTAddr(), &tls.Config{RootCAs: h.RootCAs(), ServerName: "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(waitLong))
+	if _, err := c.Write(pkt); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	n, err := io.ReadFull(c, got)
+	switch {
+	case n == 0 && err != nil && !isTimeout(err):
+		return -1
+	case err != nil:
+		t.Fatalf("read CONNACK: % x, %v", got[:n], err)
+	case got[0] != 0x20 || got[1] != 0x02 || got[2] != 0x00:
+		t.Fatalf("answer % x is not a 3.1.1 CONNACK", got)
+	case got[3] > 0x05:
+		t.Fatalf("CONNACK return code %#x: MQTT 3.1.1 has 0x00-0x05 only", got[3])
+	}
+	if got[3] != 0 {
+		if rest, err := io.ReadAll(c); len(rest) > 0 || isTimeout(err) {
+			t.Fatalf("after CONNACK %#x: % x, %v; want the connection closed", got[3], rest, err)
+		}
+	}
+	return int(got[3])
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// TestConnack311 sends hand-made CONNECTs, malformed or unusual, and checks
+// that the hub answers each as an MQTT 3.1.1 server must: a 3.1.1 return
+// code (0x01 for another protocol level, 0x02 for a client identifier it
+// rejects) or, where 3.1.1 has no code, a closed connection without a
+// CONNACK [MQTT-3.2.2-6]. The broker beneath answers some of them with
+// MQTT 5 codes (0x80, 0x82, 0x9A, 0x9B) on its own.
+func TestConnack311(t *testing.T) {
+	h := startHub(t)
+	key := addDevice(t, h, "dev1")
+	user := iothub.Username(h.HostName(), "dev1", "raw/1")
+	pass := sas(h, "dev1", key, time.Hour)
+	const (
+		clean    = 0x02
+		will     = 0x04
+		willQoS1 = 0x08
+		willQoS2 = 0x10
+		willQoS3 = 0x18
+		retain   = 0x20
+		password = 0x40
+		username = 0x80
+		closed   = -1
+	)
+	for _, tc := range []struct {
+		name string
+		pkt  []byte
+		want int
+	}{
+		{"well-formed", connect311("MQTT", 4, clean|username|password, "dev1", user, pass), 0},
+		{"reserved flag", connect311("MQTT", 4, clean|username|password|0x01, "dev1", user, pass), closed},
+		{"protocol name MQIsdp at level 4", connect311("MQIsdp", 4, clean|username|password, "dev1", user, pass), closed},
+		{"unknown protocol name", connect311("MQXX", 4, clean|username|password, "dev1", user, pass), closed},
+		// Level 5 and MQIsdp level 3: TestOnlyMQTT311.
+		{"level 3 named MQTT", connect311("MQTT", 3, clean|username|password, "dev1", user, pass), 0x01},
+		{"password without user name", connect311("MQTT", 4, clean|password, "dev1", pass), closed},
+		{"will retain without will", connect311("MQTT", 4, clean|retain|username|password, "dev1", user, pass), closed},
+		{"will QoS without will", connect311("MQTT", 4, clean|willQoS1|username|password, "dev1", user, pass), closed},
+		{"will QoS 3", connect311("MQTT", 4, clean|will|willQoS3|username|password, "dev1", "devices/dev1/messages/events/", "x", user, pass), closed},
+		{"will QoS 2", connect311("MQTT", 4, clean|will|willQoS2|username|password, "dev1", "devices/dev1/messages/events/", "x", user, pass), closed},
+		{"empty will topic", connect311("MQTT", 4, clean|will|username|password, "dev1", "", "x", user, pass), closed},
+		{"empty client id, clean", connect311("MQTT", 4, clean|username|password, "", user, pass), 0x02},
+		{"empty client id, not clean", connect311("MQTT", 4, username|password, "", user, pass), 0x02},
+		// Allowed by 3.1.1; the hub drops wills.
+		{"will retained", connect311("MQTT", 4, clean|will|retain|username|password, "dev1", "devices/dev1/messages/events/", "x", user, pass), 0},
+		{"will with empty message", connect311("MQTT", 4, clean|will|willQoS1|username|password, "dev1", "devices/dev1/messages/events/", "", user, pass), 0},
+		// An empty password is a password of length 0: no SAS token.
+		{"empty password", connect311("MQTT", 4, clean|username|password, "dev1", user, ""), 0x05},
+		{"no password", connect311("MQTT", 4, clean|username, "dev1", user), 0x05},
+		{"wrong password", connect311("MQTT", 4, clean|username|password, "dev1", user, "x"), 0x05},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := connectAnswer(t, h, tc.pkt); got != tc.want {
+				t.Fatalf("answer %d, want %d (-1: closed without CONNACK)", got, tc.want)
 			}
 		})
 	}
@@ -288,7 +409,7 @@ func selfSignedCert(t *testing.T, cn string) (tls.Certificate, string, string) {
 }
 
 func TestX509Device(t *testing.T) {
-	h := startHub(t)
+	h := startHub(t, func(c *Config) { c.WebSocket = true })
 	svc := newService(t, h)
 	cert, sha1Print, sha256Print := selfSignedCert(t, "x1")
 	other, _, _ := selfSignedCert(t, "x1")
@@ -306,15 +427,22 @@ func TestX509Device(t *testing.T) {
 		name string
 		id   string
 		cert *tls.Certificate
+		ws   bool
 		want byte
 	}{
-		{"SHA-1 thumbprint", "x1", &cert, 0},
-		{"SHA-256 thumbprint", "x2", &cert, 0},
-		{"other certificate", "x1", &other, 5},
-		{"no certificate", "x1", nil, 5},
+		{"SHA-1 thumbprint", "x1", &cert, false, 0},
+		{"SHA-256 thumbprint", "x2", &cert, false, 0},
+		{"other certificate", "x1", &other, false, 5},
+		{"no certificate", "x1", nil, false, 5},
+		{"over WebSocket", "x1", &cert, true, 0},
+		{"over WebSocket, other certificate", "x1", &other, true, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d, code, err := dial(t, h, tc.id, devOpts{tlsCert: tc.cert})
+			o := devOpts{tlsCert: tc.cert}
+			if tc.ws {
+				o.wsURL = h.WebSocketURL()
+			}
+			d, code, err := dial(t, h, tc.id, o)
 			if code != tc.want {
 				t.Fatalf("CONNACK %d, want %d (%v)", code, tc.want, err)
 			}

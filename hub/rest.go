@@ -58,7 +58,7 @@ func (h *Hub) routes(withWS bool) http.Handler {
 	if h.cfg.FilesDir != "" {
 		// No authentication, like a storage URL that carries its own SAS:
 		// the agent downloads firmware images from here.
-		mux.Handle("GET /files/", http.StripPrefix("/files/", http.FileServer(http.Dir(h.cfg.FilesDir))))
+		mux.HandleFunc("GET /files/{path...}", h.serveFile)
 	}
 	if withWS {
 		mux.HandleFunc("GET "+WebSocketPath, h.serveWebSocket)
@@ -67,12 +67,20 @@ func (h *Hub) routes(withWS bool) http.Handler {
 }
 
 // authorize admits requests that carry a valid service SAS token: signed
-// with the hub's policy key, for the hub's host, not expired.
+// with the hub's policy key, for the hub's host, not expired. Any other
+// request is answered 401 from its headers alone and its connection
+// closed: the hub reads no body from a client it does not know, so a
+// client cannot hold a connection by trickling one.
 func (h *Hub) authorize(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if err := h.checkServiceToken(r.Header.Get("Authorization"), time.Now()); err != nil {
 			h.log.Info("service request refused", zap.String("path", r.URL.Path), zap.String("remote", r.RemoteAddr), zap.Error(err))
+			w.Header().Set("Connection", "close") // HTTP/2: GOAWAY
 			writeError(w, errf(http.StatusUnauthorized, codeUnauthorizedAccess, "Unauthorized: %v", err))
+			// After the handler, the server would read up to 256 KB of the
+			// unread body to reuse the connection; a deadline in the past
+			// makes that read fail at once.
+			_ = http.NewResponseController(w).SetReadDeadline(time.Now())
 			return
 		}
 		next.ServeHTTP(w, r)

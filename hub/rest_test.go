@@ -1,14 +1,17 @@
 package hub
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -276,4 +279,202 @@ func mustRead(t testing.TB, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// rawRequest opens an HTTP/1.1 connection to the hub's REST API and sends
+// head (request line and headers) and then body, which may be shorter than
+// the Content-Length it announces.
+func rawRequest(t *testing.T, h *Hub, head, body string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c := tls.Client(dialFrom(t, "", h.HTTPSAddr()), clientTLS(h))
+	_ = c.SetDeadline(time.Now().Add(waitLong))
+	if _, err := io.WriteString(c, head+"\r\n"+body); err != nil {
+		t.Fatal(err)
+	}
+	return c, bufio.NewReader(c)
+}
+
+// TestUnauthenticatedBodyNotRead: a request without a valid token is
+// answered 401 from its headers, without waiting for its body, and its
+// connection is closed, so a client cannot hold it by trickling a body.
+func TestUnauthenticatedBodyNotRead(t *testing.T) {
+	const readTimeout = time.Minute
+	h := startHub(t, func(c *Config) { c.ReadTimeout = readTimeout })
+	cs, _ := iothub.ParseConnectionString(h.ServiceConnectionString())
+	key, _ := cs.Key()
+	wrong := iothub.NewSAS(h.HostName(), make([]byte, 32), ServicePolicy, time.Now().Add(time.Hour))
+	for _, tc := range []struct{ name, auth, extra string }{
+		{"no token", "", ""},
+		{"wrong key", "Authorization: " + wrong + "\r\n", ""},
+		{"expect 100-continue", "", "Expect: 100-continue\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			start := time.Now()
+			c, br := rawRequest(t, h, "PUT /devices/gw-01?api-version="+iothub.APIVersion+" HTTP/1.1\r\nHost: localhost\r\n"+
+				"Content-Type: application/json\r\nContent-Length: 100000\r\n"+tc.auth+tc.extra, "{")
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			wantError(t, resp.StatusCode, b, 401, codeUnauthorizedAccess)
+			if !resp.Close {
+				t.Error("401 does not say Connection: close")
+			}
+			waitClosed(t, c)
+			if el := time.Since(start); el > readTimeout/4 {
+				t.Fatalf("connection closed after %v; the read timeout is %v", el, readTimeout)
+			}
+		})
+	}
+	t.Run("HTTP/2", func(t *testing.T) {
+		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: h.RootCAs(), ServerName: "localhost"}, ForceAttemptHTTP2: true}
+		defer tr.CloseIdleConnections()
+		pr, pw := io.Pipe()
+		defer pw.Close()
+		go func() { _, _ = pw.Write([]byte("{")) }()
+		req, _ := http.NewRequest("PUT", "https://"+h.HTTPSAddr()+"/devices/gw-01?api-version="+iothub.APIVersion, pr)
+		req.ContentLength = 100000
+		start := time.Now()
+		resp, err := (&http.Client{Transport: tr, Timeout: waitLong}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("spoke %s, want HTTP/2", resp.Proto)
+		}
+		wantError(t, resp.StatusCode, b, 401, codeUnauthorizedAccess)
+		if el := time.Since(start); el > readTimeout/4 {
+			t.Fatalf("answered after %v", el)
+		}
+	})
+	// A client with a token is still served, body and all.
+	tok := iothub.NewSAS(h.HostName(), key, ServicePolicy, time.Now().Add(time.Hour))
+	_, br := rawRequest(t, h, "PUT /devices/gw-01?api-version="+iothub.APIVersion+" HTTP/1.1\r\nHost: localhost\r\n"+
+		"Content-Type: application/json\r\nContent-Length: 2\r\nAuthorization: "+tok+"\r\n", "{}")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("authorized PUT: %d", resp.StatusCode)
+	}
+}
+
+// TestSlowBodyTimesOut: even an authorized client has Config.ReadTimeout
+// to send its request.
+func TestSlowBodyTimesOut(t *testing.T) {
+	const readTimeout = time.Second
+	h := startHub(t, func(c *Config) { c.ReadTimeout = readTimeout })
+	cs, _ := iothub.ParseConnectionString(h.ServiceConnectionString())
+	key, _ := cs.Key()
+	tok := iothub.NewSAS(h.HostName(), key, ServicePolicy, time.Now().Add(time.Hour))
+	start := time.Now()
+	c, _ := rawRequest(t, h, "PUT /devices/gw-01?api-version="+iothub.APIVersion+" HTTP/1.1\r\nHost: localhost\r\n"+
+		"Content-Type: application/json\r\nContent-Length: 100000\r\nAuthorization: "+tok+"\r\n", "{")
+	waitClosed(t, c)
+	if el := time.Since(start); el < readTimeout {
+		t.Fatalf("closed after %v, before the read timeout", el)
+	}
+	if h.store.get("gw-01") != nil {
+		t.Fatal("a device was created from a cut-off body")
+	}
+}
+
+// TestFilesConfined: /files/ serves regular files inside the folder and
+// answers 404 for everything else — symlinks out of it (to the hub's own
+// service connection string, to /etc/passwd), directories, dotfiles, FIFOs.
+func TestFilesConfined(t *testing.T) {
+	dir := t.TempDir()
+	outside := t.TempDir()
+	write := func(p, data string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := func(target, name string) {
+		t.Helper()
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(filepath.Join(dir, "fw.bin"), "image")
+	write(filepath.Join(dir, "sub", "inner.bin"), "inner")
+	write(filepath.Join(dir, ".hidden"), "secret")
+	write(filepath.Join(dir, ".git", "config"), "secret")
+	write(filepath.Join(dir, "sub", ".env"), "secret")
+	write(filepath.Join(outside, "secret.txt"), "secret")
+	if err := syscall.Mkfifo(filepath.Join(dir, "pipe"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	link(filepath.Join(state, ServiceConnectionStringFile), "service")
+	link("../"+filepath.Base(outside)+"/secret.txt", "relative-out")
+	link(filepath.Join(outside, "secret.txt"), "absolute-out")
+	link("/etc/passwd", "passwd")
+	link(outside, "dir-out")
+	link("fw.bin", "fw-latest.bin")
+	link("sub", "sub-link")
+	h := startHub(t, func(c *Config) { c.StateDir = state; c.FilesDir = dir })
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: h.RootCAs(), ServerName: "localhost"}}
+	defer tr.CloseIdleConnections()
+	cl := &http.Client{Transport: tr, Timeout: waitLong,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	get := func(method, p string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, "https://"+h.HTTPSAddr()+p, nil)
+		resp, err := cl.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, p, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for _, tc := range []struct {
+		path   string
+		status int
+		body   string
+	}{
+		{"/files/fw.bin", 200, "image"},
+		{"/files/sub/inner.bin", 200, "inner"},
+		{"/files/fw-latest.bin", 200, "image"},      // a link that stays inside
+		{"/files/sub-link/inner.bin", 200, "inner"}, // through a directory link inside
+		{"/files/service", 404, ""},
+		{"/files/relative-out", 404, ""},
+		{"/files/absolute-out", 404, ""},
+		{"/files/passwd", 404, ""},
+		{"/files/dir-out/secret.txt", 404, ""},
+		{"/files/.hidden", 404, ""},
+		{"/files/.git/config", 404, ""},
+		{"/files/sub/.env", 404, ""},
+		{"/files/%2e%2e/" + filepath.Base(outside) + "/secret.txt", 404, ""},
+		{"/files/", 404, ""},
+		{"/files/sub", 404, ""},
+		{"/files/sub/", 404, ""},
+		{"/files/pipe", 404, ""},
+		{"/files/missing.bin", 404, ""},
+	} {
+		t.Run(tc.path, func(t *testing.T) {
+			st, body := get("GET", tc.path)
+			if st != tc.status || (tc.status == 200 && body != tc.body) {
+				t.Fatalf("GET: %d %q, want %d %q", st, body, tc.status, tc.body)
+			}
+			if strings.Contains(body, "secret") || strings.Contains(body, "SharedAccessKey") || strings.Contains(body, "root:") ||
+				strings.Contains(body, "<a href") {
+				t.Fatalf("GET leaked: %q", body)
+			}
+			if st, _ := get("HEAD", tc.path); st != tc.status {
+				t.Fatalf("HEAD: %d, want %d", st, tc.status)
+			}
+		})
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"time"
 
 	"github.com/gorilla/websocket"
 	"github.com/mochi-mqtt/server/v2/listeners"
@@ -25,6 +26,7 @@ type wsListener struct {
 	establish listeners.EstablishFn
 	closed    bool
 	done      chan struct{} // closed by Close; Serve returns then
+	conns     connSet       // live connections, closed with the listener
 }
 
 func newWSListener(id string) *wsListener {
@@ -51,18 +53,20 @@ func (l *wsListener) Close(closeClients listeners.CloseFn) {
 	}
 	l.mu.Unlock()
 	closeClients(l.id)
+	l.conns.closeAll()
 }
 
 // errWSClosed is returned when a WebSocket arrives while the broker stops.
 var errWSClosed = errors.New("hub: WebSocket listener closed")
 
-func (l *wsListener) serve(c net.Conn) error {
+func (l *wsListener) serve(c *wsConn) error {
 	l.mu.Lock()
 	est, closed := l.establish, l.closed
 	l.mu.Unlock()
-	if closed || est == nil {
+	if closed || est == nil || !l.conns.add(c) {
 		return errWSClosed
 	}
+	defer l.conns.remove(c)
 	return est(l.id, c)
 }
 
@@ -85,12 +89,23 @@ func (h *Hub) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "MQTT over WebSocket only", http.StatusBadRequest)
 		return
 	}
-	c, err := wsUpgrader.Upgrade(w, r, nil)
+	up := wsUpgrader
+	up.HandshakeTimeout = h.cfg.ConnectTimeout
+	c, err := up.Upgrade(w, r, nil)
 	if err != nil {
 		return // the upgrader has answered
 	}
-	conn := &wsConn{Conn: c.UnderlyingConn(), ws: c}
-	if tc, ok := c.UnderlyingConn().(*tls.Conn); ok {
+	raw := c.UnderlyingConn()
+	release, ok := h.gate.admit(raw.RemoteAddr())
+	if !ok {
+		_ = raw.Close()
+		return
+	}
+	// The HTTP server bounded the handshake and the upgrade request; this
+	// bounds the CONNECT. The broker sets the keep-alive deadline after it.
+	_ = raw.SetDeadline(time.Now().Add(h.cfg.ConnectTimeout))
+	conn := &wsConn{Conn: raw, ws: c, release: release}
+	if tc, ok := raw.(*tls.Conn); ok {
 		conn.tls = tc
 	}
 	defer conn.Close()
@@ -103,8 +118,9 @@ func (h *Hub) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 // boundaries need not match the message boundaries.
 type wsConn struct {
 	net.Conn
-	ws  *websocket.Conn
-	tls *tls.Conn // for the client certificate; nil without TLS
+	ws      *websocket.Conn
+	tls     *tls.Conn // for the client certificate; nil without TLS
+	release func()    // gives back the connection's place in the gate
 
 	r  io.Reader  // current message; owned by the reading goroutine
 	wm sync.Mutex // serialises whole-message writes
@@ -145,11 +161,19 @@ func (c *wsConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// ConnectionState exposes the TLS state so X.509 devices can connect over
-// WebSocket too.
-func (c *wsConn) ConnectionState() (tls.ConnectionState, bool) {
+func (c *wsConn) authenticated() { c.release() }
+
+func (c *wsConn) Close() error {
+	c.release()
+	return c.Conn.Close()
+}
+
+// ConnectionState exposes the TLS state, with the client certificate, so
+// X.509 devices can connect over WebSocket too; it is the zero state
+// without TLS. Its signature is tls.Conn's, which checkThumbprint asks for.
+func (c *wsConn) ConnectionState() tls.ConnectionState {
 	if c.tls == nil {
-		return tls.ConnectionState{}, false
+		return tls.ConnectionState{}
 	}
-	return c.tls.ConnectionState(), true
+	return c.tls.ConnectionState()
 }

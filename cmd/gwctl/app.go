@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"strings"
 	"time"
 
@@ -54,6 +55,7 @@ type app struct {
 	caFile           string
 	output           string
 	endpoint         string
+	insecure         bool
 	verbose          bool
 
 	log *zap.Logger
@@ -128,6 +130,7 @@ The connection string comes from --connection-string or ` + envConnectionString 
 	// A local hub on a non-standard port; the real service is always
 	// https://{HostName}.
 	f.StringVar(&a.endpoint, "endpoint", "", "reach the hub at this URL instead of https://{HostName}, e.g. https://127.0.0.1:8443 for a local gwhub (default $"+envEndpoint+")")
+	f.BoolVar(&a.insecure, "insecure", false, "allow an http:// --endpoint, which sends the service token in clear text")
 
 	root.AddCommand(a.deviceCommand(), a.twinCommand(), a.methodCommand(), a.updateCommand(), a.queryCommand())
 	return root
@@ -166,11 +169,42 @@ func (a *app) client() (*service.Client, error) {
 	if endpoint == "" {
 		endpoint = a.getenv(envEndpoint)
 	}
+	if err := a.checkEndpoint(endpoint); err != nil {
+		return nil, err
+	}
 	c, err := service.New(cs, service.Options{CAFile: ca, BaseURL: endpoint, UserAgent: "gwctl/1", Log: a.log.Named("service")})
 	if err != nil {
 		return nil, usageErr("%v", err)
 	}
 	return c, nil
+}
+
+// checkEndpoint refuses a plain-HTTP endpoint unless --insecure is given,
+// and then says on stderr what that costs: every request carries a SAS
+// token signed with the policy key, which grants everything the policy
+// does (iothubowner: the whole hub) until it expires.
+func (a *app) checkEndpoint(endpoint string) error {
+	if endpoint == "" {
+		return nil
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil {
+		return usageErr("--endpoint %q is not a URL: %v", endpoint, err)
+	}
+	switch strings.ToLower(u.Scheme) {
+	case "https":
+		return nil
+	case "http":
+		if !a.insecure {
+			return usageErr("--endpoint %s is plain HTTP: the service token, which grants the connection string's rights on the hub, "+
+				"would go in clear text. Use an https:// endpoint (for gwhub: https://HOST:PORT with --ca-file DIR/ca.pem), "+
+				"or add --insecure if the network path is trusted (e.g. loopback)", endpoint)
+		}
+		fmt.Fprintf(a.stderr, "gwctl: warning: --insecure: the service token goes to %s in clear text; anyone on the path can use it until it expires\n", endpoint)
+		return nil
+	default:
+		return usageErr("--endpoint %q must be an https:// URL", endpoint)
+	}
 }
 
 // withClient runs f with a client and closes its connections afterwards.

@@ -5,9 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -372,4 +375,83 @@ func TestHumanBytes(t *testing.T) {
 			t.Errorf("humanBytes(%d) = %q, want %q", n, got, want)
 		}
 	}
+}
+
+// TestPlainHTTPEndpoint: an http:// endpoint would carry the service token
+// in clear text; gwctl refuses it with a usage error unless --insecure is
+// given, and then warns.
+func TestPlainHTTPEndpoint(t *testing.T) {
+	var mu sync.Mutex
+	var auths []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		auths = append(auths, r.Header.Get("Authorization"))
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte("[]"))
+	}))
+	defer srv.Close()
+	cs := servicetest.New()
+	defer cs.Close()
+	run := func(env map[string]string, args ...string) result {
+		t.Helper()
+		var out, errb bytes.Buffer
+		vars := map[string]string{"IOTHUB_CONNECTION_STRING": cs.ConnectionString()}
+		for k, v := range env {
+			vars[k] = v
+		}
+		a := &app{stdout: &out, stderr: &errb, getenv: func(k string) string { return vars[k] },
+			isTerminal: func() bool { return false }, loc: time.UTC}
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		code := a.run(ctx, args)
+		return result{out.String(), errb.String(), code}
+	}
+	sent := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(auths)
+	}
+
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		args []string
+	}{
+		{"flag", nil, []string{"--endpoint", srv.URL, "device", "list"}},
+		{"environment", map[string]string{"GWCTL_ENDPOINT": srv.URL}, []string{"device", "list"}},
+		{"upper-case scheme", nil, []string{"--endpoint", strings.Replace(srv.URL, "http://", "HTTP://", 1), "device", "list"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := run(tc.env, tc.args...)
+			if r.code != exitUsage {
+				t.Fatalf("exit %d, want %d; stderr %q", r.code, exitUsage, r.stderr)
+			}
+			for _, want := range []string{"plain HTTP", "clear text", "https://", "--insecure"} {
+				if !strings.Contains(r.stderr, want) {
+					t.Errorf("stderr %q lacks %q", r.stderr, want)
+				}
+			}
+			if n := sent(); n != 0 {
+				t.Fatalf("%d requests reached the server", n)
+			}
+		})
+	}
+	t.Run("other scheme", func(t *testing.T) {
+		if r := run(nil, "--endpoint", "ftp://127.0.0.1:21", "device", "list"); r.code != exitUsage || !strings.Contains(r.stderr, "https://") {
+			t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+		}
+	})
+	t.Run("insecure", func(t *testing.T) {
+		r := run(nil, "--endpoint", srv.URL, "--insecure", "device", "list")
+		if r.code != exitOK {
+			t.Fatalf("exit %d; stderr %q", r.code, r.stderr)
+		}
+		if !strings.Contains(r.stderr, "warning") || !strings.Contains(r.stderr, "clear text") || !strings.Contains(r.stderr, srv.URL) {
+			t.Fatalf("no clear-text warning on stderr: %q", r.stderr)
+		}
+		if n := sent(); n != 1 || !strings.HasPrefix(auths[0], "SharedAccessSignature ") {
+			t.Fatalf("requests %d, Authorization %q", n, auths)
+		}
+	})
 }

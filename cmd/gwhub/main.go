@@ -83,6 +83,9 @@ func runCommand() *cobra.Command {
 	f.StringVar(&cfg.FilesDir, "files", "", "serve this directory read-only at https://HOST/files/ (firmware images)")
 	f.StringVar(&cfg.TLSCertFile, "tls-cert", "", "server certificate (PEM) to use instead of the hub's own CA-signed one")
 	f.StringVar(&cfg.TLSKeyFile, "tls-key", "", "private key (PEM) of --tls-cert")
+	f.DurationVar(&cfg.ConnectTimeout, "connect-timeout", hub.DefaultConnectTimeout, "close a connection that has not finished its TLS handshake and CONNECT (or WebSocket upgrade, or HTTPS request headers) within this time")
+	f.IntVar(&cfg.MaxPreAuthConns, "max-preauth-conns", hub.DefaultMaxPreAuthConns, "most connections that have not authenticated yet; more are closed at once")
+	f.IntVar(&cfg.MaxPreAuthConnsPerIP, "max-preauth-conns-per-ip", hub.DefaultMaxPreAuthConnsPerIP, "most connections from one IP address that have not authenticated yet; more are closed at once")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&logFmt, "log-format", "auto", "log format: auto, console, json, journal")
 	return cmd

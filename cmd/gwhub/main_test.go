@@ -40,7 +40,8 @@ func TestRunPrintsBannerAndStops(t *testing.T) {
 	out := &syncBuffer{}
 	cmd.SetOut(out)
 	cmd.SetArgs([]string{"--state-dir", dir, "--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0",
-		"--ws", "--files", files, "--log-level", "error", "--log-format", "json"})
+		"--ws", "--files", files, "--log-level", "error", "--log-format", "json",
+		"--connect-timeout", "5s", "--max-preauth-conns", "100", "--max-preauth-conns-per-ip", "10"})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
