@@ -161,9 +161,16 @@ func New(cs iothub.ConnectionString, opts Options) (*Client, error) {
 			}
 			tr.TLSClientConfig.RootCAs = pool
 		}
-		c.hc = &http.Client{Transport: tr}
+		c.hc = &http.Client{Transport: tr, CheckRedirect: refuseRedirect}
 	}
 	return c, nil
+}
+
+// refuseRedirect stops every redirect: IoT Hub's service API never answers
+// with one, and following it could carry the hub-wide token somewhere else,
+// or in clear text.
+func refuseRedirect(req *http.Request, _ []*http.Request) error {
+	return fmt.Errorf("%w: the hub answered with a redirect to %s; not following it with the service token", ErrInvalid, req.URL.Redacted())
 }
 
 // HostName is the hub's host name from the connection string.

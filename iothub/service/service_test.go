@@ -3,10 +3,16 @@ package service
 import (
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -570,5 +576,42 @@ func TestUntrustedCertificateIsNotRetried(t *testing.T) {
 	}
 	if n := logs.FilterMessage("retrying service call").Len(); n != 0 {
 		t.Errorf("retried %d times", n)
+	}
+}
+
+// A redirect is never followed: the service token must not travel on to
+// another place, least of all in clear text.
+func TestRedirectNotFollowed(t *testing.T) {
+	var leaked atomic.Int32
+	plain := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "" {
+			leaked.Add(1)
+		}
+		w.WriteHeader(200)
+	}))
+	defer plain.Close()
+	redirecting := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, plain.URL+r.URL.Path, http.StatusFound)
+	}))
+	defer redirecting.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: redirecting.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := iothub.ParseConnectionString("HostName=hub.example.net;SharedAccessKeyName=iothubowner;SharedAccessKey=" + base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(cs, Options{CAFile: ca, BaseURL: redirecting.URL, Retry: RetryPolicy{MaxTries: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseIdleConnections()
+	_, err = c.GetTwin(t.Context(), "gw-01")
+	if err == nil || !strings.Contains(err.Error(), "redirect") {
+		t.Fatalf("GetTwin through a redirect: %v, want an error naming the redirect", err)
+	}
+	if n := leaked.Load(); n != 0 {
+		t.Fatalf("the token reached the redirect target %d times", n)
 	}
 }
