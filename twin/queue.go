@@ -112,6 +112,8 @@ type Queue struct {
 	lock    *os.File      // flock(2) on <Dir>/lock, held until Close
 	dirf    *os.File      // Dir, opened for fsync
 	closed  bool
+
+	syncs atomic.Uint64 // fsyncs made (entry files and Dir), see Syncs
 }
 
 // OpenQueue opens (or creates) the queue in opts.Dir and loads the entries
@@ -246,7 +248,7 @@ func (q *Queue) load() error {
 		return 0
 	})
 	if removed {
-		if err := q.dirf.Sync(); err != nil {
+		if err := q.syncDir(); err != nil {
 			return fmt.Errorf("twin: sync queue directory: %w", err)
 		}
 	}
@@ -300,13 +302,11 @@ func (q *Queue) write(e *entry) error {
 	path := filepath.Join(q.dir, entryName(e.seq))
 	// The temporary file goes into Dir itself: same file system, and
 	// renameio does not have to probe for a temporary directory each time.
+	q.syncs.Add(1) // renameio fsyncs the temporary file before the rename
 	if err := renameio.WriteFile(path, b, 0o600, renameio.WithTempDir(q.dir)); err != nil {
 		return fmt.Errorf("twin: write entry %d: %w", e.seq, err)
 	}
-	if err := q.dirf.Sync(); err != nil {
-		return fmt.Errorf("twin: sync queue directory: %w", err)
-	}
-	return nil
+	return q.syncDir()
 }
 
 // remove deletes e's file durably.
@@ -315,11 +315,22 @@ func (q *Queue) remove(e *entry) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("twin: remove entry %d: %w", e.seq, err)
 	}
+	return q.syncDir()
+}
+
+// syncDir makes the directory's names (creations, renames, removals)
+// durable.
+func (q *Queue) syncDir() error {
+	q.syncs.Add(1)
 	if err := q.dirf.Sync(); err != nil {
 		return fmt.Errorf("twin: sync queue directory: %w", err)
 	}
 	return nil
 }
+
+// Syncs is the number of fsyncs the queue has made since OpenQueue, on
+// entry files and on its directory: what reporting costs a device's flash.
+func (q *Queue) Syncs() uint64 { return q.syncs.Load() }
 
 // Report queues a reported-properties patch and returns once it is on disk
 // (fsynced), so a crash right after loses nothing. patch may hold any

@@ -63,9 +63,19 @@ type Reporter struct {
 	any     bool               // something was reported
 	dlDone  bool               // downloadComplete reported for sent.UpdateID
 	pending *firmware.Progress // progress held back by MinInterval
-	timer   *time.Timer        // reports pending when MinInterval has passed
+	timer   stopper            // reports pending when MinInterval has passed
 	closed  bool
+
+	// now and afterFunc are time.Now and time.AfterFunc; the package's
+	// benchmark replaces them to simulate an hour-long download.
+	now       func() time.Time
+	afterFunc func(time.Duration, func()) stopper
 }
+
+// stopper is the part of *time.Timer the Reporter uses.
+type stopper interface{ Stop() bool }
+
+func afterFunc(d time.Duration, f func()) stopper { return time.AfterFunc(d, f) }
 
 // New returns a Reporter writing to sink.
 func New(sink Sink, opts Options) *Reporter {
@@ -76,7 +86,7 @@ func New(sink Sink, opts Options) *Reporter {
 	if opts.Log == nil {
 		opts.Log = zap.NewNop()
 	}
-	return &Reporter{sink: sink, opts: opts, log: opts.Log}
+	return &Reporter{sink: sink, opts: opts, log: opts.Log, now: time.Now, afterFunc: afterFunc}
 }
 
 // SetLimits changes the progress rate limits (configuration reload).
@@ -128,7 +138,7 @@ func (r *Reporter) Observe(p firmware.Progress) {
 		return
 	}
 	r.last = p
-	now := time.Now()
+	now := r.now()
 	if !r.any || p.UpdateID != r.sent.UpdateID || p.Phase != r.sent.Phase || p.Phase.Terminal() {
 		// A phase change: at once, as a milestone, superseding any held
 		// progress of the phase before.
@@ -142,7 +152,7 @@ func (r *Reporter) Observe(p firmware.Progress) {
 	if wait := r.opts.MinInterval - now.Sub(r.sentAt); wait > 0 {
 		r.pending = &p
 		if r.timer == nil {
-			r.timer = time.AfterFunc(wait, r.flushPending)
+			r.timer = r.afterFunc(wait, r.flushPending)
 		}
 		return
 	}
@@ -171,7 +181,7 @@ func (r *Reporter) flushPending() {
 	}
 	p := *r.pending
 	r.pending = nil
-	r.emitLocked(p, false, time.Now())
+	r.emitLocked(p, false, r.now())
 }
 
 func (r *Reporter) dropPendingLocked() {
@@ -208,7 +218,7 @@ func (r *Reporter) Close() {
 	if r.pending != nil {
 		p := *r.pending
 		r.dropPendingLocked()
-		r.emitLocked(p, false, time.Now())
+		r.emitLocked(p, false, r.now())
 	}
 	r.dropPendingLocked()
 	r.closed = true
