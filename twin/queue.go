@@ -53,11 +53,6 @@ type QueueOptions struct {
 	MinBackoff, MaxBackoff time.Duration
 	// RequestTimeout bounds one PatchReported call (default 30s).
 	RequestTimeout time.Duration
-	// MinInterval, if set, spaces out sends of progress-only entries: one
-	// is sent no sooner than MinInterval after the previous send, and the
-	// reports made meanwhile merge into it. Milestones go at once. IoT Hub
-	// advises about one reported patch per second per device (§9.6).
-	MinInterval time.Duration
 }
 
 // Defaults of QueueOptions (docs/iothub-protocol.md §9.6).
@@ -498,8 +493,9 @@ func (q *Queue) Close() error {
 // temporary *iothub.StatusError and any other error) are retried with capped,
 // jittered exponential backoff; Wake cuts a wait short. A permanent
 // rejection (a non-temporary 4xx *iothub.StatusError) is logged with the patch's
-// keys and the entry dropped. With QueueOptions.MinInterval, progress-only
-// entries are spaced out. An idle queue waits for Report without timers.
+// keys and the entry dropped. The queue does not pace sends: the callers
+// decide how often to report (twin/report limits progress). An idle queue
+// waits for Report without timers.
 func (q *Queue) Run(ctx context.Context) error {
 	if !q.running.CompareAndSwap(false, true) {
 		return ErrRunning
@@ -514,35 +510,16 @@ func (q *Queue) Run(ctx context.Context) error {
 	}
 	b.Reset()
 	attempt := 0
-	var lastSend time.Time
 	for {
-		var notBefore time.Time
-		if q.opts.MinInterval > 0 && !lastSend.IsZero() {
-			notBefore = lastSend.Add(q.opts.MinInterval)
-		}
-		e, body, wait, err := q.head(notBefore)
+		e, body, err := q.head()
 		if err != nil {
 			return err
 		}
-		if e == nil || wait > 0 {
-			// Idle, or a progress entry that is not due yet: sleep until a
-			// Report (which may turn it into a milestone) or until it is due.
-			var due <-chan time.Time
-			var t *time.Timer
-			if wait > 0 {
-				t = time.NewTimer(wait)
-				due = t.C
-			}
+		if e == nil {
 			select {
 			case <-ctx.Done():
-			case <-q.kick:
-			case <-due:
-			}
-			if t != nil {
-				t.Stop()
-			}
-			if ctx.Err() != nil {
 				return nil
+			case <-q.kick:
 			}
 			continue
 		}
@@ -554,7 +531,6 @@ func (q *Queue) Run(ctx context.Context) error {
 
 		var failure error
 		if body != nil {
-			lastSend = time.Now()
 			attempt++
 			failure = q.send(ctx, e, body, attempt)
 		} else {
@@ -591,33 +567,27 @@ func (q *Queue) Run(ctx context.Context) error {
 
 // head returns the head entry, marked as being sent, with its body; a nil
 // body means it was delivered already and only needs removing. A nil entry
-// means the queue is empty. A progress-only head is not due before
-// notBefore: head then returns it unmarked with the time left to wait.
-func (q *Queue) head(notBefore time.Time) (*entry, []byte, time.Duration, error) {
+// means the queue is empty.
+func (q *Queue) head() (*entry, []byte, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
-		return nil, nil, 0, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	if len(q.entries) == 0 {
-		return nil, nil, 0, nil
+		return nil, nil, nil
 	}
 	e := q.entries[0]
 	if e.delivered {
-		return e, nil, 0, nil
-	}
-	if !e.milestone && !notBefore.IsZero() {
-		if wait := time.Until(notBefore); wait > 0 {
-			return e, nil, wait, nil
-		}
+		return e, nil, nil
 	}
 	body, err := json.Marshal(e.patch)
 	if err != nil {
 		// Cannot happen for a decoded document; keep the entry visible.
-		return nil, nil, 0, fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
+		return nil, nil, fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
 	}
 	e.sending = true
-	return e, body, 0, nil
+	return e, body, nil
 }
 
 // send publishes e once. It returns nil when the entry is done with
