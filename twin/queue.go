@@ -63,7 +63,10 @@ const (
 )
 
 // formatVersion is written into every entry file. Files of another
-// version are left in place and not sent.
+// version are left in place and not sent. Files with milestone false are
+// no longer written (progress stays in memory) but still load: they are
+// what versions before that left on disk. The record is unchanged, so the
+// version is too, and an older agent still reads what this one writes.
 const formatVersion = 1
 
 // record is the on-disk form of one entry: <Dir>/<seq, 20 digits>.json.
@@ -79,6 +82,10 @@ type entry struct {
 	seq       uint64
 	milestone bool
 	patch     map[string]any
+	// durable is set when the entry's file holds it: every milestone, and
+	// progress entries an older version wrote. Other progress entries live
+	// in memory only.
+	durable bool
 	// sending is set while the sender publishes this entry: Report then
 	// appends instead of merging, so an acknowledgement never covers a
 	// change that was not in the published body.
@@ -280,7 +287,7 @@ func readEntry(path string, seq uint64) (*entry, int, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	return &entry{seq: seq, milestone: r.Milestone, patch: patch}, r.FormatVersion, nil
+	return &entry{seq: seq, milestone: r.Milestone, patch: patch, durable: true}, r.FormatVersion, nil
 }
 
 // write stores e durably: atomic replace, then the directory is synced so
@@ -327,17 +334,22 @@ func (q *Queue) syncDir() error {
 // entry files and on its directory: what reporting costs a device's flash.
 func (q *Queue) Syncs() uint64 { return q.syncs.Load() }
 
-// Report queues a reported-properties patch and returns once it is on disk
-// (fsynced), so a crash right after loses nothing. patch may hold any
-// JSON-encodable values; it is copied, checked with ValidatePatch and
+// Report queues a reported-properties patch. A milestone is on disk
+// (fsynced) when Report returns, so a crash right after loses nothing. A
+// progress patch (milestone false) is kept in memory only: it costs no
+// disk write, and a crash or stop before it is delivered loses it. That
+// is safe for what callers report as progress: values that the next
+// milestone or the report made at every start state again. patch may hold
+// any JSON-encodable values; it is copied, checked with ValidatePatch and
 // against MaxReportedSize (errors wrap ErrInvalid). An empty patch is a
 // no-op.
 //
 // The patch is merged into the newest pending entry unless that entry is a
 // milestone, is being sent, or the two cannot be expressed as one merge
-// patch; the merged entry is a milestone if the new patch is. So progress
-// patches collapse into one, and every milestone (a state change) reaches
-// the hub, in order.
+// patch; the merged entry is a milestone if the new patch is, and is then
+// written to disk. So progress patches collapse into one, a milestone
+// carries the progress queued before it, and every milestone (a state
+// change) reaches the hub, in order, after what was queued before it.
 func (q *Queue) Report(patch map[string]any, milestone bool) error {
 	p, err := normalize(patch)
 	if err != nil {
@@ -363,9 +375,17 @@ func (q *Queue) Report(patch map[string]any, milestone bool) error {
 		if !tail.milestone && !tail.sending && !tail.delivered {
 			merged, ok := composePatches(tail.patch, p)
 			if ok && Size(merged) <= MaxReportedSize {
-				e := &entry{seq: tail.seq, milestone: milestone, patch: merged}
-				if err := q.write(e); err != nil {
-					return err
+				e := &entry{seq: tail.seq, milestone: milestone, patch: merged, durable: tail.durable}
+				// A file an older version wrote is kept up to date, so it
+				// never holds less than memory.
+				if milestone || tail.durable {
+					if err := q.write(e); err != nil {
+						if !tail.durable {
+							_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+						}
+						return err
+					}
+					e.durable = true
 				}
 				q.entries[n-1] = e
 				q.signal(q.kick)
@@ -373,13 +393,18 @@ func (q *Queue) Report(patch map[string]any, milestone bool) error {
 			}
 		}
 	}
+	// Numbers are unique among the entries on disk: never reused, even
+	// after a failed write that may have left the file behind. Progress
+	// entries take one too (for the logs, and a milestone merged into one
+	// is written under it).
 	e := &entry{seq: q.nextSeq, milestone: milestone, patch: p}
-	// Never reuse a number, even after a failed write that may have left
-	// the file behind.
 	q.nextSeq++
-	if err := q.write(e); err != nil {
-		_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
-		return err
+	if milestone {
+		if err := q.write(e); err != nil {
+			_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+			return err
+		}
+		e.durable = true
 	}
 	if len(q.entries) == 0 {
 		q.empty = make(chan struct{})
@@ -475,8 +500,10 @@ func (q *Queue) Flush(ctx context.Context) error {
 	}
 }
 
-// Close releases the queue directory. Pending entries stay on disk for the
-// next OpenQueue. Call it after Run has returned.
+// Close releases the queue directory. Pending milestones stay on disk for
+// the next OpenQueue; pending progress, kept in memory, is dropped (the
+// caller reports its state again at the next start). Call it after Run has
+// returned.
 func (q *Queue) Close() error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -634,6 +661,10 @@ func (q *Queue) finish(e *entry) error {
 	if q.closed {
 		return ErrClosed
 	}
+	if !e.durable {
+		q.popLocked()
+		return nil
+	}
 	if err := q.remove(e); err != nil {
 		// Left on disk, a delivered entry would be sent again after a
 		// restart and undo newer values the hub already has; so the
@@ -641,11 +672,16 @@ func (q *Queue) finish(e *entry) error {
 		q.log.Error("cannot remove delivered queue entry", zap.Uint64("seq", e.seq), zap.Error(err))
 		return err
 	}
+	q.popLocked()
+	return nil
+}
+
+func (q *Queue) popLocked() {
+	q.entries[0] = nil
 	q.entries = q.entries[1:]
 	if len(q.entries) == 0 {
 		close(q.empty)
 	}
-	return nil
 }
 
 // keyPaths lists up to limit leaf key paths of a patch, sorted, for logs.
