@@ -192,3 +192,50 @@ func BenchmarkHourDownload(b *testing.B) {
 		})
 	}
 }
+
+// discardSink takes patches and drops them.
+type discardSink struct{ n int }
+
+func (s *discardSink) Report(map[string]any, bool) error { s.n++; return nil }
+
+// BenchmarkObserve is the cost of one Observe call during a download, as
+// the state machine makes it for every written window: most calls are
+// held back by the limits (the size is unknown, so the interval alone
+// limits; the clock moves 10 ms per call, so one call in 200 is
+// reported). x-baseline is the time per call over that of the least an
+// observer does (take a lock, keep the latest progress), timed over as
+// many calls in the same run.
+func BenchmarkObserve(b *testing.B) {
+	now := time.Date(2026, 11, 26, 1, 0, 0, 0, time.UTC)
+	sink := &discardSink{}
+	r := New(sink, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
+	// The next call after the interval reports what the timer would have.
+	r.now = func() time.Time { return now }
+	r.afterFunc = func(time.Duration, func()) stopper { return &fakeTimer{} }
+	p := firmware.Progress{UpdateID: "u-bench", Phase: firmware.PhaseDownloading, TargetVersion: "2.0.0",
+		CurrentVersion: "1.0.0", Percent: -1}
+	r.Observe(p)
+	n := 0
+	for b.Loop() {
+		n++
+		now = now.Add(10 * time.Millisecond)
+		p.Bytes, p.Time = int64(n)<<20, now
+		r.Observe(p)
+	}
+	elapsed := b.Elapsed()
+	r.Close()
+
+	var mu sync.Mutex
+	var last firmware.Progress
+	start := time.Now()
+	for i := range n {
+		p.Bytes, p.Time = int64(i)<<20, now
+		mu.Lock()
+		last = p
+		mu.Unlock()
+	}
+	base := time.Since(start)
+	_ = last
+	b.ReportMetric(float64(elapsed)/float64(max(base, 1)), "x-baseline")
+	b.ReportMetric(float64(sink.n)/float64(n), "patches/call")
+}

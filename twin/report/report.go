@@ -56,14 +56,15 @@ type Reporter struct {
 	opts Options
 	log  *zap.Logger
 
-	mu      sync.Mutex         // guards everything below
-	last    firmware.Progress  // the latest progress seen
-	sent    firmware.Progress  // the latest progress reported
-	sentAt  time.Time          // when sent was reported
-	any     bool               // something was reported
-	dlDone  bool               // downloadComplete reported for sent.UpdateID
-	pending *firmware.Progress // progress held back by MinInterval
-	timer   stopper            // reports pending when MinInterval has passed
+	mu      sync.Mutex        // guards everything below
+	last    firmware.Progress // the latest progress seen
+	sent    firmware.Progress // the latest progress reported
+	sentAt  time.Time         // when sent was reported
+	any     bool              // something was reported
+	dlDone  bool              // downloadComplete reported for sent.UpdateID
+	pending firmware.Progress // progress held back by MinInterval, if held
+	held    bool              // pending holds progress
+	timer   stopper           // reports pending when MinInterval has passed
 	closed  bool
 
 	// now and afterFunc are time.Now and time.AfterFunc; the package's
@@ -150,7 +151,9 @@ func (r *Reporter) Observe(p firmware.Progress) {
 		return
 	}
 	if wait := r.opts.MinInterval - now.Sub(r.sentAt); wait > 0 {
-		r.pending = &p
+		// A value, not a pointer: Observe runs for every written window
+		// and must not allocate.
+		r.pending, r.held = p, true
 		if r.timer == nil {
 			r.timer = r.afterFunc(wait, r.flushPending)
 		}
@@ -176,16 +179,16 @@ func (r *Reporter) flushPending() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.timer = nil
-	if r.pending == nil || r.closed {
+	if !r.held || r.closed {
 		return
 	}
-	p := *r.pending
-	r.pending = nil
+	p := r.pending
+	r.pending, r.held = firmware.Progress{}, false
 	r.emitLocked(p, false, r.now())
 }
 
 func (r *Reporter) dropPendingLocked() {
-	r.pending = nil
+	r.pending, r.held = firmware.Progress{}, false
 	if r.timer != nil {
 		r.timer.Stop()
 		r.timer = nil
@@ -215,8 +218,8 @@ func (r *Reporter) Close() {
 	if r.closed {
 		return
 	}
-	if r.pending != nil {
-		p := *r.pending
+	if r.held {
+		p := r.pending
 		r.dropPendingLocked()
 		r.emitLocked(p, false, r.now())
 	}
