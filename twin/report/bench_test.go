@@ -98,7 +98,7 @@ func (h *onlineHub) PatchReported(_ context.Context, body []byte) (int64, error)
 
 // simulateHourDownload drives r as the state machine does through one
 // update whose download takes an hour: 1 GiB, with byte progress observed
-// every second of it (the size unknown: no percentage).
+// every second of it (without sizeKnown, no total and no percentage).
 func simulateHourDownload(r *Reporter, clk *fakeClock, sizeKnown bool) error {
 	const size = 1 << 30
 	if err := r.Startup(firmware.Status{Progress: firmware.Progress{Phase: firmware.PhaseIdle, CurrentVersion: "1.0.0"}},
@@ -133,12 +133,69 @@ func simulateHourDownload(r *Reporter, clk *fakeClock, sizeKnown bool) error {
 	return nil
 }
 
-// BenchmarkHourDownload runs one update with an hour-long download
-// through the Reporter (its default limits: 2 s, 5 %) into the real queue
-// on real files, with a hub that accepts at once, and reports the fsyncs
-// that cost next to the phase changes (milestones, with the start-up
-// report) and the progress patches. The hour is simulated (fake clock);
-// the queue, its files and its sender are real.
+// hourCost is what one simulated hour-long update cost.
+type hourCost struct{ fsyncs, milestones, progress int }
+
+// hourDownload runs one update with an hour-long download through the
+// Reporter (its default limits: 2 s, 5 %) into the real queue on real
+// files in dir, with a hub that accepts at once. The hour is simulated
+// (fake clock); the queue, its files and its sender are real.
+func hourDownload(tb testing.TB, dir string, sizeKnown bool) hourCost {
+	hub := &onlineHub{}
+	q, err := twin.OpenQueue(twin.QueueOptions{Dir: dir}, hub, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer q.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- q.Run(ctx) }()
+
+	sink := &countingSink{q: q}
+	clk := &fakeClock{now: time.Date(2026, 11, 26, 1, 0, 0, 0, time.UTC)}
+	r := New(sink, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
+	r.now, r.afterFunc = clk.Now, clk.AfterFunc
+	if err := simulateHourDownload(r, clk, sizeKnown); err != nil {
+		tb.Fatal(err)
+	}
+	fctx, fcancel := context.WithTimeout(ctx, time.Minute)
+	err = q.Flush(fctx)
+	fcancel()
+	cancel()
+	if rerr := <-done; err != nil || rerr != nil {
+		tb.Fatalf("flush: %v; run: %v", err, rerr)
+	}
+	hub.mu.Lock()
+	st := hub.doc["firmwareStatus"]
+	hub.mu.Unlock()
+	if st != "completed" {
+		tb.Fatalf("hub shows firmwareStatus %v after the update, want completed", st)
+	}
+	return hourCost{fsyncs: int(q.Syncs()), milestones: sink.milestones, progress: sink.progress}
+}
+
+// TestHourDownloadFsyncs: what reporting an update costs the disk depends
+// on its phase changes, not on how long its download takes: three fsyncs
+// per milestone (write, rename, removal), none for progress.
+func TestHourDownloadFsyncs(t *testing.T) {
+	for _, sizeKnown := range []bool{true, false} {
+		c := hourDownload(t, t.TempDir(), sizeKnown)
+		if c.milestones != 6 || c.progress < 20 {
+			t.Fatalf("size known %v: %d milestones, %d progress patches; want 6 and at least 20", sizeKnown, c.milestones, c.progress)
+		}
+		if c.fsyncs != 3*c.milestones {
+			t.Errorf("size known %v: %d fsyncs for %d milestones and %d progress patches, want %d",
+				sizeKnown, c.fsyncs, c.milestones, c.progress, 3*c.milestones)
+		}
+	}
+}
+
+// BenchmarkHourDownload is hourDownload as a benchmark: the fsyncs one
+// update with an hour-long download costs, next to its phase changes
+// (milestones, with the start-up report) and its progress patches. With
+// the size known, progress moves in 5 % steps (20 patches); without, the
+// interval alone limits it (one patch per 2 s).
 func BenchmarkHourDownload(b *testing.B) {
 	for _, tc := range []struct {
 		name      string
@@ -146,49 +203,22 @@ func BenchmarkHourDownload(b *testing.B) {
 	}{{"size-known", true}, {"size-unknown", false}} {
 		b.Run(tc.name, func(b *testing.B) {
 			base := b.TempDir()
-			var fsyncs, milestones, progress, ops int
+			var sum hourCost
+			ops := 0
 			for b.Loop() {
 				dir, err := os.MkdirTemp(base, "queue")
 				if err != nil {
 					b.Fatal(err)
 				}
-				hub := &onlineHub{}
-				q, err := twin.OpenQueue(twin.QueueOptions{Dir: dir}, hub, nil)
-				if err != nil {
-					b.Fatal(err)
-				}
-				ctx, cancel := context.WithCancel(context.Background())
-				done := make(chan error, 1)
-				go func() { done <- q.Run(ctx) }()
-
-				sink := &countingSink{q: q}
-				clk := &fakeClock{now: time.Date(2026, 11, 26, 1, 0, 0, 0, time.UTC)}
-				r := New(sink, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
-				r.now, r.afterFunc = clk.Now, clk.AfterFunc
-				if err := simulateHourDownload(r, clk, tc.sizeKnown); err != nil {
-					b.Fatal(err)
-				}
-				fctx, fcancel := context.WithTimeout(ctx, time.Minute)
-				err = q.Flush(fctx)
-				fcancel()
-				cancel()
-				if rerr := <-done; err != nil || rerr != nil {
-					b.Fatalf("flush: %v; run: %v", err, rerr)
-				}
-				if st := hub.doc["firmwareStatus"]; st != "completed" {
-					b.Fatalf("hub shows firmwareStatus %v after the update, want completed", st)
-				}
-				fsyncs += int(q.Syncs())
-				milestones += sink.milestones
-				progress += sink.progress
+				c := hourDownload(b, dir, tc.sizeKnown)
+				sum.fsyncs += c.fsyncs
+				sum.milestones += c.milestones
+				sum.progress += c.progress
 				ops++
-				if err := q.Close(); err != nil {
-					b.Fatal(err)
-				}
 			}
-			b.ReportMetric(float64(fsyncs)/float64(ops), "fsyncs/op")
-			b.ReportMetric(float64(milestones)/float64(ops), "phases/op")
-			b.ReportMetric(float64(progress)/float64(ops), "progress/op")
+			b.ReportMetric(float64(sum.fsyncs)/float64(ops), "fsyncs/op")
+			b.ReportMetric(float64(sum.milestones)/float64(ops), "phases/op")
+			b.ReportMetric(float64(sum.progress)/float64(ops), "progress/op")
 		})
 	}
 }
