@@ -65,6 +65,7 @@ type Reporter struct {
 	pending firmware.Progress // progress held back by MinInterval, if held
 	held    bool              // pending holds progress
 	timer   stopper           // reports pending when MinInterval has passed
+	gen     uint64            // counts timers: one replaced or stopped after it fired does nothing
 	closed  bool
 
 	// now and afterFunc are time.Now and time.AfterFunc; the package's
@@ -155,7 +156,9 @@ func (r *Reporter) Observe(p firmware.Progress) {
 		// and must not allocate.
 		r.pending, r.held = p, true
 		if r.timer == nil {
-			r.timer = r.afterFunc(wait, r.flushPending)
+			r.gen++
+			gen := r.gen
+			r.timer = r.afterFunc(wait, func() { r.flushPending(gen) })
 		}
 		return
 	}
@@ -175,9 +178,16 @@ func (r *Reporter) progressWorthLocked(p firmware.Progress) bool {
 	return p.Percent-r.sent.Percent >= r.opts.MinPercentStep || p.Percent == 100 && r.sent.Percent != 100
 }
 
-func (r *Reporter) flushPending() {
+// flushPending reports the held progress when timer gen fires. A timer
+// that fired while Observe held the lock, and was stopped or replaced by
+// it, finds another generation (or none) and does nothing: progress is
+// never reported sooner than MinInterval after the last.
+func (r *Reporter) flushPending(gen uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.timer == nil || gen != r.gen {
+		return
+	}
 	r.timer = nil
 	if !r.held || r.closed {
 		return
