@@ -74,7 +74,7 @@ bench: deps ## Benchmarks, each as a ratio to a baseline measured in the same ru
 	GO='$(GO)' BUILD='$(BUILD)' test/bench/agent.sh
 	$(GO) test -run '^$$' -bench MethodRoundTrip -benchtime 500x ./hub/
 	HUB_BENCH_DEVICES=1000 $(GO) test -run '^$$' -bench ConnectedDevices -benchtime 1x ./hub/
-	$(GO) test -run '^$$' -bench Report -benchmem ./twin/
+	$(GO) test -run '^$$' -bench 'Report|HourDownload' -benchmem ./twin/...
 
 .PHONY: clean
 clean: ## Remove build output

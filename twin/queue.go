@@ -53,11 +53,6 @@ type QueueOptions struct {
 	MinBackoff, MaxBackoff time.Duration
 	// RequestTimeout bounds one PatchReported call (default 30s).
 	RequestTimeout time.Duration
-	// MinInterval, if set, spaces out sends of progress-only entries: one
-	// is sent no sooner than MinInterval after the previous send, and the
-	// reports made meanwhile merge into it. Milestones go at once. IoT Hub
-	// advises about one reported patch per second per device (§9.6).
-	MinInterval time.Duration
 }
 
 // Defaults of QueueOptions (docs/iothub-protocol.md §9.6).
@@ -68,7 +63,10 @@ const (
 )
 
 // formatVersion is written into every entry file. Files of another
-// version are left in place and not sent.
+// version are left in place and not sent. Files with milestone false are
+// no longer written (progress stays in memory) but still load: they are
+// what versions before that left on disk. The record is unchanged, so the
+// version is too, and an older agent still reads what this one writes.
 const formatVersion = 1
 
 // record is the on-disk form of one entry: <Dir>/<seq, 20 digits>.json.
@@ -84,6 +82,10 @@ type entry struct {
 	seq       uint64
 	milestone bool
 	patch     map[string]any
+	// durable is set when the entry's file holds it: every milestone, and
+	// progress entries an older version wrote. Other progress entries live
+	// in memory only.
+	durable bool
 	// sending is set while the sender publishes this entry: Report then
 	// appends instead of merging, so an acknowledgement never covers a
 	// change that was not in the published body.
@@ -112,6 +114,8 @@ type Queue struct {
 	lock    *os.File      // flock(2) on <Dir>/lock, held until Close
 	dirf    *os.File      // Dir, opened for fsync
 	closed  bool
+
+	syncs atomic.Uint64 // fsyncs made (entry files and Dir), see Syncs
 }
 
 // OpenQueue opens (or creates) the queue in opts.Dir and loads the entries
@@ -246,7 +250,7 @@ func (q *Queue) load() error {
 		return 0
 	})
 	if removed {
-		if err := q.dirf.Sync(); err != nil {
+		if err := q.syncDir(); err != nil {
 			return fmt.Errorf("twin: sync queue directory: %w", err)
 		}
 	}
@@ -283,7 +287,7 @@ func readEntry(path string, seq uint64) (*entry, int, error) {
 	if err != nil {
 		return nil, 0, err
 	}
-	return &entry{seq: seq, milestone: r.Milestone, patch: patch}, r.FormatVersion, nil
+	return &entry{seq: seq, milestone: r.Milestone, patch: patch, durable: true}, r.FormatVersion, nil
 }
 
 // write stores e durably: atomic replace, then the directory is synced so
@@ -300,13 +304,11 @@ func (q *Queue) write(e *entry) error {
 	path := filepath.Join(q.dir, entryName(e.seq))
 	// The temporary file goes into Dir itself: same file system, and
 	// renameio does not have to probe for a temporary directory each time.
+	q.syncs.Add(1) // renameio fsyncs the temporary file before the rename
 	if err := renameio.WriteFile(path, b, 0o600, renameio.WithTempDir(q.dir)); err != nil {
 		return fmt.Errorf("twin: write entry %d: %w", e.seq, err)
 	}
-	if err := q.dirf.Sync(); err != nil {
-		return fmt.Errorf("twin: sync queue directory: %w", err)
-	}
-	return nil
+	return q.syncDir()
 }
 
 // remove deletes e's file durably.
@@ -315,23 +317,39 @@ func (q *Queue) remove(e *entry) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("twin: remove entry %d: %w", e.seq, err)
 	}
+	return q.syncDir()
+}
+
+// syncDir makes the directory's names (creations, renames, removals)
+// durable.
+func (q *Queue) syncDir() error {
+	q.syncs.Add(1)
 	if err := q.dirf.Sync(); err != nil {
 		return fmt.Errorf("twin: sync queue directory: %w", err)
 	}
 	return nil
 }
 
-// Report queues a reported-properties patch and returns once it is on disk
-// (fsynced), so a crash right after loses nothing. patch may hold any
-// JSON-encodable values; it is copied, checked with ValidatePatch and
+// Syncs is the number of fsyncs the queue has made since OpenQueue, on
+// entry files and on its directory: what reporting costs a device's flash.
+func (q *Queue) Syncs() uint64 { return q.syncs.Load() }
+
+// Report queues a reported-properties patch. A milestone is on disk
+// (fsynced) when Report returns, so a crash right after loses nothing. A
+// progress patch (milestone false) is kept in memory only: it costs no
+// disk write, and a crash or stop before it is delivered loses it. That
+// is safe for what callers report as progress: values that the next
+// milestone or the report made at every start state again. patch may hold
+// any JSON-encodable values; it is copied, checked with ValidatePatch and
 // against MaxReportedSize (errors wrap ErrInvalid). An empty patch is a
 // no-op.
 //
 // The patch is merged into the newest pending entry unless that entry is a
 // milestone, is being sent, or the two cannot be expressed as one merge
-// patch; the merged entry is a milestone if the new patch is. So progress
-// patches collapse into one, and every milestone (a state change) reaches
-// the hub, in order.
+// patch; the merged entry is a milestone if the new patch is, and is then
+// written to disk. So progress patches collapse into one, a milestone
+// carries the progress queued before it, and every milestone (a state
+// change) reaches the hub, in order, after what was queued before it.
 func (q *Queue) Report(patch map[string]any, milestone bool) error {
 	p, err := normalize(patch)
 	if err != nil {
@@ -357,9 +375,17 @@ func (q *Queue) Report(patch map[string]any, milestone bool) error {
 		if !tail.milestone && !tail.sending && !tail.delivered {
 			merged, ok := composePatches(tail.patch, p)
 			if ok && Size(merged) <= MaxReportedSize {
-				e := &entry{seq: tail.seq, milestone: milestone, patch: merged}
-				if err := q.write(e); err != nil {
-					return err
+				e := &entry{seq: tail.seq, milestone: milestone, patch: merged, durable: tail.durable}
+				// A file an older version wrote is kept up to date, so it
+				// never holds less than memory.
+				if milestone || tail.durable {
+					if err := q.write(e); err != nil {
+						if !tail.durable {
+							_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+						}
+						return err
+					}
+					e.durable = true
 				}
 				q.entries[n-1] = e
 				q.signal(q.kick)
@@ -367,13 +393,18 @@ func (q *Queue) Report(patch map[string]any, milestone bool) error {
 			}
 		}
 	}
+	// Numbers are unique among the entries on disk: never reused, even
+	// after a failed write that may have left the file behind. Progress
+	// entries take one too (for the logs, and a milestone merged into one
+	// is written under it).
 	e := &entry{seq: q.nextSeq, milestone: milestone, patch: p}
-	// Never reuse a number, even after a failed write that may have left
-	// the file behind.
 	q.nextSeq++
-	if err := q.write(e); err != nil {
-		_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
-		return err
+	if milestone {
+		if err := q.write(e); err != nil {
+			_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+			return err
+		}
+		e.durable = true
 	}
 	if len(q.entries) == 0 {
 		q.empty = make(chan struct{})
@@ -469,8 +500,10 @@ func (q *Queue) Flush(ctx context.Context) error {
 	}
 }
 
-// Close releases the queue directory. Pending entries stay on disk for the
-// next OpenQueue. Call it after Run has returned.
+// Close releases the queue directory. Pending milestones stay on disk for
+// the next OpenQueue; pending progress, kept in memory, is dropped (the
+// caller reports its state again at the next start). Call it after Run has
+// returned.
 func (q *Queue) Close() error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -487,8 +520,9 @@ func (q *Queue) Close() error {
 // temporary *iothub.StatusError and any other error) are retried with capped,
 // jittered exponential backoff; Wake cuts a wait short. A permanent
 // rejection (a non-temporary 4xx *iothub.StatusError) is logged with the patch's
-// keys and the entry dropped. With QueueOptions.MinInterval, progress-only
-// entries are spaced out. An idle queue waits for Report without timers.
+// keys and the entry dropped. The queue does not pace sends: the callers
+// decide how often to report (twin/report limits progress). An idle queue
+// waits for Report without timers.
 func (q *Queue) Run(ctx context.Context) error {
 	if !q.running.CompareAndSwap(false, true) {
 		return ErrRunning
@@ -503,35 +537,16 @@ func (q *Queue) Run(ctx context.Context) error {
 	}
 	b.Reset()
 	attempt := 0
-	var lastSend time.Time
 	for {
-		var notBefore time.Time
-		if q.opts.MinInterval > 0 && !lastSend.IsZero() {
-			notBefore = lastSend.Add(q.opts.MinInterval)
-		}
-		e, body, wait, err := q.head(notBefore)
+		e, body, err := q.head()
 		if err != nil {
 			return err
 		}
-		if e == nil || wait > 0 {
-			// Idle, or a progress entry that is not due yet: sleep until a
-			// Report (which may turn it into a milestone) or until it is due.
-			var due <-chan time.Time
-			var t *time.Timer
-			if wait > 0 {
-				t = time.NewTimer(wait)
-				due = t.C
-			}
+		if e == nil {
 			select {
 			case <-ctx.Done():
-			case <-q.kick:
-			case <-due:
-			}
-			if t != nil {
-				t.Stop()
-			}
-			if ctx.Err() != nil {
 				return nil
+			case <-q.kick:
 			}
 			continue
 		}
@@ -543,7 +558,6 @@ func (q *Queue) Run(ctx context.Context) error {
 
 		var failure error
 		if body != nil {
-			lastSend = time.Now()
 			attempt++
 			failure = q.send(ctx, e, body, attempt)
 		} else {
@@ -580,33 +594,27 @@ func (q *Queue) Run(ctx context.Context) error {
 
 // head returns the head entry, marked as being sent, with its body; a nil
 // body means it was delivered already and only needs removing. A nil entry
-// means the queue is empty. A progress-only head is not due before
-// notBefore: head then returns it unmarked with the time left to wait.
-func (q *Queue) head(notBefore time.Time) (*entry, []byte, time.Duration, error) {
+// means the queue is empty.
+func (q *Queue) head() (*entry, []byte, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
-		return nil, nil, 0, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	if len(q.entries) == 0 {
-		return nil, nil, 0, nil
+		return nil, nil, nil
 	}
 	e := q.entries[0]
 	if e.delivered {
-		return e, nil, 0, nil
-	}
-	if !e.milestone && !notBefore.IsZero() {
-		if wait := time.Until(notBefore); wait > 0 {
-			return e, nil, wait, nil
-		}
+		return e, nil, nil
 	}
 	body, err := json.Marshal(e.patch)
 	if err != nil {
 		// Cannot happen for a decoded document; keep the entry visible.
-		return nil, nil, 0, fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
+		return nil, nil, fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
 	}
 	e.sending = true
-	return e, body, 0, nil
+	return e, body, nil
 }
 
 // send publishes e once. It returns nil when the entry is done with
@@ -653,6 +661,10 @@ func (q *Queue) finish(e *entry) error {
 	if q.closed {
 		return ErrClosed
 	}
+	if !e.durable {
+		q.popLocked()
+		return nil
+	}
 	if err := q.remove(e); err != nil {
 		// Left on disk, a delivered entry would be sent again after a
 		// restart and undo newer values the hub already has; so the
@@ -660,11 +672,16 @@ func (q *Queue) finish(e *entry) error {
 		q.log.Error("cannot remove delivered queue entry", zap.Uint64("seq", e.seq), zap.Error(err))
 		return err
 	}
+	q.popLocked()
+	return nil
+}
+
+func (q *Queue) popLocked() {
+	q.entries[0] = nil
 	q.entries = q.entries[1:]
 	if len(q.entries) == 0 {
 		close(q.empty)
 	}
-	return nil
 }
 
 // keyPaths lists up to limit leaf key paths of a patch, sorted, for logs.

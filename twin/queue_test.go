@@ -175,19 +175,21 @@ func TestCoalescing(t *testing.T) {
 		milestone bool
 	}
 	tests := []struct {
-		name  string
-		steps []step
-		want  []string // pending entries after all steps
+		name    string
+		steps   []step
+		want    []string // pending entries after all steps
+		durable []string // what of them is on disk (and comes back after a restart)
 	}{
 		{
-			name:  "progress collapses",
+			name:  "progress collapses, in memory",
 			steps: []step{{`{"pct":10}`, false}, {`{"pct":20}`, false}, {`{"pct":30,"bytes":5}`, false}},
 			want:  []string{`P{"bytes":5,"pct":30}`},
 		},
 		{
-			name:  "milestone absorbs progress before it",
-			steps: []step{{`{"pct":10}`, false}, {`{"status":"verifying"}`, true}},
-			want:  []string{`M{"pct":10,"status":"verifying"}`},
+			name:    "milestone absorbs progress before it",
+			steps:   []step{{`{"pct":10}`, false}, {`{"status":"verifying"}`, true}},
+			want:    []string{`M{"pct":10,"status":"verifying"}`},
+			durable: []string{`M{"pct":10,"status":"verifying"}`},
 		},
 		{
 			name: "progress after a milestone starts a new entry",
@@ -195,6 +197,14 @@ func TestCoalescing(t *testing.T) {
 				{`{"status":"verifying"}`, true}, {`{"status":"applying"}`, true}, {`{"status":"completed","pct":null}`, true}},
 			want: []string{`M{"status":"downloading"}`, `M{"pct":90,"status":"verifying"}`, `M{"status":"applying"}`,
 				`M{"pct":null,"status":"completed"}`},
+			durable: []string{`M{"status":"downloading"}`, `M{"pct":90,"status":"verifying"}`, `M{"status":"applying"}`,
+				`M{"pct":null,"status":"completed"}`},
+		},
+		{
+			name:    "progress after the last milestone stays in memory",
+			steps:   []step{{`{"status":"downloading"}`, true}, {`{"pct":10}`, false}, {`{"pct":20}`, false}},
+			want:    []string{`M{"status":"downloading"}`, `P{"pct":20}`},
+			durable: []string{`M{"status":"downloading"}`},
 		},
 		{
 			name:  "nested members merge, nulls kept",
@@ -209,6 +219,12 @@ func TestCoalescing(t *testing.T) {
 			want:  []string{`P{"e":null}`, `P{"e":{"c":"x"}}`},
 		},
 		{
+			name:    "milestone not expressible with the progress before it: both kept, in order",
+			steps:   []step{{`{"e":null}`, false}, {`{"e":{"c":"x"}}`, true}},
+			want:    []string{`P{"e":null}`, `M{"e":{"c":"x"}}`},
+			durable: []string{`M{"e":{"c":"x"}}`},
+		},
+		{
 			name:  "empty patch is a no-op",
 			steps: []step{{`{}`, true}, {`{"a":1}`, false}, {`{}`, true}},
 			want:  []string{`P{"a":1}`},
@@ -216,27 +232,40 @@ func TestCoalescing(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
 			hub := &hubSim{}
-			q := openTestQueue(t, dir, hub, fastOpts(), zaptest.NewLogger(t))
 			var sequential map[string]any
-			for _, s := range tt.steps {
-				report(t, q, s.patch, s.milestone)
-				sequential = Merge(sequential, mustDecode(t, s.patch))
+			apply := func(q *Queue) {
+				t.Helper()
+				sequential = nil
+				for _, s := range tt.steps {
+					report(t, q, s.patch, s.milestone)
+					sequential = Merge(sequential, mustDecode(t, s.patch))
+				}
+				if got := pending(q); !reflect.DeepEqual(got, tt.want) {
+					t.Fatalf("entries = %q, want %q", got, tt.want)
+				}
 			}
-			if got := pending(q); !reflect.DeepEqual(got, tt.want) {
-				t.Fatalf("entries = %q, want %q", got, tt.want)
+
+			// What is on disk comes back after a restart; progress does not.
+			dir := t.TempDir()
+			q := openTestQueue(t, dir, hub, fastOpts(), zaptest.NewLogger(t))
+			apply(q)
+			files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+			if len(files) != len(tt.durable) {
+				t.Fatalf("%d entry files, want %d (one per milestone entry)", len(files), len(tt.durable))
 			}
-			// The same entries come back from disk.
 			if err := q.Close(); err != nil {
 				t.Fatal(err)
 			}
 			q = openTestQueue(t, dir, hub, fastOpts(), zaptest.NewLogger(t))
-			if got := pending(q); !reflect.DeepEqual(got, tt.want) {
-				t.Fatalf("entries after reopen = %q, want %q", got, tt.want)
+			if got := pending(q); !slices.Equal(got, tt.durable) {
+				t.Fatalf("entries after reopen = %q, want %q", got, tt.durable)
 			}
+
 			// Delivered in order, they leave the hub as the patches applied
 			// one by one would.
+			q = openTestQueue(t, t.TempDir(), hub, fastOpts(), zaptest.NewLogger(t))
+			apply(q)
 			startRun(t, q)
 			flush(t, q)
 			doc, accepted, _ := hub.snapshot()
@@ -479,6 +508,139 @@ func TestNoMergeIntoEntryBeingSent(t *testing.T) {
 	_, accepted, _ := hub.snapshot()
 	if want := []string{`{"pct":10}`, `{"pct":30}`}; !reflect.DeepEqual(accepted, want) {
 		t.Fatalf("accepted %q, want %q", accepted, want)
+	}
+}
+
+// TestProgressIsNotWritten: progress costs no disk write or fsync, on
+// Report or on delivery; a milestone costs three fsyncs (the file, the
+// directory after the rename, the directory after the removal).
+func TestProgressIsNotWritten(t *testing.T) {
+	dir := t.TempDir()
+	hub := &hubSim{}
+	q := openTestQueue(t, dir, hub, fastOpts(), zaptest.NewLogger(t))
+	files := func() int {
+		t.Helper()
+		m, err := filepath.Glob(filepath.Join(dir, "*.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(m)
+	}
+	for i := range 100 {
+		report(t, q, fmt.Sprintf(`{"pct":%d}`, i), false)
+	}
+	if n, syncs := files(), q.Syncs(); n != 0 || syncs != 0 {
+		t.Fatalf("after 100 progress reports: %d files, %d fsyncs; want none", n, syncs)
+	}
+	report(t, q, `{"status":"verifying"}`, true)
+	if n, syncs := files(), q.Syncs(); n != 1 || syncs != 2 {
+		t.Fatalf("after a milestone: %d files, %d fsyncs; want 1 and 2", n, syncs)
+	}
+	startRun(t, q)
+	flush(t, q)
+	if n, syncs := files(), q.Syncs(); n != 0 || syncs != 3 {
+		t.Fatalf("after delivery: %d files, %d fsyncs; want 0 and 3", n, syncs)
+	}
+	for i := range 100 {
+		report(t, q, fmt.Sprintf(`{"pct":%d}`, i), false)
+	}
+	flush(t, q)
+	if syncs := q.Syncs(); syncs != 3 {
+		t.Fatalf("%d fsyncs after progress was delivered, want still 3", syncs)
+	}
+	_, accepted, _ := hub.snapshot()
+	if first := accepted[0]; first != `{"pct":99,"status":"verifying"}` {
+		t.Fatalf("first body %s, want the milestone with the progress before it", first)
+	}
+	if last := accepted[len(accepted)-1]; last != `{"pct":99}` {
+		t.Fatalf("last body %s, want the last progress", last)
+	}
+}
+
+// TestMilestoneNotOvertaken: progress queued before a milestone reaches the
+// hub before it or inside it, never after it, whatever is on the wire when
+// the milestone comes; progress queued after it follows it.
+func TestMilestoneNotOvertaken(t *testing.T) {
+	hub := &hubSim{}
+	started := make(chan struct{})
+	release := make(chan struct{})
+	hub.setScript(func(ctx context.Context, call int, body []byte) error {
+		if call == 1 {
+			close(started)
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		return nil
+	})
+	dir := t.TempDir()
+	q := openTestQueue(t, dir, hub, fastOpts(), zaptest.NewLogger(t))
+	startRun(t, q)
+	report(t, q, `{"fw":{"pct":10}}`, false)
+	<-started // pct 10 is on the wire
+	report(t, q, `{"fw":{"pct":20}}`, false)
+	report(t, q, `{"fw":{"pct":null},"status":"verifying"}`, true)
+	report(t, q, `{"fw":{"pct":30}}`, false)
+	report(t, q, `{"fw":null}`, false)
+	report(t, q, `{"fw":{"slot":"B"}}`, true) // not expressible with the entry before it: follows it
+	want := []string{`P{"fw":{"pct":10}}`, `M{"fw":{"pct":null},"status":"verifying"}`,
+		`P{"fw":null}`, `M{"fw":{"slot":"B"}}`}
+	if got := pending(q); !reflect.DeepEqual(got, want) {
+		t.Fatalf("entries = %q, want %q", got, want)
+	}
+	close(release)
+	flush(t, q)
+	doc, accepted, _ := hub.snapshot()
+	var bodies []string
+	for _, w := range want {
+		bodies = append(bodies, w[1:])
+	}
+	if !reflect.DeepEqual(accepted, bodies) {
+		t.Fatalf("accepted %q, want %q", accepted, bodies)
+	}
+	if got := mustJSON(t, doc); got != `{"fw":{"slot":"B"},"status":"verifying"}` {
+		t.Fatalf("hub document %s", got)
+	}
+}
+
+// TestOlderProgressEntriesLoad: progress entries an older version wrote to
+// disk load, take progress merged into them durably, and are sent in order
+// and removed.
+func TestOlderProgressEntriesLoad(t *testing.T) {
+	dir := t.TempDir()
+	for seq, content := range map[uint64]string{
+		3: `{"formatVersion":1,"seq":3,"milestone":true,"patch":{"status":"downloading"}}`,
+		4: `{"formatVersion":1,"seq":4,"milestone":false,"patch":{"fw":{"pct":40}}}`,
+	} {
+		if err := os.WriteFile(filepath.Join(dir, entryName(seq)), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hub := &hubSim{}
+	q := openTestQueue(t, dir, hub, fastOpts(), zaptest.NewLogger(t))
+	if got, want := pending(q), []string{`M{"status":"downloading"}`, `P{"fw":{"pct":40}}`}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("entries = %q, want %q", got, want)
+	}
+	report(t, q, `{"fw":{"pct":45}}`, false)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The file holds what memory held: nothing older comes back.
+	q = openTestQueue(t, dir, hub, fastOpts(), zaptest.NewLogger(t))
+	if got, want := pending(q), []string{`M{"status":"downloading"}`, `P{"fw":{"pct":45}}`}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("entries after reopen = %q, want %q", got, want)
+	}
+	report(t, q, `{"status":"verifying"}`, true)
+	startRun(t, q)
+	flush(t, q)
+	_, accepted, _ := hub.snapshot()
+	if want := []string{`{"status":"downloading"}`, `{"fw":{"pct":45},"status":"verifying"}`}; !reflect.DeepEqual(accepted, want) {
+		t.Fatalf("accepted %q, want %q", accepted, want)
+	}
+	if files, _ := filepath.Glob(filepath.Join(dir, "*.json")); len(files) != 0 {
+		t.Fatalf("files left after delivery: %v", files)
 	}
 }
 
@@ -821,7 +983,8 @@ func crashPatch(i int) map[string]any {
 
 // TestCrashKill re-executes the test binary, lets it report patches, kills
 // it with SIGKILL after a number of acknowledgements, and checks that the
-// reopened queue delivers everything acknowledged, in order.
+// reopened queue delivers every acknowledged milestone, in order, and no
+// progress after the last one.
 func TestCrashKill(t *testing.T) {
 	for _, killAfter := range []int{1, 4, 5, 37, 250} {
 		t.Run("after"+strconv.Itoa(killAfter), func(t *testing.T) {
@@ -870,11 +1033,23 @@ func TestCrashKill(t *testing.T) {
 			flush(t, q)
 			doc, accepted, _ := hub.snapshot()
 
-			// The last acknowledged value (or a later one whose Report was
-			// cut short after persisting) reached the hub.
+			// The last acknowledged milestone (or a later one whose Report
+			// was cut short after persisting) reached the hub, with the
+			// progress reported before it. Progress after it was in memory
+			// only and is gone.
+			lastMilestone := acked / 5 * 5
+			if len(accepted) == 0 {
+				if lastMilestone > 0 {
+					t.Fatalf("nothing delivered after the restart, want milestones up to s%d", lastMilestone)
+				}
+				return
+			}
 			counter, err := doc["counter"].(json.Number).Int64()
-			if err != nil || int(counter) < acked {
-				t.Fatalf("hub counter %v, want ≥ %d (acknowledged)", doc["counter"], acked)
+			if err != nil || int(counter) < lastMilestone || counter%5 != 0 {
+				t.Fatalf("hub counter %v, want a milestone's, ≥ %d (acknowledged)", doc["counter"], lastMilestone)
+			}
+			if doc["progress"] != nil {
+				t.Fatalf("hub progress %v after the last milestone, want null (progress is not persisted)", doc["progress"])
 			}
 			// Every milestone up to the last acknowledged one, in order, and
 			// counters only grow.
@@ -899,44 +1074,4 @@ func TestCrashKill(t *testing.T) {
 			t.Logf("killed after %d acknowledged reports; %d entries delivered", acked, len(accepted))
 		})
 	}
-}
-
-// TestMinInterval: progress is sent at most once per MinInterval, with the
-// reports made meanwhile merged; a milestone goes out at once.
-func TestMinInterval(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		hub := &hubSim{}
-		opts := QueueOptions{MinBackoff: time.Second, MaxBackoff: time.Minute, RequestTimeout: time.Minute, MinInterval: time.Second}
-		q := openTestQueue(t, t.TempDir(), hub, opts, zaptest.NewLogger(t))
-		startRun(t, q)
-		t0 := time.Now()
-		step := func(d time.Duration, patch string, milestone bool) {
-			t.Helper()
-			time.Sleep(d)
-			if patch != "" {
-				report(t, q, patch, milestone)
-			}
-			synctest.Wait()
-		}
-		step(0, `{"pct":1}`, false) // first send: at once
-		step(0, `{"pct":2}`, false)
-		step(0, `{"pct":3}`, false)
-		step(500*time.Millisecond, `{"pct":4}`, false)
-		step(600*time.Millisecond, "", false)                      // t=1.1s: pct 4 went out at 1s
-		step(0, `{"pct":5}`, false)                                // due at 2s
-		step(100*time.Millisecond, `{"status":"completed"}`, true) // t=1.2s: milestone, at once
-		step(5*time.Second, `{"pct":6}`, false)                    // long after: at once
-
-		_, accepted, calls := hub.snapshot()
-		want := []string{`{"pct":1}`, `{"pct":4}`, `{"pct":5,"status":"completed"}`, `{"pct":6}`}
-		if !reflect.DeepEqual(accepted, want) {
-			t.Fatalf("accepted %q, want %q", accepted, want)
-		}
-		wantAt := []time.Duration{0, time.Second, 1200 * time.Millisecond, 6200 * time.Millisecond}
-		for i, c := range calls {
-			if got := c.Sub(t0); got != wantAt[i] {
-				t.Errorf("send %d at %v, want %v", i, got, wantAt[i])
-			}
-		}
-	})
 }

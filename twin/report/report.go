@@ -56,16 +56,28 @@ type Reporter struct {
 	opts Options
 	log  *zap.Logger
 
-	mu      sync.Mutex         // guards everything below
-	last    firmware.Progress  // the latest progress seen
-	sent    firmware.Progress  // the latest progress reported
-	sentAt  time.Time          // when sent was reported
-	any     bool               // something was reported
-	dlDone  bool               // downloadComplete reported for sent.UpdateID
-	pending *firmware.Progress // progress held back by MinInterval
-	timer   *time.Timer        // reports pending when MinInterval has passed
+	mu      sync.Mutex        // guards everything below
+	last    firmware.Progress // the latest progress seen
+	sent    firmware.Progress // the latest progress reported
+	sentAt  time.Time         // when sent was reported
+	any     bool              // something was reported
+	dlDone  bool              // downloadComplete reported for sent.UpdateID
+	pending firmware.Progress // progress held back by MinInterval, if held
+	held    bool              // pending holds progress
+	timer   stopper           // reports pending when MinInterval has passed
+	gen     uint64            // counts timers: one replaced or stopped after it fired does nothing
 	closed  bool
+
+	// now and afterFunc are time.Now and time.AfterFunc; the package's
+	// benchmark replaces them to simulate an hour-long download.
+	now       func() time.Time
+	afterFunc func(time.Duration, func()) stopper
 }
+
+// stopper is the part of *time.Timer the Reporter uses.
+type stopper interface{ Stop() bool }
+
+func afterFunc(d time.Duration, f func()) stopper { return time.AfterFunc(d, f) }
 
 // New returns a Reporter writing to sink.
 func New(sink Sink, opts Options) *Reporter {
@@ -76,7 +88,7 @@ func New(sink Sink, opts Options) *Reporter {
 	if opts.Log == nil {
 		opts.Log = zap.NewNop()
 	}
-	return &Reporter{sink: sink, opts: opts, log: opts.Log}
+	return &Reporter{sink: sink, opts: opts, log: opts.Log, now: time.Now, afterFunc: afterFunc}
 }
 
 // SetLimits changes the progress rate limits (configuration reload).
@@ -128,7 +140,7 @@ func (r *Reporter) Observe(p firmware.Progress) {
 		return
 	}
 	r.last = p
-	now := time.Now()
+	now := r.now()
 	if !r.any || p.UpdateID != r.sent.UpdateID || p.Phase != r.sent.Phase || p.Phase.Terminal() {
 		// A phase change: at once, as a milestone, superseding any held
 		// progress of the phase before.
@@ -140,9 +152,13 @@ func (r *Reporter) Observe(p firmware.Progress) {
 		return
 	}
 	if wait := r.opts.MinInterval - now.Sub(r.sentAt); wait > 0 {
-		r.pending = &p
+		// A value, not a pointer: Observe runs for every written window
+		// and must not allocate.
+		r.pending, r.held = p, true
 		if r.timer == nil {
-			r.timer = time.AfterFunc(wait, r.flushPending)
+			r.gen++
+			gen := r.gen
+			r.timer = r.afterFunc(wait, func() { r.flushPending(gen) })
 		}
 		return
 	}
@@ -162,20 +178,27 @@ func (r *Reporter) progressWorthLocked(p firmware.Progress) bool {
 	return p.Percent-r.sent.Percent >= r.opts.MinPercentStep || p.Percent == 100 && r.sent.Percent != 100
 }
 
-func (r *Reporter) flushPending() {
+// flushPending reports the held progress when timer gen fires. A timer
+// that fired while Observe held the lock, and was stopped or replaced by
+// it, finds another generation (or none) and does nothing: progress is
+// never reported sooner than MinInterval after the last.
+func (r *Reporter) flushPending(gen uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.timer = nil
-	if r.pending == nil || r.closed {
+	if r.timer == nil || gen != r.gen {
 		return
 	}
-	p := *r.pending
-	r.pending = nil
-	r.emitLocked(p, false, time.Now())
+	r.timer = nil
+	if !r.held || r.closed {
+		return
+	}
+	p := r.pending
+	r.pending, r.held = firmware.Progress{}, false
+	r.emitLocked(p, false, r.now())
 }
 
 func (r *Reporter) dropPendingLocked() {
-	r.pending = nil
+	r.pending, r.held = firmware.Progress{}, false
 	if r.timer != nil {
 		r.timer.Stop()
 		r.timer = nil
@@ -205,10 +228,10 @@ func (r *Reporter) Close() {
 	if r.closed {
 		return
 	}
-	if r.pending != nil {
-		p := *r.pending
+	if r.held {
+		p := r.pending
 		r.dropPendingLocked()
-		r.emitLocked(p, false, time.Now())
+		r.emitLocked(p, false, r.now())
 	}
 	r.dropPendingLocked()
 	r.closed = true

@@ -263,6 +263,40 @@ func TestReporterTrailingProgress(t *testing.T) {
 	})
 }
 
+// A timer that fired while Observe held the lock, and that Observe then
+// stopped (progress was due and reported) before starting a new one, must
+// not report: the next progress would go out sooner than MinInterval.
+func TestReporterStaleTimer(t *testing.T) {
+	clk := &fakeClock{now: t0}
+	s := &memSink{}
+	r := New(s, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
+	r.now, r.afterFunc = clk.Now, clk.AfterFunc
+	p := firmware.Progress{UpdateID: "u1", Phase: firmware.PhaseDownloading, Percent: -1}
+	observe := func(after time.Duration, bytes int64) {
+		clk.now = t0.Add(after)
+		p.Bytes, p.Time = bytes, clk.now
+		r.Observe(p)
+	}
+	observe(0, 0)                     // the phase change: reported
+	observe(500*time.Millisecond, 10) // held; timer 1 due at 2 s
+	if len(clk.timers) != 1 {
+		t.Fatalf("%d timers, want 1", len(clk.timers))
+	}
+	stale := clk.timers[0].f
+	observe(2*time.Second, 20)         // due: reported by Observe, timer 1 stopped
+	observe(2100*time.Millisecond, 30) // held; timer 2 due at 4 s
+	stale()                            // timer 1 had fired and waited for the lock
+	if n := len(s.all()); n != 2 {
+		t.Fatalf("%d patches after the stale timer ran, want 2 (it must not report 100 ms after the last)", n)
+	}
+	clk.advance(2 * time.Second) // timer 2
+	got := s.all()
+	if len(got) != 3 || fmt.Sprint(fw(t, got[2].patch)["bytes"]) != "30" {
+		t.Fatalf("patches %v, want the held progress reported by timer 2", got)
+	}
+	r.Close()
+}
+
 func TestStartup(t *testing.T) {
 	now := t0
 	t.Run("idle", func(t *testing.T) {

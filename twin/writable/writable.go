@@ -150,7 +150,9 @@ func (a *Acker) OnDesired(doc map[string]any, version int64, full bool, reported
 	if len(patch) == 0 {
 		return
 	}
-	if err := a.sink.Report(patch, false); err != nil {
+	// A milestone: the queue keeps it on disk until the hub has it (it
+	// keeps progress in memory only), and never merges it away.
+	if err := a.sink.Report(patch, true); err != nil {
 		a.log.Error("cannot queue desired-property acknowledgements", zap.Error(err))
 	}
 }

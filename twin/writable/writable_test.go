@@ -10,13 +10,17 @@ import (
 )
 
 type memSink struct {
-	mu   sync.Mutex
-	list []map[string]any
+	mu       sync.Mutex
+	list     []map[string]any
+	progress int // patches reported as progress, not milestones
 }
 
-func (s *memSink) Report(p map[string]any, _ bool) error {
+func (s *memSink) Report(p map[string]any, milestone bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if !milestone {
+		s.progress++
+	}
 	b, _ := json.Marshal(p)
 	doc, err := twin.Decode(b)
 	if err != nil {
@@ -120,6 +124,11 @@ func TestOnDesired(t *testing.T) {
 			}
 			if s.count() != tc.patches {
 				t.Errorf("%d patches, want %d", s.count(), tc.patches)
+			}
+			// An acknowledgement must be durable when reported: the queue
+			// keeps progress in memory only.
+			if s.progress != 0 {
+				t.Errorf("%d acknowledgement patches reported as progress, want milestones", s.progress)
 			}
 			got := ""
 			if p := s.last(); p != nil {

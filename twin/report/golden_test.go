@@ -1,0 +1,281 @@
+package report
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/firmware/signature"
+	"github.com/gwagent/gwagent/firmware/simulated"
+	"github.com/gwagent/gwagent/twin"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+const goldenSequence = "testdata/update-sequence.golden.json"
+
+// reported is one Report call as the golden file shows it.
+type reported struct {
+	At        string         `json:"at"` // since the agent started
+	Milestone bool           `json:"milestone"`
+	Patch     map[string]any `json:"patch"`
+}
+
+// recordingSink records every Report and hands it on to the real queue.
+type recordingSink struct {
+	t     *testing.T
+	q     *twin.Queue
+	start time.Time
+
+	mu   sync.Mutex
+	list []reported
+	doc  map[string]any // the patches merged one by one
+}
+
+func (s *recordingSink) Report(p map[string]any, milestone bool) error {
+	b, err := json.Marshal(p)
+	if err != nil {
+		s.t.Errorf("patch not JSON: %v", err)
+		return err
+	}
+	doc, err := twin.Decode(b)
+	if err != nil {
+		s.t.Errorf("patch not a document: %v", err)
+		return err
+	}
+	s.mu.Lock()
+	s.list = append(s.list, reported{At: since(time.Now(), s.start), Milestone: milestone, Patch: doc})
+	s.doc = twin.Merge(s.doc, doc)
+	s.mu.Unlock()
+	if err := s.q.Report(p, milestone); err != nil {
+		s.t.Errorf("queue: %v", err)
+		return err
+	}
+	return nil
+}
+
+// recordingHub is the hub's reported-properties PATCH: it merges every
+// body it accepts.
+type recordingHub struct {
+	mu  sync.Mutex
+	doc map[string]any
+}
+
+func (h *recordingHub) PatchReported(_ context.Context, body []byte) (int64, error) {
+	p, err := twin.Decode(body)
+	if err != nil {
+		return 0, err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.doc = twin.Merge(h.doc, p)
+	return 1, nil
+}
+
+func since(t, start time.Time) string { return "T+" + t.Sub(start).String() }
+
+// placeholders replaces what changes from run to run or machine to
+// machine: timestamps become their offset from the agent's start (fake
+// time makes those exact), update ids a placeholder.
+func placeholders(v any, start time.Time) any {
+	switch v := v.(type) {
+	case map[string]any:
+		out := make(map[string]any, len(v))
+		for k, x := range v {
+			if k == "updateId" && x != nil {
+				out[k] = "<updateId>"
+				continue
+			}
+			out[k] = placeholders(x, start)
+		}
+		return out
+	case []any:
+		out := make([]any, len(v))
+		for i, x := range v {
+			out[i] = placeholders(x, start)
+		}
+		return out
+	case string:
+		if t, err := time.Parse(time.RFC3339Nano, v); err == nil {
+			return "<" + since(t, start) + ">"
+		}
+	}
+	return v
+}
+
+// runUpdate drives one update as the agent does — the start-up report,
+// the state machine with the simulated backend and its default stage
+// times, the firmwareUpdate method's payload, a stop once the update has
+// ended — with the reporter at the configuration's default limits (2 s,
+// 5 %) writing into the real queue on real files, and returns the
+// reports. It runs in fake time.
+func runUpdate(t *testing.T, sim simulated.Config, payload string) []reported {
+	start := time.Now()
+	hub := &recordingHub{}
+	q, err := twin.OpenQueue(twin.QueueOptions{Dir: filepath.Join(t.TempDir(), "twin-queue")}, hub, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qctx, stopQueue := context.WithCancel(context.Background())
+	qdone := make(chan error, 1)
+	go func() { qdone <- q.Run(qctx) }()
+
+	sink := &recordingSink{t: t, q: q, start: start}
+	r := New(sink, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
+	sim.StateDir = t.TempDir()
+	inst, err := simulated.New(sim, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := firmware.NewManager(firmware.Config{
+		StateDir:       t.TempDir(),
+		Installer:      inst,
+		Observer:       r.Observe,
+		CurrentVersion: "1.0.0",
+		Signatures:     &signature.Policy{AllowUnsigned: true}, // the simulated installer's default
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	st := m.Status()
+	if cur, err := inst.CurrentVersion(context.Background()); err == nil && !st.Busy {
+		st.CurrentVersion = cur
+	}
+	if err := r.Startup(st, time.Now(), map[string]any{
+		"agent": map[string]any{"version": "test", "installer": "simulated", "startedAt": time.Now().UTC().Format(TimeFormat)},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	mctx, stopManager := context.WithCancel(context.Background())
+	mdone := make(chan error, 1)
+	go func() { mdone <- m.Run(mctx) }()
+
+	req, err := firmware.ParseRequest([]byte(payload))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Start(req); err != nil {
+		t.Fatal(err)
+	}
+	for m.Status().Busy {
+		if time.Since(start) > time.Hour {
+			t.Fatalf("update still running after an hour: %+v", m.Status())
+		}
+		time.Sleep(time.Second)
+	}
+	time.Sleep(10 * time.Second) // anything late would be recorded too
+	synctest.Wait()
+
+	// The agent's stop: the state machine, the reporter, the queue.
+	stopManager()
+	if err := <-mdone; err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	fctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := q.Flush(fctx); err != nil {
+		t.Fatal(err)
+	}
+	stopQueue()
+	if err := <-qdone; err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The hub ends with what the reports say, merged one by one.
+	if !reflect.DeepEqual(hub.doc, sink.doc) {
+		t.Errorf("hub document\n%v\nwant the reports merged\n%v", hub.doc, sink.doc)
+	}
+	out := sink.list
+	for i := range out {
+		out[i].Patch = placeholders(out[i].Patch, start).(map[string]any)
+	}
+	return out
+}
+
+// TestUpdateSequenceGolden is the twin contract as operators see it: every
+// patch the reporter makes through whole simulated updates, milestones and
+// progress, compared with testdata/update-sequence.golden.json. A change
+// to what is reported, or when, shows in that file's diff; rewrite it with
+// go test ./twin/report -run UpdateSequenceGolden -update.
+func TestUpdateSequenceGolden(t *testing.T) {
+	type scenario struct {
+		Name    string     `json:"scenario"`
+		Payload string     `json:"payload"`
+		Reports []reported `json:"reports"`
+	}
+	failing := simulated.DefaultConfig()
+	failing.FailAt, failing.FailMessage = simulated.StageDownloading, "connection reset by peer"
+	scenarios := []struct {
+		name    string
+		sim     simulated.Config
+		payload string
+	}{
+		{"completed", simulated.DefaultConfig(), `{"fwPackageUri":"test.com","version":"2.0.0"}`},
+		{"failed while downloading", failing, `{"fwPackageUri":"test.com","version":"2.0.0"}`},
+	}
+	var got []scenario
+	for _, sc := range scenarios {
+		var reports []reported
+		synctest.Test(t, func(t *testing.T) { reports = runUpdate(t, sc.sim, sc.payload) })
+		got = append(got, scenario{Name: sc.name, Payload: sc.payload, Reports: reports})
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // keep <T+15s> readable
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(got); err != nil {
+		t.Fatal(err)
+	}
+	b := buf.Bytes()
+	if *update {
+		if err := os.MkdirAll(filepath.Dir(goldenSequence), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(goldenSequence, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(goldenSequence)
+	if err != nil {
+		t.Fatalf("%v (create it with -update)", err)
+	}
+	if !bytes.Equal(b, want) {
+		t.Errorf("reported sequence differs from %s; if the change is meant, rewrite it with -update and review the diff.\n%s",
+			goldenSequence, firstDifference(string(want), string(b)))
+	}
+}
+
+// firstDifference shows the first differing line of two texts, with its
+// number.
+func firstDifference(want, got string) string {
+	wl, gl := bytes.Split([]byte(want), []byte("\n")), bytes.Split([]byte(got), []byte("\n"))
+	for i := 0; i < max(len(wl), len(gl)); i++ {
+		var w, g []byte
+		if i < len(wl) {
+			w = wl[i]
+		}
+		if i < len(gl) {
+			g = gl[i]
+		}
+		if !bytes.Equal(w, g) {
+			return fmt.Sprintf("line %d:\n  want %s\n  got  %s", i+1, w, g)
+		}
+	}
+	return ""
+}
