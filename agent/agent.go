@@ -368,13 +368,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.session.Health().Connected {
 		fctx, cancel := context.WithDeadline(context.Background(), deadline)
 		if err := a.queue.Flush(fctx); err != nil {
-			a.log.Warn("stopping with reported patches not delivered; they are kept for the next start",
-				zap.Int("pending", a.queue.Len()), zap.Error(err))
+			a.log.Warn("stopping with reported state changes not delivered; they are kept for the next start",
+				zap.Int("pending", a.queue.Durable()), zap.Error(err))
 		}
 		cancel()
-	} else if n := a.queue.Len(); n > 0 {
-		// Offline: waiting cannot deliver them; the next start will.
-		a.log.Info("offline: reported patches kept for the next start", zap.Int("pending", n))
+	} else if n := a.queue.Durable(); n > 0 {
+		// Offline: waiting cannot deliver them; the next start will (and
+		// re-states the progress, which is not kept).
+		a.log.Info("offline: reported state changes kept for the next start", zap.Int("pending", n))
 	}
 	stopBackground()
 	stopQueue()

@@ -14,11 +14,11 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/cenkalti/backoff/v5"
 	"github.com/google/renameio/v2"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/gwagent/gwagent/internal/retry"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -486,6 +486,20 @@ func (q *Queue) Len() int {
 	return len(q.entries)
 }
 
+// Durable is the number of pending entries on disk: what a stop keeps for
+// the next start (progress held in memory is not among them).
+func (q *Queue) Durable() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := 0
+	for _, e := range q.entries {
+		if e.durable {
+			n++
+		}
+	}
+	return n
+}
+
 // Flush waits until every entry has been acknowledged by the hub (or
 // dropped as rejected), or until ctx is done. It needs Run to be running.
 func (q *Queue) Flush(ctx context.Context) error {
@@ -529,13 +543,7 @@ func (q *Queue) Run(ctx context.Context) error {
 	}
 	defer q.running.Store(false)
 
-	b := &backoff.ExponentialBackOff{
-		InitialInterval:     q.opts.MinBackoff,
-		RandomizationFactor: 0.5,
-		Multiplier:          2,
-		MaxInterval:         q.opts.MaxBackoff,
-	}
-	b.Reset()
+	b := retry.NewBackoff(q.opts.MinBackoff, q.opts.MaxBackoff)
 	attempt := 0
 	for {
 		e, body, err := q.head()
