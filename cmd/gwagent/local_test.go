@@ -250,7 +250,13 @@ func TestLocalControlTrialBoot(t *testing.T) {
 				t.Fatalf("text status: %v\n%s", err, text)
 			}
 
-			out, err := execute(context.Background(), op, "--config", d.cfgFile, "--wait", "30s")
+			// The record says committing a moment before the health check
+			// waits for a verdict; the agent then says to try again.
+			var out string
+			testutil.Eventually(t, 30*time.Second, "the agent waiting for a verdict", func() bool {
+				out, err = execute(context.Background(), op, "--config", d.cfgFile, "--wait", "30s")
+				return err == nil || !strings.Contains(err.Error(), "not waiting for a verdict right now")
+			})
 			if err != nil {
 				t.Fatalf("%s: %v\n%s", op, err, out)
 			}
