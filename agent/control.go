@@ -6,16 +6,18 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/agent/health"
 	"github.com/gwagent/gwagent/agent/local"
+	"github.com/gwagent/gwagent/agent/session"
 	"github.com/gwagent/gwagent/firmware"
 )
 
-// startControl serves the local control socket (gwagent commit, rollback)
-// until ctx is done. A socket that cannot be created is logged, not fatal:
+// startControl serves the local control socket (gwagent status, commit,
+// rollback) until ctx is done. A socket that cannot be created is logged, not fatal:
 // the agent's job does not depend on it.
 func (a *Agent) startControl(ctx context.Context, wg *sync.WaitGroup) {
 	path := local.Path(a.config().StateDir)
@@ -31,10 +33,10 @@ func (a *Agent) startControl(ctx context.Context, wg *sync.WaitGroup) {
 	})
 }
 
-// control answers a local control request. Commit and rollback are an
-// operator's verdict on the running trial boot, handed to the health check
-// the state machine is waiting on, so the state machine itself commits or
-// rolls back and its record stays the only truth.
+// control answers a local control request. Ping and status only read.
+// Commit and rollback are an operator's verdict on the running trial boot,
+// handed to the health check the state machine is waiting on, so the state
+// machine itself commits or rolls back and its record stays the only truth.
 func (a *Agent) control(_ context.Context, req local.Request) local.Response {
 	st := a.manager.Status()
 	resp := local.Response{UpdateID: st.UpdateID, Phase: string(st.Phase)}
@@ -42,9 +44,12 @@ func (a *Agent) control(_ context.Context, req local.Request) local.Response {
 	case local.OpPing:
 		resp.OK = true
 		return resp
+	case local.OpStatus:
+		resp.OK, resp.Hub = true, hubState(a.session.Health(), time.Now())
+		return resp
 	case local.OpCommit, local.OpRollback:
 	default:
-		resp.Error = fmt.Sprintf("unknown operation %q (known: %s, %s, %s)", req.Op, local.OpPing, local.OpCommit, local.OpRollback)
+		resp.Error = fmt.Sprintf("unknown operation %q (known: %s, %s, %s, %s)", req.Op, local.OpPing, local.OpStatus, local.OpCommit, local.OpRollback)
 		return resp
 	}
 	if _, ok := a.installer.(firmware.Committer); !ok {
@@ -82,6 +87,14 @@ func (a *Agent) control(_ context.Context, req local.Request) local.Response {
 	}
 	a.log.Info("operator verdict", zap.String("update_id", st.UpdateID), zap.String("op", req.Op))
 	return resp
+}
+
+func hubState(h session.Health, now time.Time) *local.Hub {
+	return &local.Hub{
+		Connected: h.Connected, Host: h.Host, State: h.Describe(now),
+		Since: h.Since, LastExchange: h.LastExchange, RetryAt: h.RetryAt, LastError: h.LastError,
+		Connects: h.Connects, Drops: h.Drops,
+	}
 }
 
 // FirmwareStateDir is where the agent keeps the firmware state machine's

@@ -154,6 +154,11 @@ type Options struct {
 	Flags *pflag.FlagSet
 	// Backends are the installer backends that exist.
 	Backends []Backend
+	// Local loads the configuration for a command that only reads the
+	// device's own state (gwagent status): the hub keys (connection string,
+	// secrets file, TLS material) are neither required nor read, and
+	// Config.Hub keeps only its durations.
+	Local bool
 }
 
 // key is one configuration key: its canonical name, default, flag and how it
@@ -309,8 +314,10 @@ func Load(opts Options) (*Config, error) {
 			return nil, fmt.Errorf("%w: %s: %w", ErrConfig, k.name, err)
 		}
 	}
-	if err := c.loadHub(v); err != nil {
-		return nil, err
+	if !opts.Local {
+		if err := c.loadHub(v); err != nil {
+			return nil, err
+		}
 	}
 	if c.Hub.MinRetryDelay > c.Hub.MaxRetryDelay {
 		return nil, fmt.Errorf("%w: hub.minRetryDelay: must not exceed hub.maxRetryDelay (%s)", ErrConfig, c.Hub.MaxRetryDelay)

@@ -283,3 +283,25 @@ func TestAllowUnsigned(t *testing.T) {
 		t.Errorf("a bad value: %v", err)
 	}
 }
+
+// A command that only reads local state loads without the hub's secrets;
+// every other key is still checked.
+func TestLocal(t *testing.T) {
+	missing := "hub:\n  connectionStringFile: /nonexistent/cs\n"
+	if _, err := load(t, missing); err == nil || !strings.Contains(err.Error(), "hub.connectionStringFile") {
+		t.Fatalf("daemon config without a readable secrets file: %v", err)
+	}
+	for _, yaml := range []string{"", missing} {
+		c, err := Load(Options{File: write(t, "config.yaml", yaml+"stateDir: /var/lib/x\n", 0o644), Backends: backends, Local: true})
+		if err != nil {
+			t.Fatalf("local load of %q: %v", yaml, err)
+		}
+		if c.StateDir != "/var/lib/x" || c.Installer.Type != "simulated" || c.Hub.ConnectionString.DeviceID != "" {
+			t.Errorf("local config %+v", c)
+		}
+	}
+	if _, err := Load(Options{File: write(t, "config.yaml", "installer:\n  type: nope\n", 0o644), Backends: backends, Local: true}); err == nil ||
+		!strings.Contains(err.Error(), "installer.type") {
+		t.Fatalf("local load of a bad installer.type: %v", err)
+	}
+}

@@ -1,6 +1,7 @@
 package installer
 
 import (
+	"context"
 	"fmt"
 	"path/filepath"
 	"reflect"
@@ -38,6 +39,7 @@ type Built struct {
 type backend struct {
 	defaults map[string]any
 	build    func(settings map[string]any, deps Deps) (Built, error)
+	inspect  func(ctx context.Context, settings map[string]any, deps Deps) (View, error)
 }
 
 // backends is fixed at compile time: a backend is added by adding a row.
@@ -53,7 +55,8 @@ var backends = map[string]backend{
 			"stateDir":           "",
 			"initialVersion":     "1.0.0",
 		},
-		build: buildSimulated,
+		build:   buildSimulated,
+		inspect: inspectSimulated,
 	},
 	"abpart": {
 		defaults: map[string]any{
@@ -75,7 +78,8 @@ var backends = map[string]backend{
 				"file":    map[string]any{"path": ""},
 			},
 		},
-		build: buildABPart,
+		build:   buildABPart,
+		inspect: inspectABPart,
 	},
 }
 
@@ -108,6 +112,32 @@ func Build(c config.Installer, deps Deps) (Built, error) {
 		deps.Log = zap.NewNop()
 	}
 	return b.build(c.Settings, deps)
+}
+
+// View is what the configured backend tells about the device, read
+// without changing it (gwagent status).
+type View struct {
+	// Version is the firmware version the backend says runs; "" when it
+	// cannot tell.
+	Version string
+	// AB is the A/B slots and the bootloader variables (abpart only).
+	AB *abpart.Status
+}
+
+// Inspect reads what the configured backend knows about the device. Unlike
+// Build it creates and writes nothing (no folder, no record set aside, no
+// bootloader variable), so it may run beside the agent. A configuration
+// error wraps config.ErrConfig; any other error is state that could not be
+// read.
+func Inspect(ctx context.Context, c config.Installer, deps Deps) (View, error) {
+	b, ok := backends[c.Type]
+	if !ok {
+		return View{}, fmt.Errorf("%w: installer.type: unknown installer %q (known: %s)", config.ErrConfig, c.Type, strings.Join(Names(), ", "))
+	}
+	if deps.Log == nil {
+		deps.Log = zap.NewNop()
+	}
+	return b.inspect(ctx, c.Settings, deps)
 }
 
 // decode fills out from settings, refusing unknown keys; errors name the
@@ -182,25 +212,59 @@ func buildSimulated(settings map[string]any, deps Deps) (Built, error) {
 	return Built{Installer: inst, Rebooter: simulated.NewRebooter(log)}, nil
 }
 
+func inspectSimulated(_ context.Context, settings map[string]any, deps Deps) (View, error) {
+	var cfg simulated.Config
+	if err := decode("simulated", settings, &cfg); err != nil {
+		return View{}, err
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Join(deps.StateDir, "simulated")
+	}
+	v, err := simulated.ReadVersion(cfg)
+	return View{Version: v}, err
+}
+
 type abpartSettings struct {
 	abpart.Config `mapstructure:",squash"`
 	Bootenv       bootenv.Config `mapstructure:"bootenv"`
 	RebootCommand string         `mapstructure:"rebootCommand"`
 }
 
-func buildABPart(settings map[string]any, deps Deps) (Built, error) {
+// openABPart decodes the abpart settings and opens the bootloader
+// environment (which touches nothing until it is read or written).
+func openABPart(settings map[string]any, deps Deps) (abpartSettings, bootenv.Env, error) {
 	var s abpartSettings
 	if err := decode("abpart", settings, &s); err != nil {
-		return Built{}, err
+		return s, nil, err
 	}
 	if s.StateDir == "" {
 		s.StateDir = filepath.Join(deps.StateDir, "abpart")
 	}
-	log := deps.Log.Named("abpart")
-	env, err := bootenv.Open(s.Bootenv, nil, log)
+	env, err := bootenv.Open(s.Bootenv, nil, deps.Log.Named("abpart"))
 	if err != nil {
-		return Built{}, fmt.Errorf("%w: installer.abpart.bootenv: %w", config.ErrConfig, err)
+		return s, nil, fmt.Errorf("%w: installer.abpart.bootenv: %w", config.ErrConfig, err)
 	}
+	return s, env, nil
+}
+
+func inspectABPart(ctx context.Context, settings map[string]any, deps Deps) (View, error) {
+	s, env, err := openABPart(settings, deps)
+	if err != nil {
+		return View{}, err
+	}
+	st, err := abpart.Inspect(ctx, s.Config, env)
+	if err != nil {
+		return View{}, err
+	}
+	return View{AB: &st}, nil
+}
+
+func buildABPart(settings map[string]any, deps Deps) (Built, error) {
+	s, env, err := openABPart(settings, deps)
+	if err != nil {
+		return Built{}, err
+	}
+	log := deps.Log.Named("abpart")
 	cmd := strings.Fields(s.RebootCommand)
 	if len(cmd) == 0 {
 		return Built{}, fmt.Errorf("%w: installer.abpart.rebootCommand: must not be empty", config.ErrConfig)

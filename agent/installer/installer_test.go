@@ -70,6 +70,53 @@ func TestBuildABPartOnFiles(t *testing.T) {
 	}
 }
 
+// Inspect reads each backend's view and creates nothing in the state
+// folder, where Build creates the backend's own.
+func TestInspect(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"a.img", "b.img"} {
+		if err := os.WriteFile(filepath.Join(dir, f), make([]byte, 1<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := filepath.Join(dir, "bootenv")
+	if err := os.WriteFile(env, []byte("gw_slot=A\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(dir, "state")
+	ab := config.Installer{Type: "abpart", Settings: settings("abpart", map[string]any{
+		"slotA": filepath.Join(dir, "a.img"), "slotB": filepath.Join(dir, "b.img"), "slotType": "file", "runningSlot": "A",
+		"bootenv": map[string]any{"backend": "file", "file": map[string]any{"path": env}},
+	})}
+	v, err := Inspect(t.Context(), ab, Deps{StateDir: state})
+	if err != nil || v.AB == nil || v.AB.Running != "A" || v.AB.Env.Slot != "A" || !v.AB.Slots[0].Committed || v.Version != "" {
+		t.Fatalf("abpart: %+v, %v", v, err)
+	}
+	sim := config.Installer{Type: "simulated", Settings: settings("simulated", map[string]any{"initialVersion": "3.1.0"})}
+	if v, err := Inspect(t.Context(), sim, Deps{StateDir: state}); err != nil || v.Version != "3.1.0" || v.AB != nil {
+		t.Fatalf("simulated: %+v, %v", v, err)
+	}
+	if _, err := os.Stat(state); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("Inspect created %s: %v", state, err)
+	}
+	// A slot that is gone is state that cannot be read, not a bad config.
+	if err := os.Remove(filepath.Join(dir, "b.img")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Inspect(t.Context(), ab, Deps{StateDir: state}); err == nil || errors.Is(err, config.ErrConfig) {
+		t.Fatalf("abpart with slot B gone: %v", err)
+	}
+	for _, bad := range []config.Installer{
+		{Type: "rauc"},
+		{Type: "simulated", Settings: settings("simulated", map[string]any{"speed": 3})},
+		{Type: "abpart", Settings: settings("abpart", map[string]any{"bootenv": map[string]any{"backend": "lilo"}})},
+	} {
+		if _, err := Inspect(t.Context(), bad, Deps{StateDir: state}); !errors.Is(err, config.ErrConfig) {
+			t.Errorf("%s %v: %v, want a config error", bad.Type, bad.Settings, err)
+		}
+	}
+}
+
 func TestBuildErrorsNameTheKey(t *testing.T) {
 	tests := []struct {
 		name string

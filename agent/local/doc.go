@@ -1,7 +1,9 @@
 // Package local is the agent's local control channel: a unix socket in the
 // state directory (StateDir/control.sock, mode 0600 in a 0700 directory,
 // peers checked to be root or the agent's own user) that `gwagent commit`
-// and `gwagent rollback` use to reach the running daemon.
+// and `gwagent rollback` use to reach the running daemon, and `gwagent
+// status` to ask it how its hub connection is (a read-only request, logged
+// at Debug only).
 //
 // The protocol is one small JSON request and one JSON response per
 // connection, bounded in size (MaxMessage), time (each connection has a

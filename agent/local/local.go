@@ -34,9 +34,15 @@ const maxConns = 4
 // Operations.
 const (
 	OpPing     = "ping"
+	OpStatus   = "status" // read-only: the daemon's view, with Hub set
 	OpCommit   = "commit"
 	OpRollback = "rollback"
 )
+
+// ReadOnly reports whether op only asks (ping, status). The server logs
+// those at Debug: a person or a script polling gwagent status must not
+// fill the journal.
+func ReadOnly(op string) bool { return op == OpPing || op == OpStatus }
 
 // ErrNotRunning is returned by Call when nothing listens on the socket.
 var ErrNotRunning = errors.New("local: the agent is not running")
@@ -56,6 +62,27 @@ type Response struct {
 	UpdateID string `json:"updateId,omitempty"`
 	Phase    string `json:"phase,omitempty"`
 	PID      int    `json:"pid,omitempty"`
+	// Hub is the daemon's connection to its hub, in answers to OpStatus.
+	Hub *Hub `json:"hub,omitempty"`
+}
+
+// Hub is the state of the daemon's session with its hub.
+type Hub struct {
+	Connected bool   `json:"connected"`
+	Host      string `json:"host,omitempty"` // the hub or gateway name
+	// State is one line a person reads: "connected to HOST", "offline,
+	// retrying in 8s", as of the answer.
+	State string `json:"state"`
+	// Since is when the session last connected or went offline.
+	Since time.Time `json:"since,omitzero"`
+	// LastExchange is when the hub last sent or acknowledged anything.
+	LastExchange time.Time `json:"lastExchange,omitzero"`
+	// RetryAt is when the next connect attempt starts (offline only).
+	RetryAt time.Time `json:"retryAt,omitzero"`
+	// LastError says why the last connect attempt or connection failed.
+	LastError string `json:"lastError,omitempty"`
+	Connects  int    `json:"connects"`
+	Drops     int    `json:"drops"`
 }
 
 // Handler answers one request. It must return within ctx.
@@ -154,7 +181,11 @@ func (s *Server) serve(ctx context.Context, c *net.UnixConn) {
 	}
 	resp := s.h(ctx, req)
 	resp.PID = os.Getpid()
-	s.log.Info("control request", zap.String("op", req.Op), zap.Bool("ok", resp.OK), zap.String("error", resp.Error))
+	level := zap.InfoLevel
+	if ReadOnly(req.Op) {
+		level = zap.DebugLevel
+	}
+	s.log.Log(level, "control request", zap.String("op", req.Op), zap.Bool("ok", resp.OK), zap.String("error", resp.Error))
 	writeMsg(c, resp)
 }
 

@@ -8,9 +8,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -63,6 +65,28 @@ func TestRoundTrip(t *testing.T) {
 		if err != nil || got != tc.want {
 			t.Errorf("%s: %+v, %v; want %+v", tc.op, got, err, tc.want)
 		}
+	}
+}
+
+// The status answer carries the hub connection; unset times stay unset.
+func TestStatusRoundTrip(t *testing.T) {
+	path := Path(t.TempDir())
+	since := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	hub := Hub{Host: "hub.example.net", State: "offline, retrying in 8s", Since: since, RetryAt: since.Add(8 * time.Second),
+		LastError: "dial tcp: connection refused", Connects: 2, Drops: 2}
+	serve(t, path, func(_ context.Context, req Request) Response {
+		if req.Op != OpStatus {
+			return Response{Error: "unexpected " + req.Op}
+		}
+		h := hub
+		return Response{OK: true, Phase: "idle", Hub: &h}
+	})
+	got, err := Call(t.Context(), path, Request{Op: OpStatus})
+	if err != nil || !got.OK || got.Hub == nil || !reflect.DeepEqual(*got.Hub, hub) {
+		t.Fatalf("status: %+v (hub %+v), %v; want hub %+v", got, got.Hub, err, hub)
+	}
+	if !ReadOnly(OpStatus) || !ReadOnly(OpPing) || ReadOnly(OpCommit) || ReadOnly(OpRollback) {
+		t.Error("ReadOnly: only ping and status only read")
 	}
 }
 

@@ -6,13 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
-	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/agent"
 	"github.com/gwagent/gwagent/agent/config"
@@ -25,15 +25,23 @@ import (
 
 // Local control: status reads the persisted state directly (the state
 // files are replaced atomically, so reading them while the daemon runs is
-// safe, and nothing is written); commit and rollback only ever go through
-// the running daemon's control socket, so the daemon's state machine stays
-// the one writer of the update record and the bootloader environment.
+// safe) and the bootloader environment through its read path; it builds
+// none of the daemon's objects and writes nothing, and asks the running
+// daemon, if any, only how its hub connection is. Commit and rollback only
+// ever go through the running daemon's control socket, so the daemon's
+// state machine stays the one writer of the update record and the
+// bootloader environment. None of them needs the device's connection
+// string.
 
-// pingTimeout bounds asking whether the daemon runs.
+// pingTimeout bounds asking the daemon.
 const pingTimeout = 3 * time.Second
 
+// inspectTimeout bounds reading the slots and the bootloader environment
+// (a bootloader tool stuck on a lock).
+const inspectTimeout = 30 * time.Second
+
 func loadLocalConfig(cmd *cobra.Command) (*config.Config, error) {
-	return config.Load(config.Options{Flags: cmd.Flags(), Backends: installer.Specs()})
+	return config.Load(config.Options{Flags: cmd.Flags(), Backends: installer.Specs(), Local: true})
 }
 
 // statusReport is `gwagent status -o json`; the field names are stable.
@@ -42,6 +50,11 @@ type statusReport struct {
 		Running bool   `json:"running"`
 		PID     int    `json:"pid,omitempty"`
 		Socket  string `json:"socket"`
+		// Hub is the running agent's session with its hub.
+		Hub *local.Hub `json:"hub,omitempty"`
+		// Error says why the agent could not be asked (other than not
+		// running: then Running is false and Error empty).
+		Error string `json:"error,omitempty"`
 	} `json:"agent"`
 	StateDir         string                `json:"stateDir"`
 	Installer        string                `json:"installer"`
@@ -55,6 +68,8 @@ type statusReport struct {
 	Slots            []abpart.SlotStatus   `json:"slots,omitempty"`
 	Bootloader       *bootenv.State        `json:"bootloader,omitempty"`
 	SlotError        string                `json:"slotError,omitempty"`
+	InstallerError   string                `json:"installerError,omitempty"`
+	RecordError      string                `json:"recordError,omitempty"`
 	Error            *firmware.UpdateError `json:"error,omitempty"`
 }
 
@@ -72,12 +87,14 @@ func newStatusCmd() *cobra.Command {
 	var output string
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Show the slots, versions and the current or last update",
+		Short: "Show the slots, versions, the current or last update and the hub connection",
 		Long: `Show what the agent knows about the device: the running and committed slot and
 version, the update in progress (id, phase) or the last one's result, and for
 the abpart installer the slots and the bootloader variables. It reads the
 persisted state in stateDir and the bootloader environment and writes
-nothing, so it works the same whether the daemon runs or not.`,
+nothing, so it works the same whether the daemon runs or not, and needs no
+connection string. When the daemon runs, it also shows the daemon's hub
+connection (asked over stateDir/` + local.SocketName + `, root only).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != "text" && output != "json" {
@@ -96,7 +113,7 @@ nothing, so it works the same whether the daemon runs or not.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(r)
 			}
-			return printStatus(cmd.OutOrStdout(), r)
+			return printStatus(cmd.OutOrStdout(), r, time.Now())
 		},
 	}
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
@@ -106,70 +123,76 @@ nothing, so it works the same whether the daemon runs or not.`,
 
 func collectStatus(ctx context.Context, cfg *config.Config) (statusReport, error) {
 	r := statusReport{StateDir: cfg.StateDir, Installer: cfg.Installer.Type}
-	r.Agent.Socket = local.Path(cfg.StateDir)
-	pctx, cancel := context.WithTimeout(ctx, pingTimeout)
-	if resp, err := local.Call(pctx, r.Agent.Socket, local.Request{Op: local.OpPing}); err == nil && resp.OK {
-		r.Agent.Running, r.Agent.PID = true, resp.PID
-	}
-	cancel()
-	r.Update.Phase = string(firmware.PhaseIdle)
-	r.RunningVersion = cfg.CurrentVersion
-	r.CommittedVersion = cfg.CurrentVersion
-	if _, err := os.Stat(cfg.StateDir); err != nil {
-		// Never ran: there is no state to read, and building the installer
-		// would create its directories.
-		r.LastResult = "none (the agent has not run on this device: " + err.Error() + ")"
-		return r, nil
-	}
-	built, err := installer.Build(cfg.Installer, installer.Deps{StateDir: cfg.StateDir, Log: zap.NewNop()})
-	if err != nil {
-		return r, err
-	}
-	// NewManager only reads the record (it sets aside a record of an
-	// unknown format, which the daemon would do at its next start anyway).
-	m, err := firmware.NewManager(firmware.Config{
-		StateDir:       agent.FirmwareStateDir(cfg.StateDir),
-		Installer:      built.Installer,
-		CurrentVersion: cfg.CurrentVersion,
-		Log:            zap.NewNop(),
-	})
-	if err != nil {
+	askAgent(ctx, &r)
+
+	st, err := firmware.ReadStatus(agent.FirmwareStateDir(cfg.StateDir), cfg.CurrentVersion)
+	switch {
+	case errors.Is(err, firmware.ErrUnknownFormat):
+		r.RecordError = err.Error()
+	case err != nil:
 		return r, fmt.Errorf("read the update state: %w", err)
 	}
-	st := m.Status()
 	p := st.Progress
 	r.Update = updateReport{ID: p.UpdateID, Phase: string(p.Phase), Busy: st.Busy, TargetVersion: p.TargetVersion, Slot: p.Slot, Bytes: p.Bytes, Total: p.Total}
 	r.Error = p.Err
+	r.LastResult = lastResult(st)
+	switch _, err := os.Stat(cfg.StateDir); {
+	case r.RecordError != "":
+		r.LastResult = "unknown (" + r.RecordError + ")"
+	case errors.Is(err, fs.ErrNotExist):
+		r.LastResult = "none (the agent has not run on this device: " + err.Error() + ")"
+	}
+
+	ictx, cancel := context.WithTimeout(ctx, inspectTimeout)
+	defer cancel()
+	view, err := installer.Inspect(ictx, cfg.Installer, installer.Deps{StateDir: cfg.StateDir})
+	switch {
+	case errors.Is(err, config.ErrConfig):
+		return r, err
+	case err != nil && cfg.Installer.Type == "abpart":
+		r.SlotError = err.Error()
+	case err != nil:
+		r.InstallerError = err.Error()
+	}
 	cur := p.CurrentVersion
-	if v, ok := built.Installer.(firmware.Versioner); ok {
-		vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if got, err := v.CurrentVersion(vctx); err == nil && got != "" {
-			cur = got
-		}
-		cancel()
+	if view.Version != "" {
+		cur = view.Version
 	}
 	r.RunningVersion, r.CommittedVersion = cur, cur
-
-	if ab, ok := built.Installer.(*abpart.Installer); ok {
-		s, err := ab.Status(ctx)
-		if err != nil {
-			r.SlotError = err.Error()
-		} else {
-			r.RunningSlot, r.TrialSlot, r.Slots, r.Bootloader = s.Running, s.TrialSlot, s.Slots[:], &s.Env
-			for _, sl := range s.Slots {
-				if sl.Committed {
-					r.CommittedSlot = sl.Name
-				}
-			}
-			// On a trial boot the new version runs but the old one is
-			// still the committed one.
-			if st.Busy && p.Slot != "" && s.Running == p.Slot && s.TrialSlot == p.Slot && p.TargetVersion != "" {
-				r.RunningVersion = p.TargetVersion
+	if s := view.AB; s != nil {
+		r.RunningSlot, r.TrialSlot, r.Slots, r.Bootloader = s.Running, s.TrialSlot, s.Slots[:], &s.Env
+		for _, sl := range s.Slots {
+			if sl.Committed {
+				r.CommittedSlot = sl.Name
 			}
 		}
+		// On a trial boot the new version runs but the old one is still
+		// the committed one.
+		if st.Busy && p.Slot != "" && s.Running == p.Slot && s.TrialSlot == p.Slot && p.TargetVersion != "" {
+			r.RunningVersion = p.TargetVersion
+		}
 	}
-	r.LastResult = lastResult(st)
 	return r, nil
+}
+
+// askAgent asks the running agent, if any, how its hub connection is.
+func askAgent(ctx context.Context, r *statusReport) {
+	r.Agent.Socket = local.Path(r.StateDir)
+	ctx, cancel := context.WithTimeout(ctx, pingTimeout)
+	defer cancel()
+	resp, err := local.Call(ctx, r.Agent.Socket, local.Request{Op: local.OpStatus})
+	switch {
+	case errors.Is(err, local.ErrNotRunning):
+	case err != nil:
+		// Most often a user other than root: the socket is root only.
+		r.Agent.Error = err.Error()
+	default:
+		// An answer, even a refusal, means the agent runs.
+		r.Agent.Running, r.Agent.PID, r.Agent.Hub = true, resp.PID, resp.Hub
+		if !resp.OK {
+			r.Agent.Error = resp.Error
+		}
+	}
 }
 
 func lastResult(st firmware.Status) string {
@@ -189,13 +212,32 @@ func lastResult(st firmware.Status) string {
 	return string(p.Phase)
 }
 
-func printStatus(w io.Writer, r statusReport) error {
+func printStatus(w io.Writer, r statusReport, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	agentLine := "stopped (no answer on " + r.Agent.Socket + ")"
-	if r.Agent.Running {
-		agentLine = fmt.Sprintf("running (pid %d)", r.Agent.PID)
+	a := r.Agent
+	agentLine := "stopped (no answer on " + a.Socket + ")"
+	switch {
+	case a.Running && a.PID != 0:
+		agentLine = fmt.Sprintf("running (pid %d)", a.PID)
+	case a.Running:
+		agentLine = "running"
+	case a.Error != "":
+		agentLine = "unknown (" + a.Error + ")"
 	}
 	fmt.Fprintf(tw, "agent:\t%s\n", agentLine)
+	switch h := a.Hub; {
+	case h != nil:
+		line := h.State
+		if d := now.Sub(h.Since).Round(time.Second); !h.Since.IsZero() && d > 0 {
+			line += fmt.Sprintf(" (for %s)", d)
+		}
+		fmt.Fprintf(tw, "hub:\t%s\n", line)
+		if !h.Connected && h.LastError != "" {
+			fmt.Fprintf(tw, "last hub error:\t%s\n", h.LastError)
+		}
+	case a.Running && a.Error != "":
+		fmt.Fprintf(tw, "hub:\tunknown (%s)\n", a.Error)
+	}
 	fmt.Fprintf(tw, "installer:\t%s\n", r.Installer)
 	fmt.Fprintf(tw, "running version:\t%s\n", orDash(r.RunningVersion))
 	fmt.Fprintf(tw, "committed version:\t%s\n", orDash(r.CommittedVersion))
@@ -218,6 +260,9 @@ func printStatus(w io.Writer, r statusReport) error {
 	fmt.Fprintf(tw, "last result:\t%s\n", r.LastResult)
 	if r.SlotError != "" {
 		fmt.Fprintf(tw, "slots:\tunknown: %s\n", r.SlotError)
+	}
+	if r.InstallerError != "" {
+		fmt.Fprintf(tw, "installer state:\tunknown: %s\n", r.InstallerError)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -294,23 +339,12 @@ trial boot. With the agent stopped nothing is changed.`,
 
 // persistedPhase reads the update's phase from the persisted record: the
 // state machine writes each phase before acting on it, so the record shows
-// a rollback before the reboot that finishes it.
+// a rollback before the reboot that finishes it. Each call reads one file.
 func persistedPhase(cfg *config.Config) func() (id, phase string, err error) {
-	var built *installer.Built
+	dir := agent.FirmwareStateDir(cfg.StateDir)
 	return func() (string, string, error) {
-		if built == nil {
-			b, err := installer.Build(cfg.Installer, installer.Deps{StateDir: cfg.StateDir, Log: zap.NewNop()})
-			if err != nil {
-				return "", "", err
-			}
-			built = &b
-		}
-		m, err := firmware.NewManager(firmware.Config{StateDir: agent.FirmwareStateDir(cfg.StateDir), Installer: built.Installer, Log: zap.NewNop()})
-		if err != nil {
-			return "", "", err
-		}
-		p := m.Status().Progress
-		return p.UpdateID, string(p.Phase), nil
+		st, err := firmware.ReadStatus(dir, "")
+		return st.UpdateID, string(st.Phase), err
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -23,7 +24,9 @@ import (
 	"github.com/gwagent/gwagent/agent/config"
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/hub"
 	"github.com/gwagent/gwagent/internal/testutil"
+	"github.com/gwagent/gwagent/iothub"
 )
 
 const testConn = "HostName=hub.example.net;DeviceId=gw-01;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -62,8 +65,10 @@ func newABDevice(t *testing.T) *abDevice {
 	d.grub("set", "gw_slot=A", "upgrade_available=0", "bootcount=0")
 	d.boot("A")
 	d.cfgFile = filepath.Join(dir, "gwagent.yaml")
+	// The secrets file is missing: gwagent run takes the connection string
+	// from GWAGENT_HUB_CONNECTIONSTRING, the local commands need none.
 	cfg := fmt.Sprintf(`hub:
-  connectionString: %q
+  connectionStringFile: %s
   address: 127.0.0.1:1
 stateDir: %s
 currentVersion: 1.0.0
@@ -80,7 +85,7 @@ installer:
       backend: grub
       grub:
         envFile: %s
-`, testConn, d.stateDir, filepath.Join(dir, "slotA"), filepath.Join(dir, "slotB"), d.cmdline, d.bootID, d.rebooted, d.grubenv)
+`, filepath.Join(dir, "missing-secret"), d.stateDir, filepath.Join(dir, "slotA"), filepath.Join(dir, "slotB"), d.cmdline, d.bootID, d.rebooted, d.grubenv)
 	if err := os.WriteFile(d.cfgFile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -245,7 +250,13 @@ func TestLocalControlTrialBoot(t *testing.T) {
 				t.Fatalf("text status: %v\n%s", err, text)
 			}
 
-			out, err := execute(context.Background(), op, "--config", d.cfgFile, "--wait", "30s")
+			// The record says committing a moment before the health check
+			// waits for a verdict; the agent then says to try again.
+			var out string
+			testutil.Eventually(t, 30*time.Second, "the agent waiting for a verdict", func() bool {
+				out, err = execute(context.Background(), op, "--config", d.cfgFile, "--wait", "30s")
+				return err == nil || !strings.Contains(err.Error(), "not waiting for a verdict right now")
+			})
 			if err != nil {
 				t.Fatalf("%s: %v\n%s", op, err, out)
 			}
@@ -334,4 +345,193 @@ func TestLocalControlSimulated(t *testing.T) {
 	if _, err := execute(context.Background(), "status", "-o", "yaml", "--state-dir", state); err == nil {
 		t.Error("status -o yaml accepted")
 	}
+}
+
+// treeState is every path under dir with its mode, size, modification time
+// and, for a file, a hash of its content: two equal states mean nothing was
+// created, removed, renamed or written.
+func treeState(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	err := filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := de.Info()
+		if err != nil {
+			return err
+		}
+		v := fmt.Sprintf("%v %d %d", fi.Mode(), fi.Size(), fi.ModTime().UnixNano())
+		if fi.Mode().IsRegular() {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			v += fmt.Sprintf(" %x", sha256.Sum256(b))
+		}
+		out[p] = v
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func sameTree(t *testing.T, what string, before, after map[string]string) {
+	t.Helper()
+	for p, v := range before {
+		if after[p] != v {
+			t.Errorf("%s: %s changed: %q → %q", what, p, v, after[p])
+		}
+	}
+	for p := range after {
+		if _, ok := before[p]; !ok {
+			t.Errorf("%s: %s was created", what, p)
+		}
+	}
+}
+
+// status reads the device with no connection string anywhere (the secrets
+// file named in the configuration does not exist) and writes nothing: not
+// before the agent ever ran, not in the middle of an update, not over a
+// record of a format it does not know.
+func TestStatusReadOnlyWithoutConnectionString(t *testing.T) {
+	d := newABDevice(t)
+	t.Setenv("GWAGENT_HUB_CONNECTIONSTRING", "")
+	if _, err := execute(context.Background(), "run", "--config", d.cfgFile); err == nil || !strings.Contains(err.Error(), "hub.connectionStringFile") {
+		t.Fatalf("the daemon without its secret: %v", err)
+	}
+	status := func(what string) statusReport {
+		t.Helper()
+		before := treeState(t, d.dir)
+		r := d.status(t)
+		text, err := execute(context.Background(), "status", "--config", d.cfgFile)
+		if err != nil {
+			t.Fatalf("%s: text status: %v", what, err)
+		}
+		sameTree(t, what, before, treeState(t, d.dir))
+		t.Logf("%s:\n%s", what, text)
+		return r
+	}
+
+	// The agent never ran: no state folder, and status makes none.
+	if err := os.Remove(d.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	r := status("never ran")
+	if r.Agent.Running || r.Update.Phase != "idle" || !strings.Contains(r.LastResult, "has not run") ||
+		r.RunningSlot != "A" || r.CommittedSlot != "A" || len(r.Slots) != 2 || r.Bootloader == nil || r.RunningVersion != "1.0.0" {
+		t.Fatalf("status before the agent ran: %+v", r)
+	}
+
+	// In the middle of an update: the record says rebooting, slot B runs
+	// on trial.
+	if err := os.Mkdir(d.stateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("GWAGENT_HUB_CONNECTIONSTRING", testConn) // for the update's own config load
+	id := d.trialBoot()
+	t.Setenv("GWAGENT_HUB_CONNECTIONSTRING", "")
+	r = status("trial boot")
+	if r.Update.ID != id || !r.Update.Busy || r.Update.Phase != "rebooting" || r.RunningSlot != "B" || r.TrialSlot != "B" ||
+		r.CommittedSlot != "A" || r.Bootloader.BootCount != 1 || r.SlotError != "" {
+		t.Fatalf("status on the trial boot: %+v", r)
+	}
+
+	// A record written by a newer agent: shown as unknown, left in place
+	// (the agent sets it aside when it starts, status does not).
+	rec := filepath.Join(agent.FirmwareStateDir(d.stateDir), "update.json")
+	if err := os.WriteFile(rec, []byte(`{"format":99,"updateId":"from-the-future","phase":"teleporting"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r = status("unknown record format")
+	if r.Update.Phase != "idle" || r.Update.ID != "" {
+		t.Fatalf("status over an unknown record: %+v", r)
+	}
+	if _, err := os.Stat(rec); err != nil {
+		t.Fatalf("the record was moved: %v", err)
+	}
+}
+
+// With the agent running against a hub, status shows the hub connection
+// as the agent sees it: connected, then offline with the reason.
+func TestStatusShowsHubConnection(t *testing.T) {
+	h, err := hub.New(hub.Config{StateDir: t.TempDir(), MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	cs, err := h.CreateDevice("gw-status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	parsed, err := iothub.ParseConnectionString(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	// A retry delay long enough to see "retrying in" between attempts.
+	t.Setenv("GWAGENT_HUB_MINRETRYDELAY", "3s")
+	t.Setenv("GWAGENT_HUB_MAXRETRYDELAY", "5s")
+	args := []string{"--config", "../../configs/dev.yaml", "--state-dir", state}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	// The connection string only for the daemon, from its secrets file.
+	secret := filepath.Join(t.TempDir(), "connection-string")
+	if err := os.WriteFile(secret, []byte(cs), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		_, err := execute(ctx, append([]string{"run", "--connection-string-file", secret, "--ca-file", h.CAFile(), "--hub-address", h.MQTTAddr(),
+			"--log-format", "json", "--log-level", "error"}, args...)...)
+		done <- err
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	status := func() statusReport {
+		t.Helper()
+		out, err := execute(context.Background(), append([]string{"status", "-o", "json"}, args...)...)
+		if err != nil {
+			t.Fatalf("status: %v: %s", err, out)
+		}
+		var r statusReport
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatalf("status output: %v: %s", err, out)
+		}
+		return r
+	}
+	var r statusReport
+	testutil.Eventually(t, 30*time.Second, "status: connected", func() bool {
+		r = status()
+		return r.Agent.Hub != nil && r.Agent.Hub.Connected
+	})
+	if hs := r.Agent.Hub; !r.Agent.Running || r.Agent.PID != os.Getpid() || hs.Host != parsed.HostName || hs.State != "connected to "+parsed.HostName || r.Agent.Error != "" {
+		t.Fatalf("status while connected: %+v, hub %+v", r.Agent, hs)
+	}
+	text, err := execute(context.Background(), append([]string{"status"}, args...)...)
+	if err != nil || !strings.Contains(text, "hub:") || !strings.Contains(text, "connected to "+parsed.HostName) {
+		t.Fatalf("text status while connected: %v\n%s", err, text)
+	}
+
+	if err := h.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "status: offline, retrying", func() bool {
+		r = status()
+		hs := r.Agent.Hub
+		return hs != nil && !hs.Connected && strings.HasPrefix(hs.State, "offline, retrying in") && hs.LastError != ""
+	})
+	text, err = execute(context.Background(), append([]string{"status"}, args...)...)
+	if err != nil || !strings.Contains(text, "hub:") || !strings.Contains(text, "last hub error:") {
+		t.Fatalf("text status while offline: %v\n%s", err, text)
+	}
+	t.Logf("offline:\n%s", text)
 }

@@ -106,6 +106,18 @@ var (
 // New checks cfg (a bad value is an error naming its key) and returns the
 // installer. Both slots must exist and be of SlotType.
 func New(cfg Config, deps Deps) (*Installer, error) {
+	i, err := check(cfg, deps)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(i.cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("%w: abpart.stateDir: %w", ErrConfig, err)
+	}
+	return i, nil
+}
+
+// check is New without creating the state folder.
+func check(cfg Config, deps Deps) (*Installer, error) {
 	if deps.Env == nil {
 		return nil, fmt.Errorf("%w: no bootloader environment", ErrConfig)
 	}
@@ -164,9 +176,6 @@ func New(cfg Config, deps Deps) (*Installer, error) {
 	}
 	if sameDevice(a, b) {
 		return nil, fmt.Errorf("%w: abpart.slotA and abpart.slotB are the same %s", ErrConfig, cfg.SlotType)
-	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("%w: abpart.stateDir: %w", ErrConfig, err)
 	}
 	return i, nil
 }

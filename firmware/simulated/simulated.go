@@ -106,27 +106,40 @@ func New(cfg Config, log *zap.Logger) (*Installer, error) {
 	if cfg.SimulatedSize <= 0 {
 		cfg.SimulatedSize = 1 << 20
 	}
-	i := &Installer{cfg: cfg, log: log, version: cfg.InitialVersion}
 	if cfg.StateDir != "" {
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("simulated: state dir: %w", err)
 		}
-		b, err := os.ReadFile(filepath.Join(cfg.StateDir, versionFile))
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-		case err != nil:
-			return nil, fmt.Errorf("simulated: read version: %w", err)
-		default:
-			var st struct {
-				Version string `json:"version"`
-			}
-			// A torn or empty file counts as missing.
-			if json.Unmarshal(b, &st) == nil && st.Version != "" {
-				i.version = st.Version
-			}
-		}
 	}
-	return i, nil
+	v, err := ReadVersion(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Installer{cfg: cfg, log: log, version: v}, nil
+}
+
+// ReadVersion returns the simulated current version persisted in
+// cfg.StateDir (cfg.InitialVersion before any update completed) without
+// creating or writing anything.
+func ReadVersion(cfg Config) (string, error) {
+	if cfg.StateDir == "" {
+		return cfg.InitialVersion, nil
+	}
+	b, err := os.ReadFile(filepath.Join(cfg.StateDir, versionFile))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return cfg.InitialVersion, nil
+	case err != nil:
+		return "", fmt.Errorf("simulated: read version: %w", err)
+	}
+	var st struct {
+		Version string `json:"version"`
+	}
+	// A torn or empty file counts as missing.
+	if json.Unmarshal(b, &st) != nil || st.Version == "" {
+		return cfg.InitialVersion, nil
+	}
+	return st.Version, nil
 }
 
 func (i *Installer) fail(stage string) error {

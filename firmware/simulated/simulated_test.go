@@ -7,6 +7,8 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -175,6 +177,17 @@ func TestTimeOnlyDownloadAndVersion(t *testing.T) {
 	}
 	if v, _ := inst.CurrentVersion(context.Background()); v != "2.0.0" {
 		t.Fatalf("version after restart %q", v)
+	}
+	// ReadVersion reads the same without creating anything.
+	if v, err := simulated.ReadVersion(fast(dir)); v != "2.0.0" || err != nil {
+		t.Fatalf("ReadVersion = %q, %v", v, err)
+	}
+	fresh := fast(filepath.Join(t.TempDir(), "never-ran"))
+	if v, err := simulated.ReadVersion(fresh); v != fresh.InitialVersion || err != nil {
+		t.Fatalf("ReadVersion before any run = %q, %v", v, err)
+	}
+	if _, err := os.Stat(fresh.StateDir); !os.IsNotExist(err) {
+		t.Fatalf("ReadVersion created %s: %v", fresh.StateDir, err)
 	}
 }
 
