@@ -31,6 +31,22 @@
 // checked while the image streams, and its running state is checkpointed
 // with the SHA-256, so a resumed download still verifies.
 //
+// Where the parts live:
+//
+//   - manager.go: Config, the Manager, the resume table and the phase steps
+//     other than downloading's stream and verifying's checks;
+//   - download.go: the downloading step's stream (one buffer from the
+//     source, HTTP or a Fetcher, through an optional gzip/zstd decoder,
+//     hashed and written to the Sink);
+//   - transport.go: the HTTP side of a download, a ranged reader that
+//     resumes with Range/If-Range and retries with backoff, and how HTTP
+//     answers and network errors are classified;
+//   - checkpoint.go: the persisted resume point, where a download resumes,
+//     and the syncer that makes checkpoints durable beside the stream;
+//   - verify.go: the verifying step (size, SHA-256, signature, read-back);
+//   - signature.go, request.go, store.go, installer.go: the signature check,
+//     the method payload, the state files and the backend interfaces.
+//
 // Backends live in subpackages (simulated, abpart) and implement Installer
 // plus the optional abilities they have (Checker, Preparer, Fetcher,
 // ReadBacker, Rebooter, Committer, RollBacker, Slotted, Versioner).
