@@ -64,14 +64,13 @@ func crashChild() int {
 		os.Exit(0)
 	}
 	m, err := firmware.NewManager(firmware.Config{
-		StateDir:         os.Getenv(crashStateEnv),
-		Installer:        ab,
-		Observer:         observe,
-		Log:              zap.NewNop(),
-		CheckpointBytes:  256 << 10,
-		ProgressInterval: time.Nanosecond,
-		RebootTimeout:    time.Hour,
-		Signatures:       &signature.Policy{KeyDir: os.Getenv(crashKeyEnv)},
+		StateDir:        os.Getenv(crashStateEnv),
+		Installer:       ab,
+		Observer:        observe,
+		Log:             zap.NewNop(),
+		CheckpointBytes: 256 << 10,
+		RebootTimeout:   time.Hour,
+		Signatures:      &signature.Policy{KeyDir: os.Getenv(crashKeyEnv)},
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

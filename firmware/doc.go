@@ -53,6 +53,8 @@
 //
 // This package must not talk to the hub or format twin properties: it
 // reports Progress to an Observer and the agent turns that into reported
-// properties. It must not write to the running slot: where bytes go is the
+// properties. It does not throttle progress by time either: a download
+// reports each whole percent (see Config.Observer) and the Observer
+// (twin/report) is the one place that decides how often to send it. It must not write to the running slot: where bytes go is the
 // backend's decision.
 package firmware

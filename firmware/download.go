@@ -79,7 +79,7 @@ func (m *Manager) openStream(ctx context.Context, u Update, cp checkpoint) (*str
 	if err != nil {
 		return nil, coded(CodeDownload, fmt.Errorf("open the image destination: %w", err))
 	}
-	st := &streamer{m: m, ctx: ctx, cp: cp, sink: sink, limit: u.Request.Size, lastSync: time.Now(), handed: cp.Written}
+	st := &streamer{m: m, ctx: ctx, cp: cp, sink: sink, limit: u.Request.Size, lastSync: time.Now(), handed: cp.Written, mark: -1}
 	if st.imgHash, err = restoreHash(cp.ImgHash); err != nil {
 		sink.Close()
 		return nil, err
@@ -131,7 +131,7 @@ type streamer struct {
 	raw      func() int64
 	lastSync time.Time
 	handed   int64 // Written of the last checkpoint handed to the syncer
-	lastEmit time.Time
+	mark     int64 // progressMark of the last progress reported, -1 before any
 }
 
 // write forwards decoded bytes to the sink and hands a checkpoint to the
@@ -155,11 +155,21 @@ func (s *streamer) write(p []byte) error {
 		}
 		s.lastSync = now
 	}
-	if now.Sub(s.lastEmit) >= s.m.cfg.ProgressInterval {
-		s.lastEmit = now
+	if mark := progressMark(s.rawOffset(), s.cp.Total); mark != s.mark {
+		s.mark = mark
 		s.m.emitBytes(s.rawOffset(), s.cp.Total)
 	}
 	return nil
+}
+
+// progressMark is the granularity of download progress (see
+// Config.Observer): the whole percentage of the transfer, or the MiB when
+// its size is unknown. Progress is reported when it changes.
+func progressMark(done, total int64) int64 {
+	if total > 0 {
+		return done * 100 / total
+	}
+	return done >> 20
 }
 
 func (s *streamer) rawOffset() int64 {

@@ -401,7 +401,6 @@ func testConfig(t testing.TB, dir string, inst firmware.Installer, rec *recorder
 		RetryMaxInterval:     200 * time.Millisecond,
 		RetryMaxElapsed:      20 * time.Second,
 		CheckpointBytes:      256 << 10,
-		ProgressInterval:     time.Millisecond,
 		RebootTimeout:        20 * time.Second,
 	}
 }

@@ -27,6 +27,14 @@ type Config struct {
 	// Observer receives every Progress, in order, on the state machine's
 	// goroutine (and on Start's caller for "accepted"). It must return quickly
 	// (the machine waits for it); it may call Status but not Start.
+	//
+	// Every phase change is reported. While downloading, progress is
+	// reported each time the whole percentage of the transfer changes (once
+	// per MiB when the server does not say how big the image is) and once
+	// at the end: about a hundred calls per download whatever the image
+	// size, never one per buffer. There is no clock here: how often
+	// progress goes further (to the twin) is the Observer's decision
+	// (twin/report's MinInterval and MinPercentStep).
 	Observer func(Progress)
 	// Log is the component logger (named by the caller).
 	Log *zap.Logger
@@ -70,9 +78,6 @@ type Config struct {
 	// on the benchmark machine (test/bench/run.sh), and the download kept
 	// pace with `curl | dd conv=fsync`.
 	CheckpointBytes int64
-	// ProgressInterval is the minimum time between two byte-progress reports
-	// (default 1s). Phase changes are always reported.
-	ProgressInterval time.Duration
 	// RebootTimeout is how long the machine waits to be stopped after it
 	// asked for a reboot before it counts the reboot as failed (default 5m).
 	RebootTimeout time.Duration
@@ -101,7 +106,6 @@ func (c *Config) setDefaults() {
 	def(&c.RetryInitialInterval, time.Second)
 	def(&c.RetryMaxInterval, time.Minute)
 	def(&c.RetryMaxElapsed, 10*time.Minute)
-	def(&c.ProgressInterval, time.Second)
 	def(&c.RebootTimeout, 5*time.Minute)
 	if c.CheckpointBytes <= 0 {
 		c.CheckpointBytes = 4 << 20

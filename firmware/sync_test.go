@@ -125,12 +125,11 @@ func TestCheckpointWaitsForSync(t *testing.T) {
 		rec := newRecorder()
 		inst := &memInstaller{img: img, sink: sink}
 		m, err := firmware.NewManager(firmware.Config{
-			StateDir:         state,
-			Installer:        inst,
-			Observer:         rec.observe,
-			Log:              zap.NewNop(),
-			CheckpointBytes:  interval,
-			ProgressInterval: time.Hour,
+			StateDir:        state,
+			Installer:       inst,
+			Observer:        rec.observe,
+			Log:             zap.NewNop(),
+			CheckpointBytes: interval,
 		})
 		if err != nil {
 			t.Fatal(err)
