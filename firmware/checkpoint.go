@@ -10,11 +10,15 @@ import (
 
 // checkpoint is the persisted download position. Offset bytes of the
 // transfer are durable in the sink (Sink.Sync returned nil before the
-// checkpoint was written) and Hash is the SHA-256 state over exactly those
-// bytes, so a restarted agent continues with an HTTP Range request.
+// checkpoint was written) and the hash states, when the stream hashes
+// (streamHashes), are over exactly those bytes, so a restarted agent
+// continues with an HTTP Range request. When the read-back hashes the image
+// instead, RawHash and ImgHash are empty: a resumed download reads the image
+// back from byte 0.
 //
-// Compressed downloads are checkpointed only when complete: the gzip and zstd
-// decoders cannot be serialised, so an interrupted compressed download starts
+// Compressed downloads are persisted only when complete (they are still
+// synced, and read back, at every interval): the gzip and zstd decoders
+// cannot be serialised, so an interrupted compressed download starts
 // again from zero after a restart (within one run it still resumes by Range,
 // below the decoder).
 type checkpoint struct {
@@ -27,8 +31,8 @@ type checkpoint struct {
 	ETag         string `json:"etag,omitempty"`  // validator for If-Range
 	LastModified string `json:"lastModified,omitempty"`
 	Compressed   bool   `json:"compressed,omitempty"`
-	RawHash      []byte `json:"rawHash"`            // sha256 state over the transferred bytes
-	ImgHash      []byte `json:"imgHash"`            // sha256 state over the written bytes
+	RawHash      []byte `json:"rawHash"`            // sha256 state over the transferred bytes; empty if the stream does not hash
+	ImgHash      []byte `json:"imgHash"`            // sha256 state over the written bytes; empty if the stream does not hash
 	SigState     []byte `json:"sigState,omitempty"` // signature.Verifier state over the transferred bytes
 	SigText      []byte `json:"sigText,omitempty"`  // the signature being checked
 	Done         bool   `json:"done,omitempty"`
@@ -48,9 +52,12 @@ func (m *Manager) resumePoint(u Update) (checkpoint, error) {
 		return cp, nil
 	}
 	// A checkpoint without a signature state (written before a policy was
-	// configured) cannot be continued into a verifiable signature.
+	// configured) cannot be continued into a verifiable signature, nor one
+	// without a hash state (the read-back was to hash the image) into a
+	// stream that hashes (the installer can no longer read back).
 	sigGap := m.cfg.Signatures != nil && u.Request.SignatureURI != "" && cp.Offset > 0 && len(cp.SigState) == 0
-	if !valid || cp.Compressed || !isHTTP(u.Request.URI) || sigGap {
+	hashGap := m.streamHashes(u) && cp.Offset > 0 && len(cp.ImgHash) == 0
+	if !valid || cp.Compressed || !isHTTP(u.Request.URI) || sigGap || hashGap {
 		cp = checkpoint{Format: stateFormat, UpdateID: u.ID, URI: u.Request.URI}
 	}
 	return cp, nil
@@ -62,8 +69,11 @@ func (m *Manager) resumePoint(u Update) (checkpoint, error) {
 // slices), so the syncer may persist it while the stream goes on.
 func (s *streamer) snapshot(done bool) (checkpoint, error) {
 	var err error
-	if s.cp.ImgHash, err = marshalHash(s.imgHash); err != nil {
-		return checkpoint{}, err
+	s.cp.ImgHash, s.cp.RawHash = nil, nil
+	if s.imgHash != nil {
+		if s.cp.ImgHash, err = marshalHash(s.imgHash); err != nil {
+			return checkpoint{}, err
+		}
 	}
 	if s.rawHash != nil && s.cp.Compressed {
 		if s.cp.RawHash, err = marshalHash(s.rawHash); err != nil {
@@ -85,8 +95,14 @@ func (s *streamer) snapshot(done bool) (checkpoint, error) {
 // waits while the syncer is still busy with the previous one: that is the
 // back-pressure which keeps the written bytes at most two checkpoint
 // intervals ahead of the last durable checkpoint, so a kill costs at most
-// that much downloading again.
+// that much downloading again. A read-back that failed ends the stream
+// here: there is no point in downloading into storage that cannot be read.
 func (s *streamer) handOff() error {
+	if s.back != nil {
+		if err := s.back.failed(); err != nil {
+			return err
+		}
+	}
 	cp, err := s.snapshot(false)
 	if err != nil {
 		return err
@@ -129,10 +145,16 @@ func (s *streamer) finish() error {
 // checkpoint it receives it calls Sink.Sync (which covers every byte written
 // before the checkpoint was handed over, and maybe more) and only then
 // persists the checkpoint. A checkpoint on disk therefore never names bytes
-// that may not be on the storage.
+// that may not be on the storage. After each Sync it tells the read-back,
+// if any, that the checkpoint's bytes are durable and may be read back.
+//
+// A compressed download is synced and read back the same way, but its
+// checkpoints are not persisted: the decoder's state cannot be saved, so
+// it could not resume from them (resumePoint would discard them).
 type syncer struct {
 	sink  Sink
 	store store
+	back  *backReader // nil when the installer cannot read back
 	// reqs is unbuffered: a hand-off completes only when the syncer has
 	// persisted the previous checkpoint and takes the next one.
 	reqs    chan checkpoint
@@ -141,8 +163,8 @@ type syncer struct {
 	stopped bool          // stop was called (used by the streaming goroutine only)
 }
 
-func startSyncer(sink Sink, st store) *syncer {
-	y := &syncer{sink: sink, store: st, reqs: make(chan checkpoint), done: make(chan struct{})}
+func startSyncer(sink Sink, st store, back *backReader) *syncer {
+	y := &syncer{sink: sink, store: st, back: back, reqs: make(chan checkpoint), done: make(chan struct{})}
 	go y.run()
 	return y
 }
@@ -153,6 +175,12 @@ func (y *syncer) run() {
 		if err := y.sink.Sync(); err != nil {
 			y.err = coded(CodeDownload, fmt.Errorf("sync image: %w", err))
 			return
+		}
+		if y.back != nil {
+			y.back.advance(cp.Written)
+		}
+		if cp.Compressed {
+			continue
 		}
 		if err := y.store.writeJSON(checkpointFile, cp); err != nil {
 			y.err = persistError{err}

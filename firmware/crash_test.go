@@ -261,6 +261,16 @@ func TestCrashResume(t *testing.T) {
 					t.Errorf("downloaded again after a kill in %s: %q", at, ranges)
 				}
 			}
+			// Killed before applying, the resumed run reads the whole image
+			// back exactly once: a download resumed in the middle reads it
+			// back from byte 0, not from the resume point (the read-back
+			// keeps no state across a restart).
+			switch at {
+			case "accepted", "downloading", "downloading:2500000", "verifying":
+				if n := ab.readBack.Load(); n != int64(len(img)) {
+					t.Errorf("resumed run read back %d bytes, want the whole image once (%d)", n, len(img))
+				}
+			}
 			// Apply may skip checking the stored image only when this run
 			// read it back: killed before or during verifying, the resumed
 			// run verifies and says so; killed between verifying and

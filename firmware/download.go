@@ -62,9 +62,25 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 		}
 		return st.cp, err
 	}
+	m.mu.Lock()
+	m.backRead = st.readBack
+	m.mu.Unlock()
 	m.emitBytes(st.cp.Offset, st.cp.Total)
 	log.Info("download complete", zap.Int64("bytes", st.cp.Offset), zap.Int64("written", st.cp.Written))
 	return st.cp, nil
+}
+
+// streamHashes says whether the stream hashes the bytes it writes. It does
+// not when the installer reads them back and the request names their
+// SHA-256: the read-back hashes the image as the storage holds it, which is
+// then checked against the request directly, and hashing the same bytes on
+// the way in as well would only cost time. Without a read-back, or without
+// a SHA-256 to check the read-back against, the stream's hash is the
+// reference; a compressed image is always hashed on the stream too
+// (decoder), because the request's SHA-256 is over the transfer.
+func (m *Manager) streamHashes(u Update) bool {
+	_, readsBack := m.cfg.Installer.(ReadBacker)
+	return !readsBack || u.Request.SHA256 == ""
 }
 
 // openStream sets up the streamer at cp: the signature check (fetched or
@@ -80,20 +96,33 @@ func (m *Manager) openStream(ctx context.Context, u Update, cp checkpoint) (*str
 		return nil, coded(CodeDownload, fmt.Errorf("open the image destination: %w", err))
 	}
 	st := &streamer{m: m, ctx: ctx, cp: cp, sink: sink, limit: u.Request.Size, lastSync: time.Now(), handed: cp.Written, mark: -1}
-	if st.imgHash, err = restoreHash(cp.ImgHash); err != nil {
-		sink.Close()
-		return nil, err
+	if m.streamHashes(u) {
+		if st.imgHash, err = restoreHash(cp.ImgHash); err != nil {
+			sink.Close()
+			return nil, err
+		}
 	}
 	if verifier != nil {
 		st.sig = verifier
 	}
+	if rb, ok := m.cfg.Installer.(ReadBacker); ok {
+		img, err := rb.ReadBack(ctx, u)
+		if err != nil {
+			sink.Close()
+			return nil, coded(CodeVerify, fmt.Errorf("read back: %w", err))
+		}
+		// Everything before the resume point was synced before its
+		// checkpoint was recorded: read it back (again) from byte 0.
+		st.back = startBackReader(ctx, img, cp.Written)
+	}
 	return st, nil
 }
 
-// run streams the image from its source into the sink, makes it durable
-// and closes the sink (also on failure).
+// run streams the image from its source into the sink, makes it durable,
+// closes the sink (also on failure) and waits for the read-back of the
+// last part.
 func (s *streamer) run(ctx context.Context, u Update) error {
-	s.sy = startSyncer(s.sink, s.m.store)
+	s.sy = startSyncer(s.sink, s.m.store, s.back)
 	var err error
 	if isHTTP(u.Request.URI) {
 		err = s.fromHTTP(ctx, u)
@@ -111,6 +140,14 @@ func (s *streamer) run(ctx context.Context, u Update) error {
 	if cerr := s.sink.Close(); err == nil && cerr != nil {
 		err = coded(CodeDownload, fmt.Errorf("close the image destination: %w", cerr))
 	}
+	if s.back != nil {
+		if err == nil {
+			s.readBack, err = s.back.finish(u.ID, s.cp.Written)
+		}
+		if serr := s.back.stop(); err == nil {
+			err = serr
+		}
+	}
 	return err
 }
 
@@ -124,9 +161,11 @@ type streamer struct {
 	cp       checkpoint
 	sink     Sink
 	sy       *syncer
+	back     *backReader // reads back what the syncer made durable; nil if the installer cannot
+	readBack readBackResult
 	limit    int64     // declared transfer size, 0 if none
-	imgHash  hash.Hash // over written bytes
-	rawHash  hash.Hash // over transferred bytes; == imgHash when not compressed
+	imgHash  hash.Hash // over written bytes; nil when the read-back hashes them instead (streamHashes)
+	rawHash  hash.Hash // over transferred bytes, compressed only (else they are the written bytes)
 	sig      sigWriter // signature check over transferred bytes, nil without one
 	raw      func() int64
 	lastSync time.Time
@@ -137,7 +176,9 @@ type streamer struct {
 // write forwards decoded bytes to the sink and hands a checkpoint to the
 // syncer when one is due.
 func (s *streamer) write(p []byte) error {
-	s.imgHash.Write(p)
+	if s.imgHash != nil {
+		s.imgHash.Write(p)
+	}
 	if s.sig != nil && !s.cp.Compressed {
 		s.sig.Write(p)
 	}
@@ -149,7 +190,7 @@ func (s *streamer) write(p []byte) error {
 		s.cp.Offset = s.cp.Written
 	}
 	now := time.Now()
-	if !s.cp.Compressed && (s.cp.Written-s.handed >= s.m.cfg.CheckpointBytes || now.Sub(s.lastSync) >= 5*time.Second) {
+	if s.cp.Written-s.handed >= s.m.cfg.CheckpointBytes || now.Sub(s.lastSync) >= 5*time.Second {
 		if err := s.handOff(); err != nil {
 			return err
 		}
@@ -265,6 +306,11 @@ func (s *streamer) decoder(u Update, rr *rangeReader) (io.ReadCloser, io.Reader,
 		return io.NopCloser(br), nil, nil
 	}
 	s.rawHash = newHash()
+	if s.imgHash == nil {
+		// The request's SHA-256 is over the transfer, not over what is
+		// stored: the decoded bytes need a hash of their own.
+		s.imgHash = newHash()
+	}
 	var w io.Writer = s.rawHash
 	if s.sig != nil {
 		w = io.MultiWriter(s.rawHash, s.sig)
