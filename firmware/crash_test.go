@@ -64,14 +64,13 @@ func crashChild() int {
 		os.Exit(0)
 	}
 	m, err := firmware.NewManager(firmware.Config{
-		StateDir:         os.Getenv(crashStateEnv),
-		Installer:        ab,
-		Observer:         observe,
-		Log:              zap.NewNop(),
-		CheckpointBytes:  256 << 10,
-		ProgressInterval: time.Nanosecond,
-		RebootTimeout:    time.Hour,
-		Signatures:       &signature.Policy{KeyDir: os.Getenv(crashKeyEnv)},
+		StateDir:        os.Getenv(crashStateEnv),
+		Installer:       ab,
+		Observer:        observe,
+		Log:             zap.NewNop(),
+		CheckpointBytes: 256 << 10,
+		RebootTimeout:   time.Hour,
+		Signatures:      &signature.Policy{KeyDir: os.Getenv(crashKeyEnv)},
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -260,6 +259,16 @@ func TestCrashResume(t *testing.T) {
 				// Killed after the download: nothing is downloaded again.
 				if len(ranges) != 0 {
 					t.Errorf("downloaded again after a kill in %s: %q", at, ranges)
+				}
+			}
+			// Killed before applying, the resumed run reads the whole image
+			// back exactly once: a download resumed in the middle reads it
+			// back from byte 0, not from the resume point (the read-back
+			// keeps no state across a restart).
+			switch at {
+			case "accepted", "downloading", "downloading:2500000", "verifying":
+				if n := ab.readBack.Load(); n != int64(len(img)) {
+					t.Errorf("resumed run read back %d bytes, want the whole image once (%d)", n, len(img))
 				}
 			}
 			// Apply may skip checking the stored image only when this run

@@ -216,6 +216,8 @@ type fileAB struct {
 	appliesReadBack atomic.Int32
 	commits         atomic.Int32
 	rollbacks       atomic.Int32
+	// readBack counts the bytes read back (ReadBack) in this process.
+	readBack atomic.Int64
 }
 
 func (f *fileAB) slot(name string) string { return filepath.Join(f.dir, "slot"+name) }
@@ -247,8 +249,36 @@ func (f *fileAB) Open(ctx context.Context, u firmware.Update, offset int64) (fir
 	return fileSink{fh}, nil
 }
 
-func (f *fileAB) ReadBack(ctx context.Context, u firmware.Update) (io.ReadCloser, error) {
-	return os.Open(f.slot("B"))
+func (f *fileAB) ReadBack(ctx context.Context, u firmware.Update) (firmware.StoredImage, error) {
+	fh, err := os.Open(f.slot("B"))
+	if err != nil {
+		return nil, err
+	}
+	return fileStored{fh, &f.readBack}, nil
+}
+
+var _ firmware.ReadBacker = (*fileAB)(nil)
+
+// fileStored reads a slot file back. It does not drop the page cache (abpart
+// does): these tests are about the state machine, not the storage.
+type fileStored struct {
+	*os.File
+	read *atomic.Int64 // bytes read back
+}
+
+func (f fileStored) Section(off, n int64) (io.Reader, error) {
+	return countingReader{io.NewSectionReader(f.File, off, n), f.read}, nil
+}
+
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 func (f *fileAB) Apply(ctx context.Context, u firmware.Update) error {
@@ -401,7 +431,6 @@ func testConfig(t testing.TB, dir string, inst firmware.Installer, rec *recorder
 		RetryMaxInterval:     200 * time.Millisecond,
 		RetryMaxElapsed:      20 * time.Second,
 		CheckpointBytes:      256 << 10,
-		ProgressInterval:     time.Millisecond,
 		RebootTimeout:        20 * time.Second,
 	}
 }

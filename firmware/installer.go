@@ -25,13 +25,14 @@ type Update struct {
 	// A backend may record it, e.g. to check the slot again before commit.
 	ImageSHA256 string
 	// ReadBackVerified is true only in the Apply call that directly follows
-	// the verifying phase in the same run of the agent, when that phase read
-	// the stored image back (ReadBacker) and found exactly ImageSize bytes
-	// hashing to ImageSHA256. It is never persisted: after a restart between
-	// verifying and applying it is false, because the storage may have
-	// changed meanwhile. A backend that checks the stored image again before
-	// using it may skip that check when it is true (the image was just read
-	// from the storage, not from the page cache, and hashed).
+	// the verifying phase in the same run of the agent, when the stored
+	// image was read back (ReadBacker) in this run, behind the download or
+	// in verifying, and found to be exactly ImageSize bytes hashing to
+	// ImageSHA256. It is never persisted: after a restart between verifying
+	// and applying it is false, because the storage may have changed
+	// meanwhile. A backend that checks the stored image again before using
+	// it may skip that check when it is true (the image was read from the
+	// storage, not from the page cache, and hashed).
 	ReadBackVerified bool
 }
 
@@ -119,13 +120,44 @@ type FetchWriter interface {
 	SetTotal(n int64)
 }
 
-// ReadBacker is implemented by a backend that can read back what it stored.
-// After the download the state machine reads u.ImageSize bytes from the
-// returned reader and compares their SHA-256 with the hash of the bytes it
-// wrote, so a slot that silently dropped or corrupted data is never booted.
+// ReadBacker is implemented by a backend that can read back what it stored,
+// from the storage itself. The state machine reads the image back while it
+// downloads, each part once a Sink.Sync has made it durable, hashes what it
+// reads, and in the verifying phase checks that against the hash of the
+// bytes it wrote or, when it did not hash them, against the request's
+// SHA-256, so a slot that silently dropped or corrupted data is never
+// booted. After a restart between downloading and verifying it reads the
+// whole image back again in the verifying phase.
 type ReadBacker interface {
-	ReadBack(ctx context.Context, u Update) (io.ReadCloser, error)
+	// ReadBack opens the image stored for u: after Open, while the image is
+	// still being written to the sink, or in the verifying phase. The state
+	// machine closes it before the phase ends.
+	ReadBack(ctx context.Context, u Update) (StoredImage, error)
 }
+
+// StoredImage reads back a stored image, section by section.
+type StoredImage interface {
+	// Section returns a reader of the n bytes at off as the storage holds
+	// them. They must come from the storage, not from a cache that the
+	// writes filled (abpart drops the range from the page cache first): a
+	// read-back served from memory proves nothing. A reader that ends
+	// before n bytes means the storage ends there.
+	//
+	// The state machine asks for sections in order, each only after a
+	// Sink.Sync that covers it has returned, and no section is written
+	// again after it was synced. Every section starts on a multiple of
+	// ReadBackAlign, and ends on one too except the last, which ends at the
+	// end of the image after the final Sync. Later parts of the image may
+	// be written while a section is read.
+	Section(off, n int64) (io.Reader, error)
+	io.Closer
+}
+
+// ReadBackAlign is the alignment of StoredImage sections: a multiple of
+// every page size Linux uses, so a backend can drop whole pages of a
+// section from a cache without touching the bytes after it, which may not
+// be durable yet.
+const ReadBackAlign = 64 << 10
 
 // Rebooter restarts the device. It is the seam used by the "reboot" direct
 // method, and an Installer that implements it is one whose applied image runs

@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"io"
+	"slices"
+	"sync"
 	"testing"
 	"testing/iotest"
+	"testing/synctest"
 	"time"
 )
 
@@ -103,35 +107,80 @@ func TestRedactURI(t *testing.T) {
 	}
 }
 
-// TestHashReadAhead: the read-ahead hash agrees with a plain one, reports
-// how many bytes there were, passes read errors on and stops (its reader
-// goroutine too, which goleak checks) when ctx is done.
-func TestHashReadAhead(t *testing.T) {
-	data := make([]byte, 3*copyBufSize+12345)
+// memStored is a StoredImage over memory that records the sections asked
+// for; stored is what "the storage" holds, which may be shorter than the
+// image, and err, when set, fails the read of byte failAt.
+type memStored struct {
+	stored   []byte
+	failAt   int64
+	err      error
+	mu       sync.Mutex
+	sections [][2]int64
+	closed   bool
+}
+
+func (m *memStored) Section(off, n int64) (io.Reader, error) {
+	m.mu.Lock()
+	m.sections = append(m.sections, [2]int64{off, n})
+	m.mu.Unlock()
+	end := min(off+n, int64(len(m.stored)))
+	r := io.Reader(bytes.NewReader(m.stored[min(off, end):end]))
+	if m.err != nil && m.failAt < end {
+		r = io.MultiReader(io.LimitReader(r, max(m.failAt-off, 0)), iotest.ErrReader(m.err))
+	}
+	return r, nil
+}
+
+func (m *memStored) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.closed = true
+	return nil
+}
+
+// TestBackReader: the read-back behind a download reads only what was
+// declared durable, in sections aligned to ReadBackAlign (the last ends at
+// the end of the image), hashes exactly the stored bytes, tells a short
+// storage by its count, passes read errors on and stops (its goroutine
+// too, which goleak checks) when cancelled.
+func TestBackReader(t *testing.T) {
+	data := make([]byte, 5*ReadBackAlign+12345)
 	for i := range data {
 		data[i] = byte(i * 7)
 	}
 	boom := errors.New("boom")
-	cancelled, cancel := context.WithCancel(context.Background())
-	cancel()
+	// Durable points as a syncer reports them: unaligned, one not moving.
+	steps := []int64{1000, ReadBackAlign + 7, ReadBackAlign + 7, 3*ReadBackAlign - 1, 3 * ReadBackAlign, 4*ReadBackAlign + 99}
 	cases := []struct {
 		name    string
-		ctx     context.Context
-		r       io.Reader
-		n       int64
+		img     *memStored
+		cancel  bool
 		wantN   int64
 		wantErr error
 	}{
-		{"whole", context.Background(), bytes.NewReader(data), int64(len(data)), int64(len(data)), nil},
-		{"limit", context.Background(), bytes.NewReader(data), copyBufSize + 1, copyBufSize + 1, nil},
-		{"short", context.Background(), bytes.NewReader(data[:100]), int64(len(data)), 100, nil},
-		{"empty", context.Background(), bytes.NewReader(nil), 10, 0, nil},
-		{"error", context.Background(), io.MultiReader(bytes.NewReader(data[:copyBufSize*2]), iotest.ErrReader(boom)), int64(len(data)), -1, boom},
-		{"cancelled", cancelled, bytes.NewReader(data), int64(len(data)), -1, context.Canceled},
+		{"whole", &memStored{stored: data}, false, int64(len(data)), nil},
+		{"short storage", &memStored{stored: data[:2*ReadBackAlign+5]}, false, 2*ReadBackAlign + 5, nil},
+		{"read error", &memStored{stored: data, failAt: 4 * ReadBackAlign, err: boom}, false, -1, boom},
+		{"cancelled", &memStored{stored: data}, true, -1, context.Canceled},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			h, n, err := hashReadAhead(tc.ctx, tc.r, tc.n)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			b := startBackReader(ctx, tc.img, 0)
+			for _, d := range steps {
+				b.advance(d)
+			}
+			if tc.cancel {
+				cancel()
+			}
+			res, err := b.finish("u1", int64(len(data)))
+			if serr := b.stop(); serr != nil {
+				t.Fatalf("stop: %v", serr)
+			}
+			if !tc.img.closed {
+				t.Error("the stored image was not closed")
+			}
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("err = %v, want %v", err, tc.wantErr)
 			}
@@ -139,9 +188,62 @@ func TestHashReadAhead(t *testing.T) {
 				return
 			}
 			want := sha256.Sum256(data[:tc.wantN])
-			if n != tc.wantN || !bytes.Equal(h.Sum(nil), want[:]) {
-				t.Fatalf("n = %d, hash %x; want %d, %x", n, h.Sum(nil), tc.wantN, want)
+			if res.n != tc.wantN || res.sum != hex.EncodeToString(want[:]) || res.updateID != "u1" {
+				t.Fatalf("result %+v; want %d bytes, sha256 %x", res, tc.wantN, want)
+			}
+			var next int64
+			for i, sec := range tc.img.sections {
+				off, n := sec[0], sec[1]
+				last := i == len(tc.img.sections)-1
+				if off != next || off%ReadBackAlign != 0 || n <= 0 {
+					t.Fatalf("section %d [%d, +%d): want a start at %d, aligned", i, off, n, next)
+				}
+				if end := off + n; !last && end%ReadBackAlign != 0 || last && end != int64(len(data)) && end > int64(len(tc.img.stored)) {
+					t.Fatalf("section %d [%d, %d) of %d: unaligned end before the last", i, off, end, len(tc.img.sections))
+				}
+				next = off + n
+			}
+			if tc.wantN == int64(len(data)) && next != int64(len(data)) {
+				t.Fatalf("sections %v end at %d, want %d", tc.img.sections, next, len(data))
 			}
 		})
 	}
+}
+
+// TestBackReaderWaitsForDurable: nothing is read before the syncer says it
+// is durable, and never past the last aligned durable byte until finish.
+func TestBackReaderWaitsForDurable(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		img := &memStored{stored: make([]byte, 4*ReadBackAlign)}
+		b := startBackReader(t.Context(), img, 0)
+		sections := func() [][2]int64 {
+			img.mu.Lock()
+			defer img.mu.Unlock()
+			return slices.Clone(img.sections)
+		}
+		synctest.Wait()
+		if s := sections(); len(s) != 0 {
+			t.Fatalf("read %v before anything was durable", s)
+		}
+		b.advance(ReadBackAlign - 1)
+		synctest.Wait()
+		if s := sections(); len(s) != 0 {
+			t.Fatalf("read %v with less than one aligned unit durable", s)
+		}
+		b.advance(2*ReadBackAlign + 10)
+		synctest.Wait()
+		if s := sections(); !slices.Equal(s, [][2]int64{{0, 2 * ReadBackAlign}}) {
+			t.Fatalf("sections %v, want [0, 2 units)", s)
+		}
+		res, err := b.finish("u", 3*ReadBackAlign+10)
+		if err != nil || res.n != 3*ReadBackAlign+10 {
+			t.Fatalf("finish: %+v, %v", res, err)
+		}
+		if s := sections(); !slices.Equal(s, [][2]int64{{0, 2 * ReadBackAlign}, {2 * ReadBackAlign, ReadBackAlign + 10}}) {
+			t.Fatalf("sections %v", s)
+		}
+		if err := b.stop(); err != nil {
+			t.Fatal(err)
+		}
+	})
 }

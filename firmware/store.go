@@ -1,12 +1,9 @@
 package firmware
 
 import (
-	"crypto/sha256"
-	"encoding"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -61,32 +58,6 @@ func (r record) update() Update {
 	return Update{ID: r.UpdateID, Request: r.Request, ImageSize: r.ImageSize, ImageSHA256: r.ImageSHA256}
 }
 
-// checkpoint is the persisted download position. Offset bytes of the
-// transfer are durable in the sink (Sink.Sync returned nil before the
-// checkpoint was written) and Hash is the SHA-256 state over exactly those
-// bytes, so a restarted agent continues with an HTTP Range request.
-//
-// Compressed downloads are checkpointed only when complete: the gzip and zstd
-// decoders cannot be serialised, so an interrupted compressed download starts
-// again from zero after a restart (within one run it still resumes by Range,
-// below the decoder).
-type checkpoint struct {
-	Format       int    `json:"format"`
-	UpdateID     string `json:"updateId"`
-	URI          string `json:"uri"`
-	Offset       int64  `json:"offset"`          // transferred bytes covered by RawHash
-	Written      int64  `json:"written"`         // bytes written to the sink
-	Total        int64  `json:"total,omitempty"` // transfer size, 0 if unknown
-	ETag         string `json:"etag,omitempty"`  // validator for If-Range
-	LastModified string `json:"lastModified,omitempty"`
-	Compressed   bool   `json:"compressed,omitempty"`
-	RawHash      []byte `json:"rawHash"`            // sha256 state over the transferred bytes
-	ImgHash      []byte `json:"imgHash"`            // sha256 state over the written bytes
-	SigState     []byte `json:"sigState,omitempty"` // signature.Verifier state over the transferred bytes
-	SigText      []byte `json:"sigText,omitempty"`  // the signature being checked
-	Done         bool   `json:"done,omitempty"`
-}
-
 // store reads and writes the state files in one directory.
 type store struct{ dir string }
 
@@ -130,24 +101,4 @@ func (s store) remove(name string) error {
 // setAside renames an unreadable-format file so a person can inspect it.
 func (s store) setAside(name string) error {
 	return os.Rename(s.path(name), s.path(name+".unknown"))
-}
-
-func marshalHash(h hash.Hash) ([]byte, error) {
-	m, ok := h.(encoding.BinaryMarshaler)
-	if !ok {
-		return nil, errors.New("firmware: hash state cannot be saved")
-	}
-	return m.MarshalBinary()
-}
-
-// restoreHash returns a SHA-256 continuing from state (a fresh one for nil).
-func restoreHash(state []byte) (hash.Hash, error) {
-	h := sha256.New()
-	if len(state) == 0 {
-		return h, nil
-	}
-	if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(state); err != nil {
-		return nil, fmt.Errorf("firmware: restore hash state: %w", err)
-	}
-	return h, nil
 }

@@ -125,12 +125,11 @@ func TestCheckpointWaitsForSync(t *testing.T) {
 		rec := newRecorder()
 		inst := &memInstaller{img: img, sink: sink}
 		m, err := firmware.NewManager(firmware.Config{
-			StateDir:         state,
-			Installer:        inst,
-			Observer:         rec.observe,
-			Log:              zap.NewNop(),
-			CheckpointBytes:  interval,
-			ProgressInterval: time.Hour,
+			StateDir:        state,
+			Installer:       inst,
+			Observer:        rec.observe,
+			Log:             zap.NewNop(),
+			CheckpointBytes: interval,
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -241,19 +240,36 @@ func hashState(t *testing.T, state []byte) string {
 var _ io.Writer = (*volatileSink)(nil)
 
 // badReadBack is plainFile whose read-back returns what a failing slot
-// would: other bytes, too few bytes, or a read error.
+// would: mangle gets each section read back (its offset and the bytes
+// stored there) and returns what the "storage" gives instead.
 type badReadBack struct {
 	plainFile
-	mangle func(stored []byte) io.Reader
+	mangle func(off int64, stored []byte) io.Reader
 }
 
-func (b badReadBack) ReadBack(ctx context.Context, u firmware.Update) (io.ReadCloser, error) {
-	stored, err := os.ReadFile(b.slot("B"))
+func (b badReadBack) ReadBack(ctx context.Context, u firmware.Update) (firmware.StoredImage, error) {
+	f, err := os.Open(b.slot("B"))
 	if err != nil {
 		return nil, err
 	}
-	return io.NopCloser(b.mangle(stored)), nil
+	return mangledStored{f, b.mangle}, nil
 }
+
+type mangledStored struct {
+	f      *os.File
+	mangle func(off int64, stored []byte) io.Reader
+}
+
+func (m mangledStored) Section(off, n int64) (io.Reader, error) {
+	buf := make([]byte, n)
+	k, err := m.f.ReadAt(buf, off)
+	if err != nil && err != io.EOF {
+		return nil, err
+	}
+	return m.mangle(off, buf[:k]), nil
+}
+
+func (m mangledStored) Close() error { return m.f.Close() }
 
 type failingReader struct {
 	r     io.Reader
@@ -275,19 +291,32 @@ func (f *failingReader) Read(p []byte) (int, error) {
 // written fails the update in verifying, and Apply is never called.
 func TestReadBackMismatchFails(t *testing.T) {
 	img := randomImage(t, 2<<20+99)
+	end := int64(len(img))
+	// at says whether the section [off, off+len(b)) holds byte i.
+	at := func(off int64, b []byte, i int64) bool { return off <= i && i < off+int64(len(b)) }
 	cases := []struct {
 		name   string
-		mangle func([]byte) io.Reader
+		mangle func(int64, []byte) io.Reader
 		want   string
 	}{
-		{"flipped byte", func(b []byte) io.Reader {
-			c := bytes.Clone(b)
-			c[len(c)-5] ^= 0x40
-			return bytes.NewReader(c)
+		{"flipped byte", func(off int64, b []byte) io.Reader {
+			if at(off, b, end-5) {
+				b = bytes.Clone(b)
+				b[end-5-off] ^= 0x40
+			}
+			return bytes.NewReader(b)
 		}, "sha256 mismatch"},
-		{"short", func(b []byte) io.Reader { return bytes.NewReader(b[:len(b)-1]) }, "stored image has"},
-		{"read error", func(b []byte) io.Reader {
-			return &failingReader{r: bytes.NewReader(b), after: 1 << 20, err: errors.New("I/O error on the slot")}
+		{"short", func(off int64, b []byte) io.Reader {
+			if at(off, b, end-1) {
+				b = b[:len(b)-1]
+			}
+			return bytes.NewReader(b)
+		}, "stored image has"},
+		{"read error", func(off int64, b []byte) io.Reader {
+			if at(off, b, 1<<20) {
+				return &failingReader{r: bytes.NewReader(b), after: int(1<<20 - off), err: errors.New("I/O error on the slot")}
+			}
+			return bytes.NewReader(b)
 		}, "I/O error on the slot"},
 	}
 	for _, tc := range cases {
@@ -309,4 +338,73 @@ func TestReadBackMismatchFails(t *testing.T) {
 			}
 		})
 	}
+}
+
+// memReadBacker is memInstaller with a read-back of the volatileSink: what
+// Section returns is what a crash would leave, so a section of bytes that
+// are not yet durable is a test failure.
+type memReadBacker struct {
+	*memInstaller
+	t        *testing.T
+	mu       sync.Mutex
+	sections [][2]int64 // off, n
+}
+
+func (m *memReadBacker) ReadBack(ctx context.Context, u firmware.Update) (firmware.StoredImage, error) {
+	return m, nil
+}
+
+func (m *memReadBacker) Section(off, n int64) (io.Reader, error) {
+	durable, written, _ := m.sink.crashState()
+	m.mu.Lock()
+	m.sections = append(m.sections, [2]int64{off, n})
+	m.mu.Unlock()
+	if off+n > int64(len(durable)) {
+		m.t.Errorf("read back [%d, %d) with %d bytes durable (%d written)", off, off+n, len(durable), written)
+		return nil, errors.New("not durable")
+	}
+	return bytes.NewReader(durable[off : off+n]), nil
+}
+
+func (m *memReadBacker) Close() error { return nil }
+
+// TestReadBackBehindTheDownload: the image is read back while it is being
+// downloaded, each part only once a Sync has made it durable, and all of
+// it exactly once; the update then verifies from that read-back and Apply
+// is told so.
+func TestReadBackBehindTheDownload(t *testing.T) {
+	const interval = 256 << 10
+	img := randomImage(t, 4<<20+777)
+	sink := &volatileSink{release: make(chan struct{}), free: make(chan struct{})}
+	close(sink.free) // Syncs do not wait
+	inst := &memReadBacker{memInstaller: &memInstaller{img: img, sink: sink}, t: t}
+	rec := newRecorder()
+	cfg := testConfig(t, t.TempDir(), inst, rec)
+	cfg.CheckpointBytes = interval
+	m := startManager(t, cfg)
+	if _, err := m.Start(firmware.Request{URI: "mem://fw.img", SHA256: sha(img), Size: int64(len(img))}); err != nil {
+		t.Fatal(err)
+	}
+	if p := rec.waitTerminal(t, time.Minute); p.Phase != firmware.PhaseCompleted {
+		t.Fatalf("update ended %s: %+v", p.Phase, p.Err)
+	}
+	if !inst.readBackVerified.Load() {
+		t.Error("Apply was not told that the image was read back")
+	}
+	inst.mu.Lock()
+	defer inst.mu.Unlock()
+	var next int64
+	for i, s := range inst.sections {
+		if s[0] != next {
+			t.Fatalf("section %d starts at %d, want %d (sections %v)", i, s[0], next, inst.sections)
+		}
+		next = s[0] + s[1]
+	}
+	if next != int64(len(img)) {
+		t.Fatalf("read back %d bytes, want %d", next, len(img))
+	}
+	if len(inst.sections) < 2 {
+		t.Fatalf("read back in %d section(s): not behind the download", len(inst.sections))
+	}
+	t.Logf("read back in %d sections", len(inst.sections))
 }

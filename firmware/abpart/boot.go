@@ -17,10 +17,10 @@ import (
 // already made and returns nil.
 //
 // The hash is skipped when u.ReadBackVerified says the state machine read
-// this slot back (ReadBack, past the page cache) and matched the hash in
-// the same run, just before: hashing it again would read the whole slot a
-// second time to learn nothing. After a restart between the two the flag is
-// false and the slot is hashed here.
+// this slot back (ReadBack, past the page cache, each part once it was
+// durable) and matched the hash in the same run: hashing it again would
+// read the whole slot a second time to learn nothing. After a restart
+// between the two the flag is false and the slot is hashed here.
 func (i *Installer) Apply(ctx context.Context, u firmware.Update) error {
 	i.mu.Lock()
 	defer i.mu.Unlock()

@@ -98,9 +98,8 @@ func abCrashChild(raw string) int {
 				time.Sleep(time.Hour) // until SIGKILL
 			}
 		},
-		CheckpointBytes:  spec.Checkpoint,
-		ProgressInterval: time.Nanosecond,
-		RebootTimeout:    time.Hour,
+		CheckpointBytes: spec.Checkpoint,
+		RebootTimeout:   time.Hour,
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)

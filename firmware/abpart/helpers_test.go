@@ -49,6 +49,9 @@ type device struct {
 	// bootloader, when set, replaces the simulated bootloader in boot(): it
 	// boots once and returns the slot it booted.
 	bootloader func() string
+	// wrap, when set, wraps the installer that startAgent hands to the
+	// state machine (to interfere with what it does).
+	wrap func(*Installer) firmware.Installer
 	// fallbackStyle is how the simulated bootloader falls back: "script"
 	// (the shipped scripts: gw_slot=<other>, upgrade_available=0) or
 	// "altbootcmd" (U-Boot's built-in bootcount: boots the other slot and
@@ -339,12 +342,16 @@ func (d *device) readBack(i *Installer, img image) firmware.Update {
 	d.t.Helper()
 	u := img.u
 	u.ImageSize, u.ImageSHA256 = int64(len(img.data)), img.sumHex
-	rc, err := i.ReadBack(context.Background(), u)
+	st, err := i.ReadBack(context.Background(), u)
 	if err != nil {
 		d.t.Fatal(err)
 	}
-	defer rc.Close()
-	got, err := io.ReadAll(rc)
+	defer st.Close()
+	r, err := st.Section(0, u.ImageSize)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	got, err := io.ReadAll(r)
 	if err != nil {
 		d.t.Fatal(err)
 	}

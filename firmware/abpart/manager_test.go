@@ -55,9 +55,13 @@ func (d *device) startAgent(t *testing.T, health func(context.Context) error) *a
 	if err != nil {
 		t.Fatal(err)
 	}
+	var fi firmware.Installer = inst
+	if d.wrap != nil {
+		fi = d.wrap(inst)
+	}
 	a.m, err = firmware.NewManager(firmware.Config{
 		StateDir:       filepath.Join(d.dir, "agent"),
-		Installer:      inst,
+		Installer:      fi,
 		CurrentVersion: "1.0.0",
 		HealthCheck:    health,
 		Observer: func(p firmware.Progress) {

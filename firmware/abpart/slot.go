@@ -179,15 +179,28 @@ func (s *sink) Write(p []byte) (int, error) {
 	return n, nil
 }
 
+// Sync makes the written bytes durable with fdatasync: the slot's data (and
+// for a file, the block mapping that finds it) is what must survive, not
+// its timestamps, and skipping them saves a file system journal commit on
+// each of the many checkpoints of a download.
 func (s *sink) Sync() error {
-	if err := s.f.Sync(); err != nil {
+	if err := datasync(s.f); err != nil {
 		return fmt.Errorf("abpart: fsync slot %s: %w", s.slot, err)
 	}
 	return nil
 }
 
+func datasync(f *os.File) error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
 func (s *sink) Close() error {
-	err := s.f.Sync()
+	err := datasync(s.f)
 	if cerr := s.f.Close(); err == nil {
 		err = cerr
 	}
@@ -197,10 +210,9 @@ func (s *sink) Close() error {
 	return nil
 }
 
-// ReadBack implements firmware.ReadBacker: the first u.ImageSize bytes of
-// the slot that was written. The page cache for that range is dropped first
-// so the bytes come from the storage, not from memory.
-func (i *Installer) ReadBack(ctx context.Context, u firmware.Update) (io.ReadCloser, error) {
+// ReadBack implements firmware.ReadBacker: the slot the update was written
+// to, read back past the page cache (see storedSlot).
+func (i *Installer) ReadBack(ctx context.Context, u firmware.Update) (firmware.StoredImage, error) {
 	i.mu.Lock()
 	defer i.mu.Unlock()
 	rec, ok, err := i.record(u.ID)
@@ -210,10 +222,12 @@ func (i *Installer) ReadBack(ctx context.Context, u firmware.Update) (io.ReadClo
 	if !ok {
 		return nil, fmt.Errorf("%w %s (no slot was written)", ErrNoSwitch, u.ID)
 	}
-	return i.openForRead(rec.Target, u.ImageSize)
+	return i.openStored(rec.Target)
 }
 
-func (i *Installer) openForRead(slot string, size int64) (io.ReadCloser, error) {
+// openStored opens slot for reading back, with a file descriptor of its
+// own (the sink may still be writing through another).
+func (i *Installer) openStored(slot string) (*storedSlot, error) {
 	f, err := os.Open(i.paths[slot])
 	if err != nil {
 		return nil, fmt.Errorf("abpart: open slot %s: %w", slot, err)
@@ -226,32 +240,57 @@ func (i *Installer) openForRead(slot string, size int64) (io.ReadCloser, error) 
 		f.Close()
 		return nil, err
 	}
-	if err := unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_DONTNEED); err != nil {
-		i.log.Debug("fadvise DONTNEED failed; reading back may come from the page cache", zap.Error(err))
-	}
 	// The slot is read once, start to end: a larger read-ahead window keeps
 	// the storage busy while the reader hashes.
-	if err := unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_SEQUENTIAL); err != nil {
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_SEQUENTIAL); err != nil {
 		i.log.Debug("fadvise SEQUENTIAL failed", zap.Error(err))
 	}
-	return readCloser{io.LimitReader(f, size), f}, nil
+	return &storedSlot{f: f, slot: slot, log: i.log}, nil
 }
 
-type readCloser struct {
-	io.Reader
-	io.Closer
+// storedSlot reads a slot back from the storage. Each section's pages are
+// dropped from the page cache first (FADV_DONTNEED), so the read that
+// follows goes to the device: the state machine asks only for sections
+// that were synced, whose pages are clean, and clean pages are dropped.
+// Pages that readahead brings in past the section are dropped in turn when
+// their own section comes.
+type storedSlot struct {
+	f    *os.File
+	slot string
+	log  *zap.Logger
 }
 
-// hashSlot returns the hex SHA-256 of the first size bytes of slot.
+var pageSize = int64(os.Getpagesize())
+
+func (s *storedSlot) Section(off, n int64) (io.Reader, error) {
+	// Whole pages: a page that is only partly in the section would stay
+	// cached. The state machine's sections start and end on page
+	// boundaries (firmware.ReadBackAlign), except the end of the image.
+	start := off &^ (pageSize - 1)
+	end := (off + n + pageSize - 1) &^ (pageSize - 1)
+	if err := unix.Fadvise(int(s.f.Fd()), start, end-start, unix.FADV_DONTNEED); err != nil {
+		s.log.Debug("fadvise DONTNEED failed; reading back may come from the page cache", zap.Error(err))
+	}
+	return io.NewSectionReader(s.f, off, n), nil
+}
+
+func (s *storedSlot) Close() error { return s.f.Close() }
+
+// hashSlot returns the hex SHA-256 of the first size bytes of slot, as the
+// storage holds them.
 func (i *Installer) hashSlot(ctx context.Context, slot string, size int64) (string, error) {
-	rc, err := i.openForRead(slot, size)
+	st, err := i.openStored(slot)
 	if err != nil {
 		return "", err
 	}
-	defer rc.Close()
+	defer st.Close()
+	r, err := st.Section(0, size)
+	if err != nil {
+		return "", err
+	}
 	h := sha256.New()
 	buf := make([]byte, 1<<20)
-	n, err := io.CopyBuffer(h, firmware.ContextReader(ctx, rc), buf)
+	n, err := io.CopyBuffer(h, firmware.ContextReader(ctx, r), buf)
 	if err != nil {
 		return "", fmt.Errorf("abpart: read slot %s: %w", slot, err)
 	}

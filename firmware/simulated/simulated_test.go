@@ -72,7 +72,7 @@ func run(t *testing.T, cfg simulated.Config, req firmware.Request, log *zap.Logg
 	rec := newRecorder()
 	m, err := firmware.NewManager(firmware.Config{
 		StateDir: t.TempDir(), Installer: inst, Observer: rec.observe, Log: log,
-		CurrentVersion: "0.0.1", ProgressInterval: time.Millisecond,
+		CurrentVersion: "0.0.1",
 	})
 	if err != nil {
 		t.Fatal(err)

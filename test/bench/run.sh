@@ -6,14 +6,18 @@
 #   1. Install throughput of a 1 GiB image over loopback HTTP into a slot file,
 #      through the real firmware.Manager + abpart installer ("file" boot
 #      environment; the reboot request ends the run), as a ratio to
-#      `curl -s URL | dd of=slot bs=1M conv=fsync` from the same server.
+#      `curl -s URL | dd of=slot bs=1M conv=fsync` from the same server. The
+#      install includes reading the slot back from the disk (past the page
+#      cache) and hashing it, which runs behind the download, window by
+#      synced window; the headline is the whole install up to the reboot
+#      request.
 #   2. Peak RSS (/usr/bin/time -v) of the install process for a 64 MiB and a
 #      1 GiB image.
 #   3. Bytes downloaded again after a kill -9 at 50 % of the download.
 #
 # Knobs (environment): BENCH_REPS (3), BENCH_BIG_MIB (1024), BENCH_SMALL_MIB
 # (64), BENCH_TMPDIR (/var/tmp; must be on disk, not tmpfs), BENCH_CHECKPOINT
-# (firmware.Config.CheckpointBytes; default 4 MiB, the agent's), GO, BUILD.
+# (firmware.Config.CheckpointBytes; default 16 MiB, the agent's), GO, BUILD.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -24,7 +28,7 @@ reps=${BENCH_REPS:-3}
 big_mib=${BENCH_BIG_MIB:-1024}
 small_mib=${BENCH_SMALL_MIB:-64}
 tmpbase=${BENCH_TMPDIR:-/var/tmp}
-checkpoint=${BENCH_CHECKPOINT:-$((4 << 20))}
+checkpoint=${BENCH_CHECKPOINT:-$((16 << 20))}
 step_timeout=300 # seconds; every step that could hang is bounded by it
 
 die() { echo "bench: $*" >&2; exit 1; }
@@ -117,6 +121,21 @@ baseline() {
 	awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f\n", b-a}'
 }
 
+# disk_floor DST SRC: seconds for the disk alone to do the disk work of an
+# install, which is more than curl | dd's: write the big image to DST while
+# reading SRC (as big, already on disk) back, both at once, with dd, O_DIRECT
+# and large blocks. A reference for how much of the gap to the baseline the
+# disk alone accounts for, not an exact bound (the kernel's writeback may
+# schedule the same work a little better).
+disk_floor() {
+	local t0=$EPOCHREALTIME
+	# shellcheck disable=SC2016 # $1..$3 are the inner shell's arguments
+	timeout "$step_timeout" bash -c 'dd if="$3" of="$1" bs=4M oflag=direct conv=notrunc,fsync status=none & w=$!
+		dd if="$2" of=/dev/null bs=4M iflag=direct status=none && wait "$w"' _ "$1" "$2" "$tmp/srv/big.img"
+	local t1=$EPOCHREALTIME
+	awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f\n", b-a}'
+}
+
 # big_install: one big install into $tmp/dev, its figures appended to the lists.
 big_install() {
 	device "$tmp/dev" "$big_mib"
@@ -139,6 +158,7 @@ big_install
 cmp -n "$big_size" "$tmp/dev/slot-b" "$tmp/srv/big.img" >/dev/null || die "slot B does not hold the image"
 : >"$tmp/base.txt"; : >"$tmp/total.txt"; : >"$tmp/dl.txt"; : >"$tmp/verify.txt"; : >"$tmp/apply.txt"
 : >"$tmp/rss_big.txt"; : >"$tmp/rss_small.txt"; : >"$tmp/ratio_dl.txt"; : >"$tmp/ratio_total.txt"
+: >"$tmp/floor.txt"; : >"$tmp/ratio_floor.txt"
 for i in $(seq "$reps"); do
 	# Baseline and install run back to back, in alternating order, so each
 	# pair sees the same machine; the ratio is taken per pair.
@@ -153,6 +173,8 @@ for i in $(seq "$reps"); do
 	b=$(tail -1 "$tmp/base.txt")
 	awk -v b="$b" -v t="$(tail -1 "$tmp/dl.txt")" 'BEGIN {printf "%.3f\n", b/t}' >>"$tmp/ratio_dl.txt"
 	awk -v b="$b" -v t="$(tail -1 "$tmp/total.txt")" 'BEGIN {printf "%.3f\n", b/t}' >>"$tmp/ratio_total.txt"
+	disk_floor "$tmp/base.out" "$tmp/dev/slot-b" >>"$tmp/floor.txt"
+	awk -v b="$b" -v t="$(tail -1 "$tmp/floor.txt")" 'BEGIN {printf "%.3f\n", b/t}' >>"$tmp/ratio_floor.txt"
 	device "$tmp/small" "$small_mib"
 	install "$tmp/small" small.img "$small_sum" "$small_size"
 	rss_kb "$tmp/small" >>"$tmp/rss_small.txt"
@@ -209,6 +231,8 @@ rate() { awk -v s="$1" -v n="$big_size" 'BEGIN {printf "%.0f MB/s", n/s/1e6}'; }
 verdict() { awk -v v="$1" -v g="$2" -v dir="$3" 'BEGIN {ok = (dir == "ge") ? v >= g : v <= g; print ok ? "met" : "NOT met"}'; }
 r_total=$(median <"$tmp/ratio_total.txt")
 r_dl=$(median <"$tmp/ratio_dl.txt")
+f_med=$(median <"$tmp/floor.txt")
+r_floor=$(median <"$tmp/ratio_floor.txt")
 rss_diff_kb=$((rb_med - rs_med))
 rss_diff_max_kb=$((rb_max - rs_max))
 
@@ -220,12 +244,18 @@ repetitions: $reps; figures are medians; all times in seconds; checkpoint interv
   1. install throughput, ${big_mib} MiB                  median     runs
      baseline curl -s | dd conv=fsync,notrunc  $(printf '%8.3f' "$b_med")     $(list "$tmp/base.txt")   ($(rate "$b_med"))
      install: start -> reboot request         $(printf '%8.3f' "$t_med")     $(list "$tmp/total.txt")   ($(rate "$t_med"))
-       downloading (HTTP+hash+write+fsync)    $(printf '%8.3f' "$d_med")     $(list "$tmp/dl.txt")   ($(rate "$d_med"))
-       verifying (read back + hash)           $(printf '%8.3f' "$v_med")     $(list "$tmp/verify.txt")
+       downloading (HTTP, write, fsync per checkpoint; slot read back from disk and hashed behind it)
+                                              $(printf '%8.3f' "$d_med")     $(list "$tmp/dl.txt")   ($(rate "$d_med"))
+       verifying (compare; reads back only after a restart) $(printf '%8.3f' "$v_med")     $(list "$tmp/verify.txt")
        applying (switch; re-hash only after a restart) $(printf '%8.3f' "$a_med")     $(list "$tmp/apply.txt")
      ratio baseline/install, per pair                 median     pairs
-       download+write only (goal >= 0.95)     $(printf '%8.3f' "$r_dl")     $(list "$tmp/ratio_dl.txt")   $(verdict "$r_dl" 0.95 ge)
-       whole install to reboot request        $(printf '%8.3f' "$r_total")     $(list "$tmp/ratio_total.txt")   $(verdict "$r_total" 0.95 ge)
+       downloading phase (incl. read-back)    $(printf '%8.3f' "$r_dl")     $(list "$tmp/ratio_dl.txt")
+     whole install to reboot request vs curl|dd (goal >= 0.95)
+                                              $(printf '%8.3f' "$r_total")     $(list "$tmp/ratio_total.txt")   $(verdict "$r_total" 0.95 ge)
+     for reference: the disk alone writing ${big_mib} MiB while reading ${big_mib} MiB back (dd, O_DIRECT)
+                                              $(printf '%8.3f' "$f_med")     $(list "$tmp/floor.txt")
+       ratio baseline/that (about the best an install with a read-back can do here)
+                                              $(printf '%8.3f' "$r_floor")     $(list "$tmp/ratio_floor.txt")
 
   2. peak RSS of the install process (/usr/bin/time -v), KiB
      ${small_mib} MiB image                            median $rs_med   max $rs_max   runs $(list "$tmp/rss_small.txt" %d)

@@ -6,8 +6,8 @@
 //
 // The device runs slot A; the image goes to slot B. The machine must not
 // reboot, so the installer's reboot seam ends the run: the measurement stops
-// at the reboot request, after the write, the read-back and the switch of the
-// boot environment. On exit it prints one JSON line with the phase timings.
+// at the reboot request, after the write, the read-back (behind the
+// download) and the switch of the boot environment. On exit it prints one JSON line with the phase timings.
 //
 // Started with a state dir that holds an interrupted update, it does not
 // start a new one: the Manager resumes the old one (the kill -9 benchmark).
@@ -41,10 +41,13 @@ type result struct {
 	Bytes   int64 `json:"bytes"`
 	// Total runs from before NewManager to the reboot request.
 	Total float64 `json:"total_s"`
-	// Download is the downloading phase: HTTP, SHA-256, slot writes with a
-	// checkpoint (fsync) every CheckpointBytes, final fsync and close.
+	// Download is the downloading phase: HTTP, slot writes with a
+	// checkpoint (fsync) every CheckpointBytes, final fsync and close, and
+	// the slot read back (past the page cache) and hashed behind the
+	// download, each checkpoint's bytes once they are durable.
 	Download float64 `json:"download_s"`
-	// Verify is the verifying phase: the slot read back and hashed.
+	// Verify is the verifying phase: size, SHA-256 and read-back compared
+	// (the slot is read back here only after a restart).
 	Verify float64 `json:"verify_s"`
 	// Apply is the applying phase: the switch (the slot is hashed again only after a restart between verifying and applying).
 	Apply float64 `json:"apply_s"`
@@ -62,7 +65,7 @@ func main() {
 	size := flag.Int64("size", 0, "image size in bytes")
 	dir := flag.String("dir", "", "device folder: slot-a, slot-b, bootenv and state live here (created by the caller)")
 	timeout := flag.Duration("timeout", 4*time.Minute, "give up after this long")
-	checkpoint := flag.Int64("checkpoint-bytes", 0, "firmware.Config.CheckpointBytes (0: the default, 4 MiB)")
+	checkpoint := flag.Int64("checkpoint-bytes", 0, "firmware.Config.CheckpointBytes (0: the default, 16 MiB)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the run here (for go tool pprof)")
 	flag.Parse()
 	if *dir == "" || *url == "" {

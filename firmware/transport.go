@@ -1,0 +1,435 @@
+package firmware
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+	"go.uber.org/zap"
+)
+
+var (
+	errStalled   = errors.New("no data received within the idle timeout")
+	errTruncated = errors.New("connection closed before the whole image arrived")
+)
+
+// rangeReader reads one HTTP resource from offset on, reconnecting with a
+// Range request (and backoff) when a transfer breaks, stalls or is cut short.
+// A permanent failure is kept in err and returned from every later Read.
+type rangeReader struct {
+	ctx          context.Context
+	m            *Manager
+	url          string
+	backoff      *backoff.ExponentialBackOff
+	limit        int64 // declared size, 0 if none
+	offset       int64 // bytes received so far
+	total        int64 // full size, 0 if unknown
+	etag         string
+	lastModified string
+	contentType  string
+
+	body   io.ReadCloser
+	reqCtx context.Context         // of the current request
+	cancel context.CancelCauseFunc // of the current request
+	idle   *time.Timer             // cancels the request when no byte arrives
+	err    error
+}
+
+func (r *rangeReader) errOr(err error) error {
+	if r.err != nil {
+		return r.err
+	}
+	return err
+}
+
+func (r *rangeReader) close() {
+	if r.idle != nil {
+		r.idle.Stop()
+		r.idle = nil
+	}
+	if r.body != nil {
+		r.body.Close()
+		r.body = nil
+	}
+	if r.cancel != nil {
+		r.cancel(nil)
+		r.cancel = nil
+	}
+	r.reqCtx = nil
+}
+
+// Read is the fast path (one body Read, no allocation); a failure goes to
+// recover, which reconnects through backoff.Retry.
+func (r *rangeReader) Read(p []byte) (int, error) {
+	if r.err != nil {
+		return 0, r.err
+	}
+	if r.body != nil {
+		n, err := r.readBody(p)
+		if r.err != nil {
+			return 0, r.err
+		}
+		if n > 0 || err == nil {
+			return n, nil
+		}
+		if err == io.EOF {
+			return 0, io.EOF
+		}
+		r.m.log.Info("transfer interrupted; resuming", zap.Error(err), zap.Int64("bytes", r.offset))
+	}
+	n, err := r.recover(p)
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return n, err
+}
+
+// readBody reads once from the current body and classifies the result:
+// io.EOF only when the resource is complete; other errors are transient.
+func (r *rangeReader) readBody(p []byte) (int, error) {
+	n, err := r.body.Read(p)
+	if n > 0 {
+		r.idle.Reset(r.m.cfg.IdleTimeout)
+		if r.limit > 0 && r.offset+int64(n) > r.limit {
+			r.close()
+			r.err = backoff.Permanent(coded(CodeVerify,
+				fmt.Errorf("image is larger than the declared size of %d bytes", r.limit)))
+			return 0, r.err
+		}
+		r.offset += int64(n)
+		if r.total > 0 && r.offset > r.total {
+			r.close()
+			r.err = backoff.Permanent(coded(CodeDownload,
+				fmt.Errorf("download: server sent more than the %d bytes it announced", r.total)))
+			return 0, r.err
+		}
+	}
+	if err == nil {
+		return n, nil
+	}
+	if n > 0 {
+		// Report the bytes now; the error shows up again on the next Read.
+		return n, nil
+	}
+	var cause error
+	if r.reqCtx != nil {
+		cause = context.Cause(r.reqCtx)
+	}
+	r.close()
+	if err == io.EOF {
+		if r.total == 0 || r.offset == r.total {
+			return 0, io.EOF
+		}
+		return 0, fmt.Errorf("download: %w at byte %d of %d", errTruncated, r.offset, r.total)
+	}
+	if errors.Is(cause, errStalled) {
+		return 0, fmt.Errorf("download: %w (%s) at byte %d", errStalled, r.m.cfg.IdleTimeout, r.offset)
+	}
+	return 0, fmt.Errorf("download: %w at byte %d", err, r.offset)
+}
+
+// recover reconnects with backoff and reads at least one byte. Progress
+// since the last failure resets the backoff (Retry resets it on entry).
+func (r *rangeReader) recover(p []byte) (int, error) {
+	n, err := backoff.Retry(r.ctx, func() (int, error) {
+		if r.body == nil {
+			if err := r.connect(); err != nil {
+				return 0, err
+			}
+		}
+		n, err := r.readBody(p)
+		if n > 0 || err == io.EOF {
+			return n, backoff.Permanent(err) // Permanent(nil) is nil
+		}
+		if r.err != nil {
+			return 0, r.err
+		}
+		return 0, err
+	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(r.m.cfg.RetryMaxElapsed), backoff.WithNotify(r.notify))
+	if err == io.EOF {
+		return n, io.EOF
+	}
+	if err != nil {
+		var ce *codedError
+		if !errors.As(err, &ce) {
+			err = coded(CodeDownload, err)
+		}
+		return n, err
+	}
+	return n, nil
+}
+
+// reconnect connects with backoff without reading.
+func (r *rangeReader) reconnect() error {
+	_, err := backoff.Retry(r.ctx, func() (struct{}, error) {
+		return struct{}{}, r.connect()
+	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(r.m.cfg.RetryMaxElapsed), backoff.WithNotify(r.notify))
+	if err != nil {
+		var ce *codedError
+		if !errors.As(err, &ce) {
+			err = coded(CodeDownload, err)
+		}
+		r.err = err
+	}
+	return err
+}
+
+func (r *rangeReader) notify(err error, wait time.Duration) {
+	r.m.log.Warn("download attempt failed; retrying", zap.Error(err),
+		zap.Duration("wait", wait), zap.Int64("bytes", r.offset))
+}
+
+// connect issues a GET from offset and classifies the answer. Permanent
+// failures are wrapped with backoff.Permanent.
+func (r *rangeReader) connect() error {
+	ctx, cancel := context.WithCancelCause(r.ctx)
+	req, err := r.newRequest(ctx)
+	if err != nil {
+		cancel(nil)
+		return err
+	}
+	// The idle timer covers the wait for headers too.
+	idle := time.AfterFunc(r.m.cfg.IdleTimeout, func() { cancel(errStalled) })
+	resp, err := r.m.cfg.HTTPClient.Do(req)
+	if err != nil {
+		idle.Stop()
+		cause := context.Cause(ctx)
+		cancel(nil)
+		return r.requestError(err, cause)
+	}
+	if err := r.accept(resp); err != nil {
+		idle.Stop()
+		resp.Body.Close()
+		cancel(nil)
+		return err
+	}
+	if resp.StatusCode == http.StatusRequestedRangeNotSatisfiable {
+		// Everything was already stored before the restart.
+		idle.Stop()
+		resp.Body.Close()
+		cancel(nil)
+		r.body = io.NopCloser(strings.NewReader(""))
+		r.idle = time.NewTimer(time.Hour)
+		r.idle.Stop()
+		return nil
+	}
+	r.body, r.cancel, r.idle, r.reqCtx = resp.Body, cancel, idle, ctx
+	return nil
+}
+
+// newRequest is the GET of the image from offset: a Range request with
+// If-Range after the first byte, so a changed image is not continued.
+func (r *rangeReader) newRequest(ctx context.Context) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, r.url, nil)
+	if err != nil {
+		return nil, backoff.Permanent(fmt.Errorf("download: bad URL %s: %w", redactURI(r.url), err))
+	}
+	// identity: a transparently decoded body would break byte offsets.
+	req.Header.Set("Accept-Encoding", "identity")
+	req.Header.Set("User-Agent", "gwagent")
+	if r.offset > 0 {
+		req.Header.Set("Range", "bytes="+strconv.FormatInt(r.offset, 10)+"-")
+		if r.etag != "" && !strings.HasPrefix(r.etag, "W/") {
+			req.Header.Set("If-Range", r.etag)
+		} else if r.lastModified != "" {
+			req.Header.Set("If-Range", r.lastModified)
+		}
+	}
+	return req, nil
+}
+
+// requestError classifies a request that got no response; cause is why
+// its context ended, if it did.
+func (r *rangeReader) requestError(err, cause error) error {
+	if r.ctx.Err() != nil {
+		return backoff.Permanent(r.ctx.Err())
+	}
+	if errors.Is(cause, errStalled) {
+		return fmt.Errorf("download: no response from %s within %s", redactURI(r.url), r.m.cfg.IdleTimeout)
+	}
+	if permanentNetError(err) {
+		return backoff.Permanent(fmt.Errorf("download: %s: %w", redactURI(r.url), unwrapURLError(err)))
+	}
+	return fmt.Errorf("download: %s: %w", redactURI(r.url), unwrapURLError(err))
+}
+
+// accept checks a response against what is known of the resource and takes
+// its size and validators. A nil error means the body can be read from
+// offset on (or, for 416 at the end, that nothing is left to read); the
+// caller closes the body on error.
+func (r *rangeReader) accept(resp *http.Response) error {
+	status := fmt.Sprintf("HTTP %s from %s", resp.Status, redactURI(r.url))
+	switch {
+	case resp.StatusCode == http.StatusOK:
+		if err := r.acceptFull(resp); err != nil {
+			return err
+		}
+	case resp.StatusCode == http.StatusPartialContent:
+		start, total, ok := parseContentRange(resp.Header.Get("Content-Range"))
+		if !ok || start != r.offset {
+			return backoff.Permanent(fmt.Errorf("download: %s: unexpected Content-Range %q for offset %d", status, resp.Header.Get("Content-Range"), r.offset))
+		}
+		if total > 0 {
+			if r.total > 0 && total != r.total {
+				return backoff.Permanent(fmt.Errorf("download: the image changed on the server during the download (%d bytes, was %d)", total, r.total))
+			}
+			r.total = total
+		}
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && r.total > 0 && r.offset == r.total:
+		return nil
+	case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests,
+		resp.StatusCode >= 500:
+		e := fmt.Errorf("download: %s", status)
+		if d, ok := retryAfter(resp.Header.Get("Retry-After"), r.m.cfg.RetryMaxElapsed); ok {
+			return &retryAfterError{err: e, ra: &backoff.RetryAfterError{Duration: d}}
+		}
+		return e
+	default:
+		return backoff.Permanent(fmt.Errorf("download: %s", status))
+	}
+	if r.limit > 0 && r.total > 0 && r.total != r.limit {
+		return backoff.Permanent(coded(CodeVerify,
+			fmt.Errorf("size mismatch: the request declares %d bytes, the server has %d", r.limit, r.total)))
+	}
+	if v := resp.Header.Get("ETag"); v != "" {
+		r.etag = v
+	}
+	if v := resp.Header.Get("Last-Modified"); v != "" {
+		r.lastModified = v
+	}
+	r.contentType = resp.Header.Get("Content-Type")
+	return nil
+}
+
+// acceptFull takes a 200 answer: the whole resource. After the first byte
+// (the server ignored the Range) the stored part is skipped.
+func (r *rangeReader) acceptFull(resp *http.Response) error {
+	if r.offset > 0 {
+		if v := resp.Header.Get("ETag"); r.etag != "" && v != "" && v != r.etag {
+			return backoff.Permanent(fmt.Errorf("download: the image changed on the server during the download (ETag %s, was %s)", v, r.etag))
+		}
+		if _, err := io.CopyN(io.Discard, resp.Body, r.offset); err != nil {
+			return fmt.Errorf("download: skip %d stored bytes: %w", r.offset, err)
+		}
+	}
+	if resp.ContentLength >= 0 {
+		if r.total > 0 && resp.ContentLength != r.total {
+			return backoff.Permanent(fmt.Errorf("download: the image changed on the server during the download (%d bytes, was %d)", resp.ContentLength, r.total))
+		}
+		r.total = resp.ContentLength
+	}
+	return nil
+}
+
+// retryAfterError is a transient HTTP answer that names its own wait: it
+// unwraps both to the HTTP error (for the message) and to backoff's
+// RetryAfterError (for the wait).
+type retryAfterError struct {
+	err error
+	ra  *backoff.RetryAfterError
+}
+
+func (e *retryAfterError) Error() string   { return e.err.Error() }
+func (e *retryAfterError) Unwrap() []error { return []error{e.err, e.ra} }
+
+// retryAfter parses a Retry-After header (seconds or HTTP date), capped.
+func retryAfter(v string, max time.Duration) (time.Duration, bool) {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0, false
+	}
+	var d time.Duration
+	if s, err := strconv.Atoi(v); err == nil {
+		if s < 0 {
+			return 0, false
+		}
+		d = time.Duration(s) * time.Second
+	} else if t, err := http.ParseTime(v); err == nil {
+		d = time.Until(t)
+		if d < 0 {
+			d = 0
+		}
+	} else {
+		return 0, false
+	}
+	if d > max {
+		d = max
+	}
+	return d, true
+}
+
+func parseContentRange(v string) (start, total int64, ok bool) {
+	// bytes 100-199/200 or bytes 100-199/*
+	rest, found := strings.CutPrefix(strings.TrimSpace(v), "bytes ")
+	if !found {
+		return 0, 0, false
+	}
+	rng, size, found := strings.Cut(rest, "/")
+	if !found {
+		return 0, 0, false
+	}
+	a, _, found := strings.Cut(rng, "-")
+	if !found {
+		return 0, 0, false
+	}
+	start, err := strconv.ParseInt(a, 10, 64)
+	if err != nil || start < 0 {
+		return 0, 0, false
+	}
+	if size != "*" {
+		if total, err = strconv.ParseInt(size, 10, 64); err != nil {
+			return 0, 0, false
+		}
+	}
+	return start, total, true
+}
+
+// permanentNetError reports failures that retrying cannot fix: bad
+// certificates, talking TLS to a plain port, unsupported schemes.
+func permanentNetError(err error) bool {
+	var (
+		verr *tls.CertificateVerificationError
+		uerr x509.UnknownAuthorityError
+		herr x509.HostnameError
+		cerr x509.CertificateInvalidError
+		rerr tls.RecordHeaderError
+	)
+	if errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) ||
+		errors.As(err, &cerr) || errors.As(err, &rerr) {
+		return true
+	}
+	return strings.Contains(err.Error(), "unsupported protocol scheme")
+}
+
+func unwrapURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// redactURI drops the query and user info of a URL (SAS tokens live there)
+// so it can go to logs and the twin.
+func redactURI(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" {
+		if i := strings.IndexAny(s, "?#"); i >= 0 {
+			return s[:i]
+		}
+		return s
+	}
+	u.User = nil
+	u.RawQuery = ""
+	u.Fragment = ""
+	return u.String()
+}
