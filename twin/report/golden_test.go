@@ -218,14 +218,20 @@ func TestUpdateSequenceGolden(t *testing.T) {
 		Payload string     `json:"payload"`
 		Reports []reported `json:"reports"`
 	}
-	failing := simulated.DefaultConfig()
+	// The simulated download lasts 15.1 s instead of its default 15 s: with
+	// 15 s, byte progress lands every 0.75 s, and every 6 s of fake time a
+	// progress and the reporter's 2 s timer fall on the same instant, where
+	// the scheduler, not the code, would decide which is reported first.
+	completed := simulated.DefaultConfig()
+	completed.Download = 15*time.Second + 100*time.Millisecond
+	failing := completed
 	failing.FailAt, failing.FailMessage = simulated.StageDownloading, "connection reset by peer"
 	scenarios := []struct {
 		name    string
 		sim     simulated.Config
 		payload string
 	}{
-		{"completed", simulated.DefaultConfig(), `{"fwPackageUri":"test.com","version":"2.0.0"}`},
+		{"completed", completed, `{"fwPackageUri":"test.com","version":"2.0.0"}`},
 		{"failed while downloading", failing, `{"fwPackageUri":"test.com","version":"2.0.0"}`},
 	}
 	var got []scenario
