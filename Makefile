@@ -6,8 +6,16 @@ SHELL       := /bin/bash
 GO          ?= go
 BUILD       ?= build
 PKG         := github.com/gwagent/gwagent
-VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null | sed 's/^v//' || echo 0.0.0)
-LDFLAGS     := -s -w -X $(PKG)/internal/buildinfo.Version=$(VERSION) -X $(PKG)/internal/buildinfo.Commit=$(shell git rev-parse --short HEAD 2>/dev/null)
+# The version of a build, as gwagent version prints it and the package has
+# it (packaging/version.sh): X.Y.Z from the file VERSION on its tag vX.Y.Z,
+# else X.Y.Z~git<commit time>.<hash>[.dirty], which dpkg sorts below X.Y.Z
+# and above the builds of earlier commits. Worked out once, and only when a
+# target uses it; make VERSION=… overrides it.
+VERSION     ?= $(eval VERSION := $(shell packaging/version.sh))$(VERSION)
+COMMIT       = $(eval COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null))$(COMMIT)
+LDFLAGS      = -s -w -X $(PKG)/internal/buildinfo.Version=$(VERSION) -X $(PKG)/internal/buildinfo.Commit=$(COMMIT)
+# In a recipe: stop when the version could not be worked out.
+need-version = $(if $(VERSION),,$(error no version: packaging/version.sh failed (its message is above); give one with make VERSION=X.Y.Z))
 # Tools are run at pinned versions through the Go module proxy.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian.
@@ -28,8 +36,13 @@ deps: ## Install the Debian packages the tests need (apt-get, as root or with su
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+.PHONY: version
+version: ## Print the version a build of this tree gets (packaging/version.sh)
+	@$(need-version)echo '$(VERSION)'
+
 .PHONY: build
 build: ## Build gwagent, gwctl and gwhub into build/
+	@$(need-version):
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BUILD)/ ./cmd/...
 
 .PHONY: demo
@@ -86,10 +99,12 @@ NFPM := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
 
 .PHONY: deb
 deb: ## Build the Debian package build/gwagent_<version>_<arch>.deb (static binary, unit, conffile)
+	@$(need-version):
 	NFPM='$(GO) run $(NFPM)' GO='$(GO)' packaging/build-deb.sh '$(VERSION)' $(BUILD)
 
 .PHONY: deb-check
 deb-check: deps ## Build the package, run lintian and systemd-analyze verify/security on it, print its size figures
+	@$(need-version):
 	deb=$$(NFPM='$(GO) run $(NFPM)' GO='$(GO)' packaging/build-deb.sh '$(VERSION)' $(BUILD)) && packaging/check-deb.sh "$$deb"
 
 .PHONY: e2e

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Build the gwagent Debian package.
 #
-#   packaging/build-deb.sh VERSION [OUTDIR]
+#   packaging/build-deb.sh [VERSION [OUTDIR]]
 #
-# VERSION is what `gwagent version` prints (usually `git describe`); the package
-# version is VERSION turned into a Debian version (1.2.3-4-gabc → 1.2.3+4.gabc).
+# VERSION is both the package's version and what `gwagent version` prints; by
+# default (or given as "") it is packaging/version.sh's: X.Y.Z for a release,
+# X.Y.Z~git<commit time>.<hash>[.dirty] between releases, so that dpkg
+# upgrades from a build to any later one. A version given by hand must be a
+# Debian native version too (digits first; letters, digits, . + ~; no -).
 # OUTDIR defaults to build/. Prints the path of the .deb on stdout.
 # Environment: GO (go), GOARCH (the host's), NFPM (the pinned nfpm),
 # SOURCE_DATE_EPOCH (the last commit's time: reproducible archives),
@@ -12,36 +15,23 @@
 # building ./cmd/gwagent).
 set -euo pipefail
 
-usage() { echo "usage: $0 VERSION [OUTDIR]" >&2; exit 2; }
-if [ $# -lt 1 ] || [ $# -gt 2 ] || [ -z "$1" ]; then usage; fi
+usage() { echo "usage: $0 [VERSION [OUTDIR]]" >&2; exit 2; }
+if [ $# -gt 2 ]; then usage; fi
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-version=$1
+version=${1:-}
 outdir=${2:-build}
 GO=${GO:-go}
 NFPM=${NFPM:-$GO run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2}
 pkg=github.com/gwagent/gwagent
 export DEB_MAINTAINER=${DEB_MAINTAINER:-gwagent maintainers <maintainers@gwagent.dev>}
 
-# debian_version maps a git describe string to a Debian (native) version: no
-# '-' (that would mean a Debian revision), commits after a tag sort after it,
-# pre-releases before it, and a build from an untagged tree starts at 0.0.0.
-debian_version() {
-	local v=${1#v}
-	# A bare commit hash (no tag yet) may start with a digit too: a version is
-	# what has a dotted number in front.
-	[[ $v =~ ^[0-9]+(\.[0-9]+)+ ]] || v="0.0.0+git.$v"
-	printf '%s\n' "$v" | sed -E \
-		-e 's/-([0-9]+)-g([0-9a-f]+)/+\1.g\2/' \
-		-e 's/-(rc|alpha|beta|pre)/~\1/' \
-		-e 's/-/./g' \
-		-e 's/[^A-Za-z0-9.+~]/./g'
-}
-
-export DEB_VERSION
-DEB_VERSION=$(debian_version "$version")
+[ -n "$version" ] || version=$(packaging/version.sh)
+# A '-' would start a Debian revision, which a native package has none of.
+[[ $version =~ ^[0-9][A-Za-z0-9.+~]*$ ]] || { echo "build-deb: version \"$version\" is not a Debian native version (digits first; letters, digits, . + ~)" >&2; exit 2; }
+export DEB_VERSION=$version
 
 # DEB_ARCH is nfpm's (Go's) name of the architecture, debarch Debian's.
 goarch=${GOARCH:-$($GO env GOARCH)}
@@ -67,7 +57,7 @@ export DEB_STAGE="$outdir/deb-stage/$DEB_VERSION"
 rm -rf "$DEB_STAGE"
 mkdir -p "$DEB_STAGE"
 
-commit=$(git rev-parse --short HEAD 2>/dev/null || true)
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || true)
 if [ -n "${GWAGENT_BIN:-}" ]; then
 	# A binary built elsewhere (must be static and for $goarch).
 	install -m 0755 "$GWAGENT_BIN" "$DEB_STAGE/gwagent"

@@ -3,6 +3,7 @@ package session
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"sync"
@@ -184,7 +185,7 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 		return nil, fmt.Errorf("connect to %s: %w", s.addr, err)
 	}
 	if err := tok.Error(); err != nil {
-		return nil, fmt.Errorf("connect to %s: %w%s", s.addr, err, connectHint(tok))
+		return nil, fmt.Errorf("connect to %s: %w%s", s.addr, err, s.connectHint(tok, err))
 	}
 	c.client = client
 	if err := s.subscribe(ctx, c); err != nil {
@@ -274,7 +275,22 @@ func (s *Session) subscribe(ctx context.Context, c *conn) error {
 	return nil
 }
 
-func connectHint(tok mqtt.Token) string {
+// connectHint says what to change when a connect failed for a reason the
+// device's configuration decides: the TLS trust and name, the key, the id.
+func (s *Session) connectHint(tok mqtt.Token, err error) string {
+	var ua x509.UnknownAuthorityError
+	var hn x509.HostnameError
+	var ci x509.CertificateInvalidError
+	switch {
+	case errors.As(err, &ua) && s.cfg.RootCAs != nil:
+		return " (hub.caFile does not hold the CA that signed the hub's certificate: set it to that CA's PEM file)"
+	case errors.As(err, &ua):
+		return " (the hub's certificate is not from a CA this system trusts: for a private hub such as gwhub or IoT Edge, set hub.caFile to its CA's PEM file, e.g. gwhub's ca.pem)"
+	case errors.As(err, &hn):
+		return fmt.Sprintf(" (the hub's certificate is not for %s, the name TLS checks: it comes from HostName or GatewayHostName of the connection string, never from hub.address; run gwhub with --hostname %s)", s.tlsName, s.tlsName)
+	case errors.As(err, &ci) && ci.Reason == x509.Expired:
+		return " (check the clock: the certificate is not valid at this device's time)"
+	}
 	ct, ok := tok.(*mqtt.ConnectToken)
 	if !ok {
 		return ""

@@ -68,6 +68,7 @@ func TestConnectSubscribeGet(t *testing.T) {
 // Refusals are reported, retried with backoff and never crash the loop.
 func TestConnectFailures(t *testing.T) {
 	h := startHub(t)
+	other := startHub(t) // a hub with a CA of its own
 	badKey := h.conn
 	badKey.SharedAccessKey = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 	tests := []struct {
@@ -75,7 +76,12 @@ func TestConnectFailures(t *testing.T) {
 		cfg  func(c *Config)
 		want string
 	}{
-		{"system roots do not trust the local CA", func(c *Config) { c.RootCAs = nil }, "certificate"},
+		{"system roots do not trust the local CA", func(c *Config) { c.RootCAs = nil },
+			"certificate signed by unknown authority (the hub's certificate is not from a CA this system trusts: for a private hub such as gwhub or IoT Edge, set hub.caFile"},
+		{"hub.caFile holds another CA", func(c *Config) { c.RootCAs = other.RootCAs() },
+			"hub.caFile does not hold the CA that signed the hub's certificate"},
+		{"certificate for another name", func(c *Config) { c.Conn.HostName = "other.example" },
+			"the hub's certificate is not for other.example, the name TLS checks: it comes from HostName or GatewayHostName of the connection string, never from hub.address"},
 		{"wrong key", func(c *Config) { c.Conn = badKey }, "check the device key"},
 		{"nobody listening", func(c *Config) { c.Address = "127.0.0.1:1" }, "refused"},
 	}

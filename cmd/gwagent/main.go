@@ -20,6 +20,7 @@ import (
 	"github.com/gwagent/gwagent/agent/installer"
 	"github.com/gwagent/gwagent/agent/local"
 	"github.com/gwagent/gwagent/internal/buildinfo"
+	"github.com/gwagent/gwagent/internal/cli"
 	"github.com/gwagent/gwagent/internal/logging"
 )
 
@@ -30,11 +31,20 @@ const exitConfig = 78
 func main() {
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "gwagent:", err)
-		if errors.Is(err, config.ErrConfig) {
-			os.Exit(exitConfig)
-		}
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
+}
+
+// exitCode is 78 for a bad configuration, 64 for a mistake in the command
+// line (an unknown flag or command) and 1 for anything else.
+func exitCode(err error) int {
+	switch {
+	case errors.Is(err, config.ErrConfig):
+		return exitConfig
+	case cli.IsUsage(err):
+		return cli.ExitUsage
+	}
+	return 1
 }
 
 func run() error {
@@ -58,6 +68,7 @@ underscores (hub.keepAlive is GWAGENT_HUB_KEEPALIVE) and the common ones by flag
 		SilenceErrors: true,
 	}
 	root.AddCommand(newRunCmd(), newVersionCmd(), newStatusCmd(), newVerdictCmd(local.OpCommit), newVerdictCmd(local.OpRollback))
+	cli.Setup(root)
 	return root
 }
 

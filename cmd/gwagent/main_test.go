@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,7 +18,62 @@ import (
 	"github.com/gwagent/gwagent/internal/testutil"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// runMainEnv makes the test binary run gwagent's main with its arguments,
+// so that tests see the exit code a person sees.
+const runMainEnv = "GWAGENT_TEST_RUN_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		main()
+		os.Exit(0)
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// gwagent runs gwagent's main in a process of its own.
+func gwagent(t *testing.T, args ...string) (stderr string, code int) {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, args...)
+	cmd.Env = append(os.Environ(), runMainEnv+"=1")
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	err = cmd.Run()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		t.Fatal(err)
+	}
+	return errb.String(), cmd.ProcessState.ExitCode()
+}
+
+// A mistyped flag or command exits 64 and says what was meant; a bad
+// configuration still exits 78.
+func TestTyposExit64(t *testing.T) {
+	cases := []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"rn"}, 64, `unknown command "rn" for "gwagent"; did you mean run?`},
+		{[]string{"statu"}, 64, "did you mean status?"},
+		{[]string{"run", "--confg", "x.yaml"}, 64, "unknown flag: --confg; did you mean --config?"},
+		{[]string{"run", "--stateDir", "/tmp/x"}, 64, "did you mean --state-dir?"},
+		{[]string{"run", "--ca-fle", "ca.pem"}, 64, "did you mean --ca-file?"},
+		{[]string{"run", "-hub-address", "h:1"}, 64, "did you mean --hub-address?"},
+		{[]string{"status", "--bogus"}, 64, "unknown flag: --bogus (see gwagent status --help)"},
+		{[]string{"version", "extra"}, 64, `unknown command "extra" for "gwagent version"`},
+		{[]string{"run", "--config", "/nonexistent/gwagent.yaml"}, 78, "config"},
+	}
+	for _, c := range cases {
+		stderr, code := gwagent(t, c.args...)
+		if code != c.code || !strings.Contains(stderr, c.want) {
+			t.Errorf("gwagent %s: exit %d, stderr %q; want %d and %q", strings.Join(c.args, " "), code, stderr, c.code, c.want)
+		}
+	}
+}
 
 func execute(ctx context.Context, args ...string) (string, error) {
 	cmd := newRootCmd()

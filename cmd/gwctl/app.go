@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/gwagent/gwagent/internal/cli"
 	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/iothub/service"
 )
@@ -24,9 +25,9 @@ import (
 // Exit codes.
 const (
 	exitOK       = 0
-	exitFailure  = 1  // the hub refused the call, the device answered >= 400, the update failed
-	exitTimeout  = 2  // --watch saw no final state before --timeout
-	exitUsage    = 64 // bad flags, arguments or connection string (EX_USAGE)
+	exitFailure  = 1             // the hub refused the call, the device answered >= 400, the update failed
+	exitTimeout  = 2             // --watch saw no final state before --timeout
+	exitUsage    = cli.ExitUsage // bad flags, arguments or connection string (EX_USAGE)
 	exitCanceled = 130
 )
 
@@ -88,8 +89,12 @@ func (a *app) run(ctx context.Context, args []string) int {
 		return exitOK
 	}
 	var ee *exitError
-	if !errors.As(err, &ee) {
-		ee = &exitError{code: exitUsage, msg: err.Error(), err: err} // cobra's own argument errors
+	switch {
+	case errors.As(err, &ee):
+	case cli.IsUsage(err): // unknown flags and subcommands, cobra's argument checks
+		ee = &exitError{code: exitUsage, msg: err.Error(), err: err}
+	default:
+		ee = &exitError{code: exitFailure, msg: err.Error(), err: err}
 	}
 	if ee.msg != "" {
 		fmt.Fprintf(a.stderr, "gwctl: %s\n", ee.msg)
@@ -121,7 +126,6 @@ The connection string comes from --connection-string or ` + envConnectionString 
 			return nil
 		},
 	}
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr("%v", err) })
 	f := root.PersistentFlags()
 	f.StringVar(&a.connectionString, "connection-string", "", "service connection string (default $"+envConnectionString+")")
 	f.StringVar(&a.caFile, "ca-file", "", "PEM file of the CA to trust, e.g. gwhub's DIR/ca.pem (default $"+envCAFile+", else the system roots)")
@@ -133,6 +137,7 @@ The connection string comes from --connection-string or ` + envConnectionString 
 	f.BoolVar(&a.insecure, "insecure", false, "allow an http:// --endpoint, which sends the service token in clear text")
 
 	root.AddCommand(a.deviceCommand(), a.twinCommand(), a.methodCommand(), a.updateCommand(), a.queryCommand())
+	cli.Setup(root)
 	return root
 }
 
@@ -297,7 +302,10 @@ func serviceMessage(se *iothub.ServiceError, device string) string {
 
 // exactArgs is cobra.ExactArgs with a usage exit code and named arguments.
 func exactArgs(names ...string) cobra.PositionalArgs {
-	return func(_ *cobra.Command, args []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(names) == 0 && len(args) > 0 {
+			return usageErr("%s takes no arguments, got %q (see %s --help)", cmd.CommandPath(), args[0], cmd.CommandPath())
+		}
 		if len(args) != len(names) {
 			return usageErr("want %d argument(s): %s", len(names), strings.Join(names, " "))
 		}

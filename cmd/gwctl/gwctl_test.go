@@ -455,3 +455,42 @@ func TestPlainHTTPEndpoint(t *testing.T) {
 		}
 	})
 }
+
+// A mistyped flag or command exits 64 and says what was meant, at every
+// level of the command tree; nothing reaches the hub.
+func TestTyposExit64(t *testing.T) {
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"devic", "add", "gw-01"}, `unknown command "devic" for "gwctl"; did you mean device?`},
+		{[]string{"device", "ad", "gw-01"}, `unknown command "ad" for "gwctl device"; did you mean add?`},
+		{[]string{"twin", "shw", "gw-01"}, `unknown command "shw" for "gwctl twin"; did you mean show or set?`},
+		{[]string{"--conection-string", "x", "device", "list"}, "unknown flag: --conection-string; did you mean --connection-string?"},
+		{[]string{"device", "list", "--ca-fil", "x"}, "unknown flag: --ca-fil; did you mean --ca-file?"},
+		{[]string{"method", "invoke", "gw-01", "reboot", "--conect-timeout", "5s"}, "did you mean --connect-timeout?"},
+		{[]string{"method", "invoke", "gw-01", "reboot", "--connect", "5s"}, "did you mean --connect-timeout or --connection-string?"},
+		{[]string{"update", "gw-01", "--ur", "https://example.com/fw.img"}, "did you mean --uri?"},
+		{[]string{"update", "gw-01", "--uri", "https://example.com/fw.img", "--sha265", "ab"}, "did you mean --sha256?"},
+		{[]string{"-verbose", "device", "list"}, "did you mean --verbose?"},
+		{[]string{"device", "list", "--frob"}, "unknown flag: --frob (see gwctl device list --help)"},
+		{[]string{"device", "list", "extra"}, `gwctl device list takes no arguments, got "extra"`},
+		{[]string{"update", "gw-01"}, `required flag(s) "uri" not set`},
+	}
+	for _, c := range cases {
+		e := newEnv(t)
+		r := e.gwctl(t, c.args...)
+		if r.code != exitUsage || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("gwctl %s: exit %d, stderr %q; want %d and %q", strings.Join(c.args, " "), r.code, r.stderr, exitUsage, c.want)
+		}
+		if n := len(e.srv.Requests()); n != 0 {
+			t.Errorf("gwctl %s: %d requests reached the hub", strings.Join(c.args, " "), n)
+		}
+	}
+
+	// A group named alone shows its commands.
+	e := newEnv(t)
+	if r := e.gwctl(t, "device"); r.code != exitOK || !strings.Contains(r.stdout, "Available Commands:") {
+		t.Errorf("gwctl device: exit %d, stdout %q", r.code, r.stdout)
+	}
+}

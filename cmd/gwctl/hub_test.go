@@ -252,3 +252,33 @@ func TestAgainstLocalHub(t *testing.T) {
 		t.Errorf("twin of a deleted device: %d %s", r.code, r.stderr)
 	}
 }
+
+// A method call to a registered device that is not connected says how to
+// wait for it (--connect-timeout), and after waiting, that it waited.
+func TestOfflineDeviceAgainstLocalHub(t *testing.T) {
+	_, e := startHub(t)
+	if r := e.gwctl(t, "device", "add", "gw-01"); r.code != 0 {
+		t.Fatalf("device add: %d %s", r.code, r.stderr)
+	}
+	for _, c := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"method", "invoke", "gw-01", "reboot"},
+			[]string{"device gw-01 is not online (404103)", "start its agent", "add --connect-timeout 60s"}},
+		{[]string{"update", "gw-01", "--uri", "https://example.com/fw.img"},
+			[]string{"device gw-01 is not online (404103)", "add --connect-timeout 60s"}},
+		{[]string{"method", "invoke", "gw-01", "reboot", "--connect-timeout", "1s"},
+			[]string{"device gw-01 is not online (404103)", "did not connect within --connect-timeout 1s"}},
+	} {
+		r := e.gwctl(t, c.args...)
+		if r.code != exitFailure {
+			t.Errorf("gwctl %s: exit %d, want %d; stderr %q", strings.Join(c.args, " "), r.code, exitFailure, r.stderr)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(r.stderr, w) {
+				t.Errorf("gwctl %s: stderr %q lacks %q", strings.Join(c.args, " "), r.stderr, w)
+			}
+		}
+	}
+}

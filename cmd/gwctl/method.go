@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"time"
@@ -44,10 +45,25 @@ func (a *app) invoke(ctx context.Context, c *service.Client, id, name string, pa
 	}
 	res, err := c.InvokeMethod(ctx, id, iothub.MethodRequest{MethodName: name, Payload: payload,
 		ResponseTimeoutInSeconds: resp, ConnectTimeoutInSeconds: conn})
+	var se *iothub.ServiceError
+	if errors.As(err, &se) && se.Code == iothub.CodeDeviceNotOnline {
+		return iothub.MethodResult{}, &exitError{code: exitFailure, err: err, msg: offlineMessage(id, conn)}
+	}
 	if err != nil {
 		return iothub.MethodResult{}, failure(err, id)
 	}
 	return res, nil
+}
+
+// offlineMessage says what to do about a device the hub has no connection
+// from (404103): the hub does not queue method calls, but waits for the
+// device for up to --connect-timeout.
+func offlineMessage(id string, connectTimeout int) string {
+	msg := fmt.Sprintf("device %s is not online (%d): the hub has no connection from it", id, iothub.CodeDeviceNotOnline)
+	if connectTimeout > 0 {
+		return msg + fmt.Sprintf(" and it did not connect within --connect-timeout %ds", connectTimeout)
+	}
+	return msg + fmt.Sprintf("; start its agent, or add --connect-timeout 60s to wait up to that long for it to connect (at most %ds)", iothub.MaxMethodConnectTimeout)
 }
 
 func (a *app) methodCommand() *cobra.Command {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -16,19 +15,29 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/cli"
 	"github.com/gwagent/gwagent/internal/logging"
 )
 
 func main() {
-	if err := run(); err != nil {
+	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "gwhub:", err)
+		if cli.IsUsage(err) {
+			os.Exit(cli.ExitUsage)
+		}
 		os.Exit(1)
 	}
 }
 
-func run() error {
+func run(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	root := rootCommand()
+	root.SetArgs(args)
+	return root.ExecuteContext(ctx)
+}
+
+func rootCommand() *cobra.Command {
 	root := &cobra.Command{
 		Use:           "gwhub",
 		Short:         "A local Azure IoT hub: MQTT device protocol, twins, direct methods and the service REST API",
@@ -36,7 +45,8 @@ func run() error {
 		SilenceErrors: true,
 	}
 	root.AddCommand(runCommand())
-	return root.ExecuteContext(ctx)
+	cli.Setup(root)
+	return root
 }
 
 func runCommand() *cobra.Command {
@@ -51,7 +61,7 @@ func runCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if cfg.StateDir == "" {
-				return errors.New("--state-dir is required")
+				return cli.Usagef("--state-dir is required")
 			}
 			log, _, err := logging.New(logging.Options{Level: logLevel, Format: logFmt})
 			if err != nil {
@@ -91,7 +101,11 @@ func runCommand() *cobra.Command {
 	return cmd
 }
 
-// printBanner tells a person where the hub listens and how to use it.
+// bannerDevice is the device the banner's commands register and run.
+const bannerDevice = "gw-01"
+
+// printBanner tells a person where the hub listens and how to use it: the
+// commands it prints work as printed, pasted into a shell on this machine.
 func printBanner(w io.Writer, h *hub.Hub, cfg hub.Config) {
 	host := h.HostName()
 	_, mport, _ := net.SplitHostPort(h.MQTTAddr())
@@ -113,11 +127,126 @@ func printBanner(w io.Writer, h *hub.Hub, cfg hub.Config) {
 		abs, _ := filepath.Abs(cfg.FilesDir)
 		p("  files:                https://%s:%s/files/  (serving %s)", host, hport, abs)
 	}
-	if ca := h.CAFile(); ca != "" {
+	ca := absPath(h.CAFile())
+	if ca != "" {
 		p("  CA certificate:       %s  (clients must trust it, e.g. NODE_EXTRA_CA_CERTS=%s)", ca, ca)
 	}
-	p("  service connection string: %s", h.ServiceConnectionStringFile())
-	p("Register a device and print its connection string:")
-	p("  gwctl --connection-string \"$(cat %s)\" device add DEVICE_ID", h.ServiceConnectionStringFile())
+	csFile := absPath(h.ServiceConnectionStringFile())
+	p("  service connection string: %s", csFile)
+
+	// gwctl and the agent reach the hub by its host name on 443 and 8883
+	// unless told otherwise; TLS checks the name in the URL (gwctl) or the
+	// hub's host name (the agent).
+	ownCert := ca == ""
+	gwctlFlags := fmt.Sprintf(`--connection-string "$(cat %s)"`, shellQuote(csFile))
+	if !ownCert {
+		gwctlFlags += " --ca-file " + shellQuote(ca)
+	}
+	if a := endpointAddr(h.HTTPSAddr(), host, ownCert); a != "" {
+		gwctlFlags += " --endpoint https://" + a
+	}
+	agentFlags := ""
+	if !ownCert {
+		agentFlags += " --ca-file " + shellQuote(ca)
+	}
+	if a := hubAddress(h.MQTTAddr(), host); a != "" {
+		agentFlags += " --hub-address " + a
+	}
+	csOut := bannerDevice + ".connection-string"
+	// umask: the file holds the device key; set -C: pasted again, the
+	// line must not empty the file of a device registered before.
+	p("Register a device, its connection string into ./%s:", csOut)
+	p("  (umask 077; set -C; gwctl %s device add %s >%s)", gwctlFlags, bannerDevice, csOut)
+	p("Run an agent as %s on this machine (simulated installer, state in ./%s.state):", bannerDevice, bannerDevice)
+	p("  gwagent run --connection-string-file %s%s --state-dir %s.state", csOut, agentFlags, bannerDevice)
+	p("Call it (gwctl takes the same flags for every command):")
+	p(`  gwctl %s method invoke %s firmwareUpdate --payload '{"fwPackageUri":"test.com"}'`, gwctlFlags, bannerDevice)
 	p("Stop with Ctrl-C.")
+}
+
+// endpointAddr is the host[:port] gwctl on this machine should be given as
+// --endpoint for the REST listener bound to addr, or "" when its default,
+// https://{host name}, reaches it. gwctl checks the certificate against the
+// URL's host: the hub's own certificate names 127.0.0.1 and ::1 besides the
+// host name; one given with --tls-cert is trusted to name the host name only.
+func endpointAddr(addr, hostName string, ownCert bool) string {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return ""
+	}
+	loop, ok := loopback(addr)
+	switch {
+	case ownCert || !ok:
+		if port == "443" {
+			return ""
+		}
+		return net.JoinHostPort(hostName, port)
+	case port == "443" && hostName == hub.DefaultHostName:
+		return ""
+	case port == "443" && strings.Contains(loop, ":"):
+		return "[" + loop + "]"
+	case port == "443":
+		return loop
+	}
+	return net.JoinHostPort(loop, port)
+}
+
+// hubAddress is the host:port the agent on this machine should be given as
+// --hub-address for the MQTT listener bound to addr, or "" when its default,
+// {host name}:8883, reaches it. The agent checks the certificate against the
+// host name whatever the address.
+func hubAddress(addr, hostName string) string {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return ""
+	}
+	loop, ok := loopback(addr)
+	switch {
+	case !ok:
+		return addr // a listener on one address: that address
+	case port == "8883" && hostName == hub.DefaultHostName:
+		return ""
+	}
+	return net.JoinHostPort(loop, port)
+}
+
+// loopback is the loopback address that reaches a listener bound to addr,
+// if one does (a wildcard or loopback listener).
+func loopback(addr string) (string, bool) {
+	h, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", false
+	}
+	if h == "" {
+		return "127.0.0.1", true
+	}
+	ip := net.ParseIP(h)
+	switch {
+	case ip == nil:
+		return "", false
+	case ip.IsLoopback() && ip.To4() == nil:
+		return "::1", true
+	case ip.IsLoopback() || ip.IsUnspecified():
+		return "127.0.0.1", true
+	}
+	return "", false
+}
+
+func absPath(p string) string {
+	if p == "" {
+		return ""
+	}
+	if abs, err := filepath.Abs(p); err == nil {
+		return abs
+	}
+	return p
+}
+
+// shellQuote quotes s for a POSIX shell when it holds anything but the
+// characters of ordinary paths.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./:@%+=,") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
