@@ -231,8 +231,9 @@ func (r *Reporter) emitLocked(p firmware.Progress, milestone bool, now time.Time
 	patch := r.patchLocked(p)
 	r.markSentLocked(p, now)
 	if err := r.sink.Report(patch, milestone); err != nil {
-		// The queue could not persist it (disk full, closed): the next
-		// phase change reports the whole state again.
+		// The queue is closed (the agent stops) or the patch is invalid;
+		// a disk that refuses writes is not an error (the queue holds the
+		// patch in memory). The next start reports the whole state again.
 		r.log.Error("cannot queue reported progress", zap.String("update_id", p.UpdateID),
 			zap.String("phase", string(p.Phase)), zap.Error(err))
 	}
