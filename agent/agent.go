@@ -174,6 +174,10 @@ func New(opts Options) (*Agent, error) {
 		MaxBackoff:     cfg.Hub.MaxRetryDelay,
 		RequestTimeout: cfg.Hub.RequestTimeout,
 		OnSaveProblem:  a.onSaveProblem,
+		// A state change refused because the reported properties are
+		// full goes through once the agent's own acknowledgements that it
+		// can do without are withdrawn.
+		MakeRoom: func(ctx context.Context, _ map[string]any) map[string]any { return a.acker.Withdrawal(ctx) },
 	}, a.session, log.Named("twin"))
 	if err != nil {
 		return nil, fmt.Errorf("agent: open the reported-patch queue: %w", err)

@@ -53,6 +53,16 @@ type QueueOptions struct {
 	MinBackoff, MaxBackoff time.Duration
 	// RequestTimeout bounds one PatchReported call (default 30s).
 	RequestTimeout time.Duration
+	// MakeRoom, when set, is asked for a patch that withdraws (sets to
+	// null) reported data the caller can do without, when the hub refuses a
+	// milestone for good with 400 or 413: what IoT Hub answers when a patch
+	// would take the reported properties over their 32 KB (the code in the
+	// body is not documented, so any such refusal of a milestone counts).
+	// The queue sends that patch (split to fit), then the milestone again;
+	// refused once more, the milestone is dropped. refused is a copy of the
+	// refused patch; ctx is bounded by RequestTimeout. nil: nothing to
+	// withdraw.
+	MakeRoom func(ctx context.Context, refused map[string]any) map[string]any
 	// OnSaveProblem, when set, is called when SaveProblem changes: the
 	// queue could not write a file (disk full, read-only, I/O error), or
 	// can again. It runs without the queue's lock, on whichever goroutine
@@ -102,6 +112,9 @@ type entry struct {
 	// file could not be written: it is held in memory, sent like any
 	// other, and written as soon as the directory takes writes again.
 	unsaved bool
+	// roomMade is set once MakeRoom's patch was delivered for this entry:
+	// refused again, it is dropped. Owned by the sender.
+	roomMade bool
 }
 
 // SaveProblem says why the queue cannot save to its directory. While there
@@ -715,7 +728,8 @@ func (q *Queue) Close() error {
 // temporary *iothub.StatusError and any other error) are retried with capped,
 // jittered exponential backoff; Wake cuts a wait short. A permanent
 // rejection (a non-temporary 4xx *iothub.StatusError) is logged with the patch's
-// keys and the entry dropped. The queue does not pace sends: the callers
+// keys and the entry dropped; a milestone refused with 400 or 413 first
+// gets QueueOptions.MakeRoom's withdrawal and one more try. The queue does not pace sends: the callers
 // decide how often to report (twin/report limits progress). An idle queue
 // waits for Report without timers. While the directory refuses writes
 // (SaveProblem), Run also retries them, with the same backoff bounds.
@@ -834,8 +848,15 @@ func (q *Queue) send(ctx context.Context, e *entry, body []byte, attempt int) er
 	q.mu.Lock()
 	e.sending = false
 	q.mu.Unlock()
-	if se := (*iothub.StatusError)(nil); errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && !se.Temporary() {
-		q.log.Error("reported patch rejected by the hub; dropped",
+	if se := permanent(err); se != nil {
+		if retry, err := q.makeRoom(ctx, e, se); retry {
+			return err
+		}
+		msg := "reported patch rejected by the hub; dropped"
+		if e.roomMade {
+			msg = "reported patch rejected by the hub even after making room; dropped"
+		}
+		q.log.Error(msg,
 			zap.Uint64("seq", e.seq), zap.Bool("milestone", e.milestone),
 			zap.Int("status", se.Status), zap.Strings("keys", keyPaths(e.patch, 50)),
 			zap.ByteString("hub_error", se.Body))
@@ -848,6 +869,57 @@ func (q *Queue) send(ctx context.Context, e *entry, body []byte, attempt int) er
 		err = fmt.Errorf("no answer within %v: %w", q.opts.RequestTimeout, err)
 	}
 	return err
+}
+
+// permanent returns err's *iothub.StatusError if the hub refused for good
+// (a 4xx other than 408 and 429), else nil.
+func permanent(err error) *iothub.StatusError {
+	if se := (*iothub.StatusError)(nil); errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && !se.Temporary() {
+		return se
+	}
+	return nil
+}
+
+// makeRoom answers a milestone the hub refused with 400 or 413: the
+// reported properties may be full. It sends MakeRoom's withdrawal and
+// returns true when e is to be sent again, with nil to send it now or the
+// error to back off on (the withdrawal failed transiently; MakeRoom is
+// asked again if the milestone is refused again). false: drop e.
+func (q *Queue) makeRoom(ctx context.Context, e *entry, se *iothub.StatusError) (bool, error) {
+	if q.opts.MakeRoom == nil || !e.milestone || e.roomMade || (se.Status != 400 && se.Status != 413) {
+		return false, nil
+	}
+	rctx, cancel := context.WithTimeout(ctx, q.opts.RequestTimeout)
+	room := q.opts.MakeRoom(rctx, copyValue(e.patch).(map[string]any))
+	cancel()
+	if err := ValidatePatch(room); len(room) == 0 || err != nil {
+		q.log.Error("the hub refused a state change and nothing can be withdrawn to make room in the reported properties",
+			zap.Uint64("seq", e.seq), zap.Int("status", se.Status), zap.ByteString("hub_error", se.Body))
+		return false, nil
+	}
+	for _, part := range SplitPatch(room, MaxReportedSize/2) {
+		body, err := json.Marshal(part)
+		if err != nil {
+			return false, nil
+		}
+		rctx, cancel := context.WithTimeout(ctx, q.opts.RequestTimeout)
+		_, err = q.pub.PatchReported(rctx, body)
+		cancel()
+		if se := permanent(err); se != nil {
+			q.log.Error("the hub refused the withdrawal made to make room", zap.Uint64("seq", e.seq),
+				zap.Int("status", se.Status), zap.ByteString("hub_error", se.Body))
+			return false, nil
+		}
+		if err != nil {
+			return true, fmt.Errorf("make room in the reported properties: %w", err)
+		}
+	}
+	e.roomMade = true
+	q.log.Warn("the hub refused a state change, perhaps for the size of the reported properties; "+
+		"withdrew data the agent can do without and sending it again",
+		zap.Uint64("seq", e.seq), zap.Int("status", se.Status), zap.ByteString("hub_error", se.Body),
+		zap.Int("withdrawn", len(room)), zap.Strings("withdrawn_keys", keyPaths(room, 20)))
+	return true, nil
 }
 
 // finish removes the delivered head entry from disk and memory.
