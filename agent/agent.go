@@ -487,7 +487,7 @@ func (a *Agent) queueLine() string {
 	}
 	s := "; " + saveProblemText(filepath.Join(a.config().StateDir, queueDir), p)
 	if p.Unsaved > 0 {
-		s += fmt.Sprintf(" (%d state changes in memory only)", p.Unsaved)
+		s += fmt.Sprintf(" (%d held in memory only)", p.Unsaved)
 	}
 	return s
 }
