@@ -83,6 +83,7 @@ type Agent struct {
 	rebootCh      chan struct{} // cap 1: a reboot was answered, do it
 	rebootPending atomic.Bool
 	kick          chan struct{} // cap 1: recompute the status line
+	saveKick      chan struct{} // cap 1: the queue's SaveProblem changed
 	probeStatus   chan chan struct{}
 	probeReboot   chan chan struct{}
 	managerAlive  atomic.Bool
@@ -123,6 +124,7 @@ func New(opts Options) (*Agent, error) {
 		cfg:         cfg,
 		rebootCh:    make(chan struct{}, 1),
 		kick:        make(chan struct{}, 1),
+		saveKick:    make(chan struct{}, 1),
 		probeStatus: make(chan chan struct{}),
 		probeReboot: make(chan chan struct{}),
 		online:      make(chan struct{}),
@@ -171,6 +173,11 @@ func New(opts Options) (*Agent, error) {
 		MinBackoff:     cfg.Hub.MinRetryDelay,
 		MaxBackoff:     cfg.Hub.MaxRetryDelay,
 		RequestTimeout: cfg.Hub.RequestTimeout,
+		OnSaveProblem:  a.onSaveProblem,
+		// A state change refused because the reported properties are
+		// full goes through once the agent's own acknowledgements that it
+		// can do without are withdrawn.
+		MakeRoom: func(ctx context.Context, _ map[string]any) map[string]any { return a.acker.Withdrawal(ctx) },
 	}, a.session, log.Named("twin"))
 	if err != nil {
 		return nil, fmt.Errorf("agent: open the reported-patch queue: %w", err)
@@ -299,8 +306,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	if !st.Busy {
 		st.CurrentVersion = a.currentVersion(ctx, st.CurrentVersion)
 	}
+	// agent.health is reported while a problem lasts (saveHealthLoop); a
+	// start clears what an earlier run left.
 	if err := a.reporter.Startup(st, time.Now(), map[string]any{
-		"agent": map[string]any{"version": info.Version, "installer": cfg.Installer.Type, "startedAt": time.Now().UTC().Format(report.TimeFormat)},
+		"agent": map[string]any{"version": info.Version, "installer": cfg.Installer.Type,
+			"startedAt": time.Now().UTC().Format(report.TimeFormat), "health": nil},
 	}); err != nil {
 		a.log.Error("cannot queue the start-up report", zap.Error(err))
 	}
@@ -340,6 +350,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	rest.Go(func() { a.rebootWorker(bctx) })
 	rest.Go(func() { a.statusLoop(bctx) })
+	rest.Go(func() { a.saveHealthLoop(bctx) })
 	rest.Go(func() { a.watchdog(bctx) })
 	a.startControl(bctx, &rest)
 
@@ -443,4 +454,72 @@ func (a *Agent) onDesired(d session.Desired) {
 // gwagent rollback.
 func (a *Agent) healthCheck(ctx context.Context) error {
 	return a.health.Check(ctx, a.manager.Status().UpdateID)
+}
+
+// onSaveProblem is the queue's OnSaveProblem: the status line and
+// agent.health follow.
+func (a *Agent) onSaveProblem() {
+	a.kickStatus()
+	select {
+	case a.saveKick <- struct{}{}:
+	default:
+	}
+}
+
+// saveProblemText says why the queue cannot save, for people: the
+// directory and the system's reason ("no space left on device"), without
+// the names of temporary files.
+func saveProblemText(dir string, p *twin.SaveProblem) string {
+	cause := p.Err
+	var pe *os.PathError
+	if errors.As(cause, &pe) {
+		cause = pe.Err
+	}
+	return fmt.Sprintf("cannot save reported state to %s: %v", dir, cause)
+}
+
+// queueLine is the status line's part about the queue: empty while it
+// saves, else why it cannot.
+func (a *Agent) queueLine() string {
+	p := a.queue.SaveProblem()
+	if p == nil {
+		return ""
+	}
+	s := "; " + saveProblemText(filepath.Join(a.config().StateDir, queueDir), p)
+	if p.Unsaved > 0 {
+		s += fmt.Sprintf(" (%d held in memory only)", p.Unsaved)
+	}
+	return s
+}
+
+// saveHealthLoop reports agent.health while the queue cannot save to disk,
+// and null once it can: the problem is visible on the twin, not only in
+// the journal. The report is progress (kept in memory), so it needs no
+// disk write to be sent; a start clears it.
+func (a *Agent) saveHealthLoop(ctx context.Context) {
+	reported := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.saveKick:
+		}
+		p := a.queue.SaveProblem()
+		var health any
+		switch {
+		case p != nil && !reported:
+			health = map[string]any{"queue": map[string]any{
+				"error": saveProblemText(filepath.Join(a.config().StateDir, queueDir), p),
+				"since": p.Since.UTC().Format(report.TimeFormat),
+			}}
+		case p == nil && reported:
+		default:
+			continue
+		}
+		if err := a.queue.Report(map[string]any{"agent": map[string]any{"health": health}}, false); err != nil {
+			a.log.Warn("cannot report agent.health", zap.Error(err))
+			continue
+		}
+		reported = p != nil
+	}
 }

@@ -81,9 +81,10 @@ func (a *Agent) statusLoop(ctx context.Context) {
 
 // StatusLine says what the agent is doing, for systemctl status:
 // "connected to HUB; idle", "offline, retrying in 8s; downloading 42% of
-// 1.2.0".
+// 1.2.0", "…; idle; cannot save reported state to DIR: no space left on
+// device".
 func (a *Agent) StatusLine() string {
-	return a.session.Health().Describe(time.Now()) + "; " + updateLine(a.manager.Status())
+	return a.session.Health().Describe(time.Now()) + "; " + updateLine(a.manager.Status()) + a.queueLine()
 }
 
 func updateLine(st firmware.Status) string {

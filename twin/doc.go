@@ -18,8 +18,14 @@
 // agent reports its whole state at every start. The queue sends the
 // entries in order through a Publisher, retrying transient failures with
 // capped, jittered exponential backoff and dropping only entries the hub
-// rejects for good (400, 413, other 4xx). It does not pace sends: how
-// often progress is reported is twin/report's decision.
+// rejects for good (400, 413, other 4xx) — a milestone only after the
+// caller's MakeRoom withdrew what it can do without and the hub refused it
+// again, since IoT Hub refuses a patch with 400 or 413 when the reported
+// properties would exceed 32 KB. It does not pace sends: how
+// often progress is reported is twin/report's decision. A milestone whose
+// file cannot be written (disk full, read-only file system) is not refused:
+// it is held in memory and sent like the others, SaveProblem says why, and
+// the write is retried with backoff until the directory takes it.
 //
 // On disk a queue is one directory: one file per pending milestone, named
 // by its sequence number (<20 digits>.json, holding formatVersion, seq,

@@ -336,3 +336,26 @@ func joinPath(path, k string) string {
 }
 
 func typeName(v any) string { return iothub.JSONType(v) }
+
+// SplitPatch splits patch by its top-level members, in key order, into
+// patches whose Size is at most maxSize, so that applying them one after
+// another has the effect of applying patch (its members are independent).
+// A member larger than maxSize on its own makes a patch of its own. The
+// patches share patch's values; an empty patch gives none.
+func SplitPatch(patch map[string]any, maxSize int) []map[string]any {
+	var out []map[string]any
+	cur, size := map[string]any{}, 0
+	for _, k := range sortedKeys(patch) {
+		n := Size(map[string]any{k: patch[k]})
+		if len(cur) > 0 && size+n > maxSize {
+			out = append(out, cur)
+			cur, size = map[string]any{}, 0
+		}
+		cur[k] = patch[k]
+		size += n
+	}
+	if len(cur) > 0 {
+		out = append(out, cur)
+	}
+	return out
+}

@@ -387,3 +387,27 @@ func checkValid(t *testing.T, v any, depth int) {
 		}
 	}
 }
+
+func TestSplitPatch(t *testing.T) {
+	big := strings.Repeat("x", 100)
+	patch := map[string]any{"a": big, "b": nil, "c": map[string]any{"d": big}, "e": strings.Repeat("y", 300), "f": "z"}
+	parts := SplitPatch(patch, 150)
+	var keys [][]string
+	merged := map[string]any{"b": "old"}
+	for _, p := range parts {
+		keys = append(keys, sortedKeys(p))
+		if n := Size(p); n > 150 && len(p) > 1 {
+			t.Errorf("part %v of size %d over 150", sortedKeys(p), n)
+		}
+		Merge(merged, p)
+	}
+	if want := [][]string{{"a", "b"}, {"c"}, {"e"}, {"f"}}; !reflect.DeepEqual(keys, want) {
+		t.Fatalf("parts %v, want %v", keys, want)
+	}
+	if want := Merge(map[string]any{"b": "old"}, patch); !reflect.DeepEqual(merged, want) {
+		t.Fatalf("parts applied in turn give %v, want %v", merged, want)
+	}
+	if got := SplitPatch(map[string]any{}, 10); len(got) != 0 {
+		t.Fatalf("empty patch split into %v", got)
+	}
+}

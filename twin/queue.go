@@ -53,6 +53,21 @@ type QueueOptions struct {
 	MinBackoff, MaxBackoff time.Duration
 	// RequestTimeout bounds one PatchReported call (default 30s).
 	RequestTimeout time.Duration
+	// MakeRoom, when set, is asked for a patch that withdraws (sets to
+	// null) reported data the caller can do without, when the hub refuses a
+	// milestone for good with 400 or 413: what IoT Hub answers when a patch
+	// would take the reported properties over their 32 KB (the code in the
+	// body is not documented, so any such refusal of a milestone counts).
+	// The queue sends that patch (split to fit), then the milestone again;
+	// refused once more, the milestone is dropped. refused is a copy of the
+	// refused patch; ctx is bounded by RequestTimeout. nil: nothing to
+	// withdraw.
+	MakeRoom func(ctx context.Context, refused map[string]any) map[string]any
+	// OnSaveProblem, when set, is called when SaveProblem changes: the
+	// queue could not write a file (disk full, read-only, I/O error), or
+	// can again. It runs without the queue's lock, on whichever goroutine
+	// saw the change, and must return quickly.
+	OnSaveProblem func()
 }
 
 // Defaults of QueueOptions (docs/iothub-protocol.md §9.6).
@@ -93,6 +108,23 @@ type entry struct {
 	// delivered is set when the hub accepted the entry but its file could
 	// not be removed; the sender then retries the removal, not the publish.
 	delivered bool
+	// unsaved is set on a milestone (or an older version's entry) whose
+	// file could not be written: it is held in memory, sent like any
+	// other, and written as soon as the directory takes writes again.
+	unsaved bool
+	// roomMade is set once MakeRoom's patch was delivered for this entry:
+	// refused again, it is dropped. Owned by the sender.
+	roomMade bool
+}
+
+// SaveProblem says why the queue cannot save to its directory. While there
+// is one, milestones that could not be written are held in memory: they are
+// sent as usual, but a crash or stop before they are delivered loses them
+// (the agent's start-up report states its state again).
+type SaveProblem struct {
+	Err     error     // the last failed write
+	Since   time.Time // the first failure since the directory last took a write
+	Unsaved int       // milestones held in memory only
 }
 
 // Queue is a persistent, coalescing, ordered queue of reported-property
@@ -114,6 +146,13 @@ type Queue struct {
 	lock    *os.File      // flock(2) on <Dir>/lock, held until Close
 	dirf    *os.File      // Dir, opened for fsync
 	closed  bool
+	saveErr error     // the last failed write; nil once a write succeeds
+	saveAt  time.Time // the first failed write since the last success
+
+	saveKick chan struct{} // cap 1: a write failed, the saver retries
+	// writeFile stores one file atomically: renameio (temp file in Dir,
+	// fsync, rename). Tests replace it to inject write errors.
+	writeFile func(path string, b []byte) error
 
 	syncs atomic.Uint64 // fsyncs made (entry files and Dir), see Syncs
 }
@@ -165,15 +204,21 @@ func OpenQueue(opts QueueOptions, pub Publisher, log *zap.Logger) (*Queue, error
 		return nil, fmt.Errorf("twin: open queue directory: %w", err)
 	}
 	q := &Queue{
-		dir:   opts.Dir,
-		opts:  opts,
-		pub:   pub,
-		log:   log,
-		kick:  make(chan struct{}, 1),
-		wake:  make(chan struct{}, 1),
-		empty: make(chan struct{}),
-		lock:  lock,
-		dirf:  dirf,
+		dir:      opts.Dir,
+		opts:     opts,
+		pub:      pub,
+		log:      log,
+		kick:     make(chan struct{}, 1),
+		wake:     make(chan struct{}, 1),
+		empty:    make(chan struct{}),
+		lock:     lock,
+		dirf:     dirf,
+		saveKick: make(chan struct{}, 1),
+	}
+	q.writeFile = func(path string, b []byte) error {
+		// The temporary file goes into Dir itself: same file system, and
+		// renameio does not have to probe for a temporary directory each time.
+		return renameio.WriteFile(path, b, 0o600, renameio.WithTempDir(q.dir))
 	}
 	if err := q.load(); err != nil {
 		dirf.Close()
@@ -302,13 +347,158 @@ func (q *Queue) write(e *entry) error {
 		return fmt.Errorf("twin: encode entry %d: %w", e.seq, err)
 	}
 	path := filepath.Join(q.dir, entryName(e.seq))
-	// The temporary file goes into Dir itself: same file system, and
-	// renameio does not have to probe for a temporary directory each time.
 	q.syncs.Add(1) // renameio fsyncs the temporary file before the rename
-	if err := renameio.WriteFile(path, b, 0o600, renameio.WithTempDir(q.dir)); err != nil {
+	if err := q.writeFile(path, b); err != nil {
 		return fmt.Errorf("twin: write entry %d: %w", e.seq, err)
 	}
 	return q.syncDir()
+}
+
+// probeName is the file the saver writes to learn whether the directory
+// takes writes again when no entry waits to be saved. Its name starts
+// with a dot, so a crash that leaves it behind is cleaned up by load.
+const probeName = ".probe"
+
+// probe writes and removes a small file, as an entry would be written.
+func (q *Queue) probe() error {
+	path := filepath.Join(q.dir, probeName)
+	q.syncs.Add(1)
+	if err := q.writeFile(path, []byte("gwagent twin queue write probe\n")); err != nil {
+		return fmt.Errorf("twin: write to the queue directory: %w", err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("twin: remove %s: %w", probeName, err)
+	}
+	return nil
+}
+
+// persistLocked writes the entries held in memory for want of a write
+// (unsaved), in queue order, and stops at the first failure: the files on
+// disk never hold a state change without those queued before it.
+func (q *Queue) persistLocked() error {
+	for _, e := range q.entries {
+		if !e.unsaved || e.delivered {
+			continue // a delivered entry needs no file
+		}
+		if err := q.write(e); err != nil {
+			if !e.durable {
+				// The rename may have happened before the failure; a file
+				// the queue does not count as written must not be sent
+				// again after a restart.
+				_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+			}
+			return err
+		}
+		e.unsaved, e.durable = false, true
+	}
+	return nil
+}
+
+// savedLocked records the outcome of a write attempt (err nil: the
+// directory took the write) and reports whether SaveProblem changed. The
+// first failure is logged as an error naming the cause; the recovery too.
+func (q *Queue) savedLocked(err error) bool {
+	if err != nil {
+		first := q.saveErr == nil
+		q.saveErr = err
+		q.signal(q.saveKick)
+		if first {
+			q.saveAt = time.Now()
+			q.log.Error("cannot save reported state changes to disk; holding them in memory, sending them "+
+				"as usual and retrying the write", zap.String("dir", q.dir), zap.Int("unsaved", q.unsavedLocked()), zap.Error(err))
+		}
+		return true // the cause or the count may have changed
+	}
+	if q.saveErr == nil {
+		return false
+	}
+	if q.unsavedLocked() > 0 {
+		return true
+	}
+	q.log.Info("reported state changes are saved to disk again", zap.String("dir", q.dir),
+		zap.Duration("after", time.Since(q.saveAt)), zap.NamedError("last_error", q.saveErr))
+	q.saveErr, q.saveAt = nil, time.Time{}
+	return true
+}
+
+func (q *Queue) unsavedLocked() int {
+	n := 0
+	for _, e := range q.entries {
+		if e.unsaved && !e.delivered {
+			n++
+		}
+	}
+	return n
+}
+
+// SaveProblem returns why the queue cannot save to its directory, or nil
+// when its last write succeeded.
+func (q *Queue) SaveProblem() *SaveProblem {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.saveErr == nil {
+		return nil
+	}
+	return &SaveProblem{Err: q.saveErr, Since: q.saveAt, Unsaved: q.unsavedLocked()}
+}
+
+func (q *Queue) notifySave(changed bool) {
+	if changed && q.opts.OnSaveProblem != nil {
+		q.opts.OnSaveProblem()
+	}
+}
+
+// saveLoop retries the write of unsaved entries (or, when none is left, a
+// probe) with capped, jittered exponential backoff while the directory
+// refuses writes. Report retries too whenever it queues a milestone.
+func (q *Queue) saveLoop(ctx context.Context) {
+	b := retry.NewBackoff(q.opts.MinBackoff, q.opts.MaxBackoff)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-q.saveKick:
+		}
+		b.Reset()
+		for {
+			t := time.NewTimer(retry.Next(b))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			if q.retrySave() {
+				break
+			}
+		}
+	}
+}
+
+// retrySave makes one write attempt; true when the directory took it (or
+// a Report's write already had).
+func (q *Queue) retrySave() bool {
+	q.mu.Lock()
+	if q.closed || q.saveErr == nil {
+		q.mu.Unlock()
+		return true
+	}
+	var err error
+	if q.unsavedLocked() > 0 {
+		err = q.persistLocked()
+	} else {
+		err = q.probe()
+	}
+	if err != nil {
+		q.log.Debug("reported state changes still not saved; retrying", zap.Int("unsaved", q.unsavedLocked()), zap.Error(err))
+		q.saveErr = err
+		q.mu.Unlock()
+		return false
+	}
+	changed := q.savedLocked(nil)
+	q.mu.Unlock()
+	q.notifySave(changed)
+	return true
 }
 
 // remove deletes e's file durably.
@@ -344,6 +534,13 @@ func (q *Queue) Syncs() uint64 { return q.syncs.Load() }
 // against MaxReportedSize (errors wrap ErrInvalid). An empty patch is a
 // no-op.
 //
+// When the milestone's file cannot be written (disk full, read-only file
+// system) the milestone is not refused: it is held in memory and sent
+// like any other, SaveProblem says why, and the write is retried with
+// backoff (by Run) and before every later milestone, in queue order, until
+// the directory takes it. Only a crash or stop before it is delivered or
+// written loses it. Report's errors are ErrInvalid and ErrClosed.
+//
 // The patch is merged into the newest pending entry unless that entry is a
 // milestone, is being sent, or the two cannot be expressed as one merge
 // patch; the merged entry is a milestone if the new patch is, and is then
@@ -365,6 +562,8 @@ func (q *Queue) Report(patch map[string]any, milestone bool) error {
 		return nil
 	}
 
+	changed := false
+	defer func() { q.notifySave(changed) }() // after the unlock below
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
@@ -375,19 +574,14 @@ func (q *Queue) Report(patch map[string]any, milestone bool) error {
 		if !tail.milestone && !tail.sending && !tail.delivered {
 			merged, ok := composePatches(tail.patch, p)
 			if ok && Size(merged) <= MaxReportedSize {
-				e := &entry{seq: tail.seq, milestone: milestone, patch: merged, durable: tail.durable}
 				// A file an older version wrote is kept up to date, so it
 				// never holds less than memory.
-				if milestone || tail.durable {
-					if err := q.write(e); err != nil {
-						if !tail.durable {
-							_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
-						}
-						return err
-					}
-					e.durable = true
-				}
+				e := &entry{seq: tail.seq, milestone: milestone, patch: merged, durable: tail.durable,
+					unsaved: milestone || tail.durable}
 				q.entries[n-1] = e
+				if e.unsaved {
+					changed = q.savedLocked(q.persistLocked())
+				}
 				q.signal(q.kick)
 				return nil
 			}
@@ -397,19 +591,15 @@ func (q *Queue) Report(patch map[string]any, milestone bool) error {
 	// after a failed write that may have left the file behind. Progress
 	// entries take one too (for the logs, and a milestone merged into one
 	// is written under it).
-	e := &entry{seq: q.nextSeq, milestone: milestone, patch: p}
+	e := &entry{seq: q.nextSeq, milestone: milestone, patch: p, unsaved: milestone}
 	q.nextSeq++
-	if milestone {
-		if err := q.write(e); err != nil {
-			_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
-			return err
-		}
-		e.durable = true
-	}
 	if len(q.entries) == 0 {
 		q.empty = make(chan struct{})
 	}
 	q.entries = append(q.entries, e)
+	if milestone {
+		changed = q.savedLocked(q.persistLocked())
+	}
 	q.signal(q.kick)
 	return nil
 }
@@ -525,6 +715,10 @@ func (q *Queue) Close() error {
 		return nil
 	}
 	q.closed = true
+	if n := q.unsavedLocked(); n > 0 {
+		q.log.Warn("reported state changes that could not be saved to disk are lost with this stop; "+
+			"the next start reports the state again", zap.Int("unsaved", n), zap.NamedError("cause", q.saveErr))
+	}
 	return errors.Join(q.dirf.Close(), q.lock.Close())
 }
 
@@ -534,14 +728,22 @@ func (q *Queue) Close() error {
 // temporary *iothub.StatusError and any other error) are retried with capped,
 // jittered exponential backoff; Wake cuts a wait short. A permanent
 // rejection (a non-temporary 4xx *iothub.StatusError) is logged with the patch's
-// keys and the entry dropped. The queue does not pace sends: the callers
+// keys and the entry dropped; a milestone refused with 400 or 413 first
+// gets QueueOptions.MakeRoom's withdrawal and one more try. The queue does not pace sends: the callers
 // decide how often to report (twin/report limits progress). An idle queue
-// waits for Report without timers.
+// waits for Report without timers. While the directory refuses writes
+// (SaveProblem), Run also retries them, with the same backoff bounds.
 func (q *Queue) Run(ctx context.Context) error {
 	if !q.running.CompareAndSwap(false, true) {
 		return ErrRunning
 	}
 	defer q.running.Store(false)
+
+	var saver sync.WaitGroup
+	defer saver.Wait()
+	sctx, stopSaver := context.WithCancel(ctx)
+	defer stopSaver()
+	saver.Go(func() { q.saveLoop(sctx) })
 
 	b := retry.NewBackoff(q.opts.MinBackoff, q.opts.MaxBackoff)
 	attempt := 0
@@ -646,8 +848,15 @@ func (q *Queue) send(ctx context.Context, e *entry, body []byte, attempt int) er
 	q.mu.Lock()
 	e.sending = false
 	q.mu.Unlock()
-	if se := (*iothub.StatusError)(nil); errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && !se.Temporary() {
-		q.log.Error("reported patch rejected by the hub; dropped",
+	if se := permanent(err); se != nil {
+		if retry, err := q.makeRoom(ctx, e, se); retry {
+			return err
+		}
+		msg := "reported patch rejected by the hub; dropped"
+		if e.roomMade {
+			msg = "reported patch rejected by the hub even after making room; dropped"
+		}
+		q.log.Error(msg,
 			zap.Uint64("seq", e.seq), zap.Bool("milestone", e.milestone),
 			zap.Int("status", se.Status), zap.Strings("keys", keyPaths(e.patch, 50)),
 			zap.ByteString("hub_error", se.Body))
@@ -662,6 +871,57 @@ func (q *Queue) send(ctx context.Context, e *entry, body []byte, attempt int) er
 	return err
 }
 
+// permanent returns err's *iothub.StatusError if the hub refused for good
+// (a 4xx other than 408 and 429), else nil.
+func permanent(err error) *iothub.StatusError {
+	if se := (*iothub.StatusError)(nil); errors.As(err, &se) && se.Status >= 400 && se.Status < 500 && !se.Temporary() {
+		return se
+	}
+	return nil
+}
+
+// makeRoom answers a milestone the hub refused with 400 or 413: the
+// reported properties may be full. It sends MakeRoom's withdrawal and
+// returns true when e is to be sent again, with nil to send it now or the
+// error to back off on (the withdrawal failed transiently; MakeRoom is
+// asked again if the milestone is refused again). false: drop e.
+func (q *Queue) makeRoom(ctx context.Context, e *entry, se *iothub.StatusError) (bool, error) {
+	if q.opts.MakeRoom == nil || !e.milestone || e.roomMade || (se.Status != 400 && se.Status != 413) {
+		return false, nil
+	}
+	rctx, cancel := context.WithTimeout(ctx, q.opts.RequestTimeout)
+	room := q.opts.MakeRoom(rctx, copyValue(e.patch).(map[string]any))
+	cancel()
+	if err := ValidatePatch(room); len(room) == 0 || err != nil {
+		q.log.Error("the hub refused a state change and nothing can be withdrawn to make room in the reported properties",
+			zap.Uint64("seq", e.seq), zap.Int("status", se.Status), zap.ByteString("hub_error", se.Body))
+		return false, nil
+	}
+	for _, part := range SplitPatch(room, MaxReportedSize/2) {
+		body, err := json.Marshal(part)
+		if err != nil {
+			return false, nil
+		}
+		rctx, cancel := context.WithTimeout(ctx, q.opts.RequestTimeout)
+		_, err = q.pub.PatchReported(rctx, body)
+		cancel()
+		if se := permanent(err); se != nil {
+			q.log.Error("the hub refused the withdrawal made to make room", zap.Uint64("seq", e.seq),
+				zap.Int("status", se.Status), zap.ByteString("hub_error", se.Body))
+			return false, nil
+		}
+		if err != nil {
+			return true, fmt.Errorf("make room in the reported properties: %w", err)
+		}
+	}
+	e.roomMade = true
+	q.log.Warn("the hub refused a state change, perhaps for the size of the reported properties; "+
+		"withdrew data the agent can do without and sending it again",
+		zap.Uint64("seq", e.seq), zap.Int("status", se.Status), zap.ByteString("hub_error", se.Body),
+		zap.Int("withdrawn", len(room)), zap.Strings("withdrawn_keys", keyPaths(room, 20)))
+	return true, nil
+}
+
 // finish removes the delivered head entry from disk and memory.
 func (q *Queue) finish(e *entry) error {
 	q.mu.Lock()
@@ -670,6 +930,11 @@ func (q *Queue) finish(e *entry) error {
 		return ErrClosed
 	}
 	if !e.durable {
+		if e.unsaved {
+			// A failed write may have left its file behind (see
+			// persistLocked); delivered, it must not be sent again.
+			_ = os.Remove(filepath.Join(q.dir, entryName(e.seq)))
+		}
 		q.popLocked()
 		return nil
 	}

@@ -308,6 +308,10 @@ type agentSetup struct {
 	file     string
 	stateDir string
 	env      []string
+	// wrap, when set, runs the agent through this command line (the
+	// agent's own command line appended), e.g. a shell that sets a limit
+	// and execs it: the process, and its PID, are still the agent's.
+	wrap []string
 }
 
 func (e *hubEnv) agentSetup(t *testing.T, env ...string) *agentSetup {
@@ -378,7 +382,8 @@ type agentProc struct {
 
 func startAgent(t *testing.T, s *agentSetup, name string) *agentProc {
 	t.Helper()
-	cmd := exec.Command(gwagentBin, "run", "--config", s.file)
+	args := append(slices.Clone(s.wrap), gwagentBin, "run", "--config", s.file)
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = s.environ()
 	sink := &logSink{}
 	cmd.Stdout, cmd.Stderr = sink, sink

@@ -34,10 +34,10 @@ type reported struct {
 // recordingSink records every Report and hands it on to the real queue.
 type recordingSink struct {
 	t     *testing.T
-	q     *twin.Queue
 	start time.Time
 
 	mu   sync.Mutex
+	q    *twin.Queue // the running agent's
 	list []reported
 	doc  map[string]any // the patches merged one by one
 }
@@ -56,8 +56,9 @@ func (s *recordingSink) Report(p map[string]any, milestone bool) error {
 	s.mu.Lock()
 	s.list = append(s.list, reported{At: since(time.Now(), s.start), Milestone: milestone, Patch: doc})
 	s.doc = twin.Merge(s.doc, doc)
+	q := s.q
 	s.mu.Unlock()
-	if err := s.q.Report(p, milestone); err != nil {
+	if err := q.Report(p, milestone); err != nil {
 		s.t.Errorf("queue: %v", err)
 		return err
 	}
@@ -116,31 +117,91 @@ func placeholders(v any, start time.Time) any {
 // runUpdate drives one update as the agent does — the start-up report,
 // the state machine with the simulated backend and its default stage
 // times, the firmwareUpdate method's payload, a stop once the update has
-// ended — with the reporter at the configuration's default limits (2 s,
-// 5 %) writing into the real queue on real files, and returns the
-// reports. It runs in fake time.
+// ended, and a restart on the same state — with the reporter at the
+// configuration's default limits (2 s, 5 %) writing into the real queue on
+// real files, and returns the reports. It runs in fake time. The restart
+// must leave the twin as the update left it: only the agent's own fields
+// change.
 func runUpdate(t *testing.T, sim simulated.Config, payload string) []reported {
 	start := time.Now()
 	hub := &recordingHub{}
-	q, err := twin.OpenQueue(twin.QueueOptions{Dir: filepath.Join(t.TempDir(), "twin-queue")}, hub, nil)
+	sink := &recordingSink{t: t, start: start}
+	sim.StateDir = t.TempDir()
+	dirs := agentDirs{queue: filepath.Join(t.TempDir(), "twin-queue"), firmware: t.TempDir()}
+
+	a := startAgent(t, dirs, sim, hub, sink)
+	req, err := firmware.ParseRequest([]byte(payload))
 	if err != nil {
 		t.Fatal(err)
 	}
-	qctx, stopQueue := context.WithCancel(context.Background())
-	qdone := make(chan error, 1)
-	go func() { qdone <- q.Run(qctx) }()
+	if _, err := a.m.Start(req); err != nil {
+		t.Fatal(err)
+	}
+	for a.m.Status().Busy {
+		if time.Since(start) > time.Hour {
+			t.Fatalf("update still running after an hour: %+v", a.m.Status())
+		}
+		time.Sleep(time.Second)
+	}
+	time.Sleep(10 * time.Second) // anything late would be recorded too
+	synctest.Wait()
+	a.stop(t)
+	if !reflect.DeepEqual(hub.doc, sink.doc) {
+		t.Errorf("hub document\n%v\nwant the reports merged\n%v", hub.doc, sink.doc)
+	}
+	before := withoutAgent(hub.doc)
 
-	sink := &recordingSink{t: t, q: q, start: start}
-	r := New(sink, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
-	sim.StateDir = t.TempDir()
+	time.Sleep(time.Minute)
+	a = startAgent(t, dirs, sim, hub, sink)
+	time.Sleep(10 * time.Second)
+	synctest.Wait()
+	a.stop(t)
+	if after := withoutAgent(hub.doc); !reflect.DeepEqual(after, before) {
+		t.Errorf("the restart changed the twin:\nbefore %v\nafter  %v", before, after)
+	}
+
+	out := sink.list
+	for i := range out {
+		out[i].Patch = placeholders(out[i].Patch, start).(map[string]any)
+	}
+	return out
+}
+
+type agentDirs struct{ queue, firmware string }
+
+// agentParts are the parts of the agent a run needs.
+type agentParts struct {
+	q                      *twin.Queue
+	r                      *Reporter
+	m                      *firmware.Manager
+	stopQueue, stopManager context.CancelFunc
+	qdone, mdone           chan error
+}
+
+// startAgent starts the agent's reporting parts on dirs as the agent
+// does: queue, reporter, state machine, start-up report.
+func startAgent(t *testing.T, dirs agentDirs, sim simulated.Config, hub *recordingHub, sink *recordingSink) *agentParts {
+	q, err := twin.OpenQueue(twin.QueueOptions{Dir: dirs.queue}, hub, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &agentParts{q: q, qdone: make(chan error, 1), mdone: make(chan error, 1)}
+	var qctx context.Context
+	qctx, a.stopQueue = context.WithCancel(context.Background())
+	go func() { a.qdone <- q.Run(qctx) }()
+
+	sink.mu.Lock()
+	sink.q = q
+	sink.mu.Unlock()
+	a.r = New(sink, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
 	inst, err := simulated.New(sim, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := firmware.NewManager(firmware.Config{
-		StateDir:       t.TempDir(),
+	a.m, err = firmware.NewManager(firmware.Config{
+		StateDir:       dirs.firmware,
 		Installer:      inst,
-		Observer:       r.Observe,
+		Observer:       a.r.Observe,
 		CurrentVersion: "1.0.0",
 		Signatures:     &signature.Policy{AllowUnsigned: true}, // the simulated installer's default
 	})
@@ -148,62 +209,48 @@ func runUpdate(t *testing.T, sim simulated.Config, payload string) []reported {
 		t.Fatal(err)
 	}
 
-	st := m.Status()
+	st := a.m.Status()
 	if cur, err := inst.CurrentVersion(context.Background()); err == nil && !st.Busy {
 		st.CurrentVersion = cur
 	}
-	if err := r.Startup(st, time.Now(), map[string]any{
+	if err := a.r.Startup(st, time.Now(), map[string]any{
 		"agent": map[string]any{"version": "test", "installer": "simulated", "startedAt": time.Now().UTC().Format(TimeFormat)},
 	}); err != nil {
 		t.Fatal(err)
 	}
-	mctx, stopManager := context.WithCancel(context.Background())
-	mdone := make(chan error, 1)
-	go func() { mdone <- m.Run(mctx) }()
+	var mctx context.Context
+	mctx, a.stopManager = context.WithCancel(context.Background())
+	go func() { a.mdone <- a.m.Run(mctx) }()
+	return a
+}
 
-	req, err := firmware.ParseRequest([]byte(payload))
-	if err != nil {
+// stop stops the parts as the agent does: the state machine, the
+// reporter, the queue once it has delivered everything.
+func (a *agentParts) stop(t *testing.T) {
+	a.stopManager()
+	if err := <-a.mdone; err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Start(req); err != nil {
-		t.Fatal(err)
-	}
-	for m.Status().Busy {
-		if time.Since(start) > time.Hour {
-			t.Fatalf("update still running after an hour: %+v", m.Status())
-		}
-		time.Sleep(time.Second)
-	}
-	time.Sleep(10 * time.Second) // anything late would be recorded too
-	synctest.Wait()
-
-	// The agent's stop: the state machine, the reporter, the queue.
-	stopManager()
-	if err := <-mdone; err != nil {
-		t.Fatal(err)
-	}
-	r.Close()
+	a.r.Close()
 	fctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := q.Flush(fctx); err != nil {
+	if err := a.q.Flush(fctx); err != nil {
 		t.Fatal(err)
 	}
-	stopQueue()
-	if err := <-qdone; err != nil {
+	a.stopQueue()
+	if err := <-a.qdone; err != nil {
 		t.Fatal(err)
 	}
-	if err := q.Close(); err != nil {
+	if err := a.q.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
 
-	// The hub ends with what the reports say, merged one by one.
-	if !reflect.DeepEqual(hub.doc, sink.doc) {
-		t.Errorf("hub document\n%v\nwant the reports merged\n%v", hub.doc, sink.doc)
-	}
-	out := sink.list
-	for i := range out {
-		out[i].Patch = placeholders(out[i].Patch, start).(map[string]any)
-	}
+// withoutAgent is a copy of a reported document without the agent's own
+// fields, which every start rewrites.
+func withoutAgent(doc map[string]any) map[string]any {
+	out := twin.Merge(nil, doc)
+	delete(out, "agent")
 	return out
 }
 

@@ -104,21 +104,29 @@ func (r *Reporter) SetLimits(minInterval time.Duration, minPercentStep int) {
 }
 
 // Startup reports the state the agent starts in: the running update's
-// phase if one is in progress, otherwise the tutorial's standBy with logTime
-// and the running version. extra (e.g. the agent's version) is merged into
-// the same patch.
+// phase if one is in progress; the result of the last update, as it was,
+// if one has ended (see lastResultPatch); otherwise, on a device that has
+// not run an update, the tutorial's standBy with logTime and the running
+// version. extra (e.g. the agent's version) is merged into the same patch.
 func (r *Reporter) Startup(st firmware.Status, now time.Time, extra map[string]any) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var patch map[string]any
-	if st.Busy {
+	switch {
+	case st.Busy:
 		// Resuming after a restart: downloadComplete was reported before
 		// it (the queue kept it); stamping it now would be wrong.
 		r.any, r.sent.UpdateID = true, st.UpdateID
 		r.dlDone = afterDownload(st.Phase)
 		patch = r.patchLocked(st.Progress)
 		r.markSentLocked(st.Progress, now)
-	} else {
+	case st.UpdateID != "" && st.Phase.Terminal():
+		// firmwareStatus is the state of the current or last update: a
+		// restart must not turn the last result into standBy.
+		patch = lastResultPatch(st.Progress)
+		r.dlDone = true
+		r.markSentLocked(st.Progress, now)
+	default:
 		p := firmware.Progress{Phase: firmware.PhaseIdle, CurrentVersion: st.CurrentVersion, Percent: -1, Time: now}
 		patch = r.patchLocked(p)
 		r.markSentLocked(p, now)
@@ -127,6 +135,20 @@ func (r *Reporter) Startup(st firmware.Status, now time.Time, extra map[string]a
 		patch[k] = v
 	}
 	return r.sink.Report(patch, true)
+}
+
+// lastResultPatch restates an update that has ended (completed, failed,
+// rolledBack) as the agent reports it at start: its status, id, versions,
+// slot and error as they were, so that a restart does not erase the result
+// from the twin. It stamps nothing: logTime, downloadComplete,
+// startedApplyingImage, lastFirmwareUpdate and firmware.updatedAt stay as
+// the update left them, so a watcher that goes by those times does not take
+// the old result for a new one.
+func lastResultPatch(p firmware.Progress) map[string]any {
+	patch := Patch(p)
+	delete(patch, "lastFirmwareUpdate")
+	delete(patch["firmware"].(map[string]any), "updatedAt")
+	return patch
 }
 
 // Observe is the firmware.Config.Observer.
@@ -209,8 +231,9 @@ func (r *Reporter) emitLocked(p firmware.Progress, milestone bool, now time.Time
 	patch := r.patchLocked(p)
 	r.markSentLocked(p, now)
 	if err := r.sink.Report(patch, milestone); err != nil {
-		// The queue could not persist it (disk full, closed): the next
-		// phase change reports the whole state again.
+		// The queue is closed (the agent stops) or the patch is invalid;
+		// a disk that refuses writes is not an error (the queue holds the
+		// patch in memory). The next start reports the whole state again.
 		r.log.Error("cannot queue reported progress", zap.String("update_id", p.UpdateID),
 			zap.String("phase", string(p.Phase)), zap.Error(err))
 	}

@@ -299,10 +299,10 @@ func TestReporterStaleTimer(t *testing.T) {
 
 func TestStartup(t *testing.T) {
 	now := t0
-	t.Run("idle", func(t *testing.T) {
+	t.Run("no update yet", func(t *testing.T) {
 		s := &memSink{}
 		r := New(s, Options{})
-		st := firmware.Status{Progress: firmware.Progress{Phase: firmware.PhaseCompleted, UpdateID: "u0", CurrentVersion: "1.2.0"}}
+		st := firmware.Status{Progress: firmware.Progress{Phase: firmware.PhaseIdle, CurrentVersion: "1.2.0"}}
 		if err := r.Startup(st, now, map[string]any{"agent": map[string]any{"version": "v1"}}); err != nil {
 			t.Fatal(err)
 		}
@@ -313,6 +313,53 @@ func TestStartup(t *testing.T) {
 			t.Fatalf("startup patch %v", got.patch)
 		}
 	})
+	// After an update has ended, a start restates its result as it was:
+	// never standBy, never new stamps.
+	for _, tc := range []struct {
+		phase firmware.Phase
+		err   *firmware.UpdateError
+	}{
+		{firmware.PhaseCompleted, nil},
+		{firmware.PhaseFailed, &firmware.UpdateError{Code: firmware.CodeDownload, Message: "HTTP 404"}},
+		{firmware.PhaseRolledBack, &firmware.UpdateError{Code: firmware.CodeHealth, Message: "unit app.service failed"}},
+	} {
+		t.Run("after "+string(tc.phase), func(t *testing.T) {
+			s := &memSink{}
+			r := New(s, Options{})
+			st := firmware.Status{Progress: firmware.Progress{Phase: tc.phase, UpdateID: "u0", TargetVersion: "2.0.0",
+				CurrentVersion: "1.2.0", Slot: "B", Percent: 100, Err: tc.err, Time: now}}
+			if err := r.Startup(st, now, map[string]any{"agent": map[string]any{"version": "v1"}}); err != nil {
+				t.Fatal(err)
+			}
+			got := s.all()[0]
+			f := fw(t, got.patch)
+			if !got.milestone || got.patch["firmwareStatus"] != string(tc.phase) || f["status"] != string(tc.phase) ||
+				f["updateId"] != "u0" || f["targetVersion"] != "2.0.0" || f["currentVersion"] != "1.2.0" || f["slot"] != "B" ||
+				got.patch["agent"] == nil {
+				t.Fatalf("startup patch %v", got.patch)
+			}
+			wantErr := any(nil)
+			if tc.err != nil {
+				wantErr = map[string]any{"code": tc.err.Code, "message": tc.err.Message}
+			}
+			if fmt.Sprint(f["error"]) != fmt.Sprint(wantErr) {
+				t.Errorf("firmware.error %v, want %v", f["error"], wantErr)
+			}
+			for _, k := range []string{"logTime", "downloadComplete", "startedApplyingImage", "lastFirmwareUpdate"} {
+				if _, ok := got.patch[k]; ok {
+					t.Errorf("%s = %v in the start-up patch: the last update's stamps must stay", k, got.patch[k])
+				}
+			}
+			if _, ok := f["updatedAt"]; ok {
+				t.Errorf("firmware.updatedAt = %v in the start-up patch", f["updatedAt"])
+			}
+			// The next update replaces the result as usual.
+			r.Observe(firmware.Progress{Phase: firmware.PhaseAccepted, UpdateID: "u1", TargetVersion: "3.0.0", Percent: -1, Time: now})
+			if all := s.all(); len(all) != 2 || fw(t, all[1].patch)["updateId"] != "u1" || fw(t, all[1].patch)["error"] != nil {
+				t.Fatalf("patches after a new update %v", all)
+			}
+		})
+	}
 	t.Run("resuming", func(t *testing.T) {
 		s := &memSink{}
 		r := New(s, Options{})

@@ -1,6 +1,10 @@
 package writable
 
 import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 
@@ -20,6 +24,28 @@ const (
 	ACRejected = 400
 )
 
+// UnknownKey is the reported property that acknowledges, in one object,
+// every desired property the agent does not know:
+// {"ac": 400, "av": <desired $version>, "ad": <why>, "count": <how many>,
+// "keys": [<the first of them, sorted>]}. One bounded object, not one per
+// key: desired keys are the service's to add, and one acknowledgement each
+// once filled the reported properties to IoT Hub's limit, after which the
+// hub refused the agent's next state change.
+const UnknownKey = "unknownDesired"
+
+// Bounds of the UnknownKey acknowledgement: it lists at most MaxListed
+// keys and at most MaxListedBytes bytes of key names (a key may have 1 KB),
+// so it stays under 1.3 KB however many keys are unknown.
+const (
+	MaxListed      = 20
+	MaxListedBytes = 1024
+)
+
+// chunkSize bounds one reported patch of acknowledgements (as twin.Size
+// counts): a full document can withdraw hundreds of acknowledgements left
+// by an older version, more than one patch may hold.
+const chunkSize = 8 * 1024
+
 // Property is one writable property.
 type Property struct {
 	// Apply puts a desired value into effect. It returns the value in effect
@@ -38,20 +64,32 @@ type Acker struct {
 	log      *zap.Logger
 	reserved map[string]bool
 
+	synced     chan struct{} // closed by the first full document
+	syncedOnce sync.Once
+
 	mu         sync.Mutex // guards everything below
 	props      map[string]Property
 	overridden map[string]bool // set from desired (not the configured value)
-	unknown    map[string]bool // acknowledged with 400 as unknown
+	unknown    map[string]bool // desired keys that are not properties
+	// unknownAcked is set while the UnknownKey acknowledgement is on the
+	// twin (or queued for it) and unknownAck is what it says.
+	unknownAcked bool
+	unknownAck   map[string]any
+	// stale are the acknowledgements of unregistered keys the twin showed
+	// at the last full document (an older version acknowledged each unknown
+	// key): withdrawn then, and again by Withdrawal.
+	stale map[string]bool
 }
 
 // New returns an Acker reporting to sink. reserved are reported properties
-// the agent writes itself; desired keys with those names are ignored.
+// the agent writes itself; desired keys with those names are ignored
+// (UnknownKey is always reserved).
 func New(sink Sink, reserved []string, log *zap.Logger) *Acker {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	a := &Acker{sink: sink, log: log, reserved: map[string]bool{}, props: map[string]Property{},
-		overridden: map[string]bool{}, unknown: map[string]bool{}}
+	a := &Acker{sink: sink, log: log, reserved: map[string]bool{UnknownKey: true}, synced: make(chan struct{}),
+		props: map[string]Property{}, overridden: map[string]bool{}, unknown: map[string]bool{}, stale: map[string]bool{}}
 	for _, r := range reserved {
 		a.reserved[r] = true
 	}
@@ -85,16 +123,48 @@ func Ack(value any, ac int, av int64, ad string) map[string]any {
 	return m
 }
 
+// UnknownAck is the UnknownKey acknowledgement of the unknown desired keys
+// (nil for none), listing them within MaxListed and MaxListedBytes.
+func UnknownAck(keys []string, av int64) map[string]any {
+	if len(keys) == 0 {
+		return nil
+	}
+	keys = slices.Sorted(slices.Values(keys))
+	listed, bytes := []any{}, 0
+	for _, k := range keys {
+		if len(listed) == MaxListed || bytes+len(k) > MaxListedBytes {
+			break
+		}
+		listed = append(listed, k)
+		bytes += len(k)
+	}
+	ad := "unknown desired property, ignored"
+	if len(keys) > 1 {
+		ad = fmt.Sprintf("%d unknown desired properties, ignored", len(keys))
+	}
+	if len(listed) < len(keys) {
+		ad += fmt.Sprintf("; the first %d are listed", len(listed))
+	}
+	m := Ack(nil, ACRejected, av, ad)
+	m["count"] = len(keys)
+	m["keys"] = listed
+	return m
+}
+
 // OnDesired applies a desired document (full: the whole desired section,
 // keys absent from it are not desired) or patch (null: no longer desired)
-// of the given $version, and reports the acknowledgements in one patch.
-// reported, when known (with a full document), is the reported section: an
-// acknowledgement in it for a key that is no longer desired is withdrawn,
-// even one written before a restart.
+// of the given $version, and reports the acknowledgements. reported, when
+// known (with a full document), is the reported section: an
+// acknowledgement in it for a key that is not a registered property is
+// withdrawn (an older version acknowledged every unknown key on its own),
+// and the UnknownKey acknowledgement is written only if it says something
+// else.
 func (a *Acker) OnDesired(doc map[string]any, version int64, full bool, reported map[string]any) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	patch := map[string]any{}
+	unknownChanged := false
+	var added []string
 	for k, v := range doc {
 		if strings.HasPrefix(k, "$") {
 			continue
@@ -118,12 +188,13 @@ func (a *Acker) OnDesired(doc map[string]any, version int64, full bool, reported
 		case v == nil:
 			if a.unknown[k] {
 				delete(a.unknown, k)
-				patch[k] = nil // withdraw the 400
+				unknownChanged = true
 			}
 		default:
-			a.log.Warn("unknown desired property", zap.String("property", k), zap.Int64("version", version))
-			if a.put(patch, k, Ack(nil, ACRejected, version, "unknown property")) {
+			if !a.unknown[k] {
 				a.unknown[k] = true
+				unknownChanged = true
+				added = append(added, k)
 			}
 		}
 	}
@@ -136,25 +207,99 @@ func (a *Acker) OnDesired(doc map[string]any, version int64, full bool, reported
 		for k := range a.unknown {
 			if _, ok := doc[k]; !ok {
 				delete(a.unknown, k)
-				patch[k] = nil
+				unknownChanged = true
 			}
 		}
+		clear(a.stale)
 		for k, v := range reported {
-			_, desired := doc[k]
-			_, registered := a.props[k]
-			if !desired && !registered && !a.reserved[k] && isAck(v) {
+			if _, registered := a.props[k]; !registered && !a.reserved[k] && isAck(v) {
 				patch[k] = nil
+				a.stale[k] = true
 			}
 		}
+		// The twin says what is acknowledged: write the UnknownKey
+		// acknowledgement only where it differs.
+		if reported != nil {
+			onTwin, _ := reported[UnknownKey].(map[string]any)
+			a.unknownAcked, a.unknownAck = onTwin != nil, onTwin
+		}
+		if want := UnknownAck(slices.Collect(maps.Keys(a.unknown)), version); !sameListing(a.unknownAck, want) {
+			unknownChanged = true
+		}
+	}
+	if len(added) > 0 {
+		slices.Sort(added)
+		a.log.Warn("unknown desired properties, ignored (acknowledged with 400 in "+UnknownKey+")",
+			zap.Int64("version", version), zap.Int("new", len(added)), zap.Int("unknown", len(a.unknown)),
+			zap.Strings("keys", added[:min(len(added), MaxListed)]))
+	}
+	if unknownChanged {
+		if ack := UnknownAck(slices.Collect(maps.Keys(a.unknown)), version); ack != nil {
+			patch[UnknownKey] = ack
+			a.unknownAcked, a.unknownAck = true, ack
+		} else if a.unknownAcked {
+			patch[UnknownKey] = nil
+			a.unknownAcked, a.unknownAck = false, nil
+		}
+	}
+	if full {
+		a.syncedOnce.Do(func() { close(a.synced) })
+	}
+	a.reportLocked(patch)
+}
+
+// reportLocked queues the acknowledgements, in patches of at most
+// chunkSize. They are milestones: the queue keeps them on disk until the
+// hub has them (it keeps progress in memory only), and never merges them
+// away.
+func (a *Acker) reportLocked(patch map[string]any) {
+	for _, p := range twin.SplitPatch(patch, chunkSize) {
+		if err := a.sink.Report(p, true); err != nil {
+			a.log.Error("cannot queue desired-property acknowledgements", zap.Error(err))
+		}
+	}
+}
+
+// Withdrawal returns a patch that takes the acknowledgements the agent can
+// do without off the twin, to make room when the hub refuses a state change
+// because the reported properties are full (twin.QueueOptions.MakeRoom):
+// the UnknownKey acknowledgement and the acknowledgements an older version
+// left for unregistered keys. Those of registered properties stay. It
+// waits, within ctx, for the first full desired document (which shows what
+// the twin holds); nil when there is nothing to withdraw. The UnknownKey
+// acknowledgement is written again with the next desired change or
+// connection.
+func (a *Acker) Withdrawal(ctx context.Context) map[string]any {
+	select {
+	case <-a.synced:
+	case <-ctx.Done():
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	patch := map[string]any{}
+	for k := range a.stale {
+		patch[k] = nil
+	}
+	withdrawn := a.unknownAcked
+	if withdrawn {
+		patch[UnknownKey] = nil
+		a.unknownAcked, a.unknownAck = false, nil
 	}
 	if len(patch) == 0 {
-		return
+		return nil
 	}
-	// A milestone: the queue keeps it on disk until the hub has it (it
-	// keeps progress in memory only), and never merges it away.
-	if err := a.sink.Report(patch, true); err != nil {
-		a.log.Error("cannot queue desired-property acknowledgements", zap.Error(err))
+	a.log.Warn("withdrawing acknowledgements to make room in the reported properties",
+		zap.Int("stale", len(a.stale)), zap.Bool("unknown_ack", withdrawn))
+	return patch
+}
+
+// sameListing reports whether two UnknownKey acknowledgements list the
+// same keys and count (the version alone does not call for a new one).
+func sameListing(a, b map[string]any) bool {
+	if a == nil || b == nil {
+		return a == nil && b == nil
 	}
+	return fmt.Sprint(a["count"]) == fmt.Sprint(b["count"]) && fmt.Sprint(a["keys"]) == fmt.Sprint(b["keys"])
 }
 
 // isAck tells an acknowledgement object ({"ac":…,"av":…}) from other
