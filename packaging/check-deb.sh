@@ -8,7 +8,7 @@
 #   one for a static Go binary);
 # - systemd-analyze verify, run on the package unpacked over a Debian root (the
 #   cached test rootfs, see test/systemd/rootfs.sh), prints nothing;
-# - systemd-analyze security --offline rates the unit's exposure at 2.5 or less.
+# - systemd-analyze security --offline rates the unit's exposure at 1.5 or less.
 # Needs root (the overlay mount) and lintian.
 set -euo pipefail
 
@@ -18,7 +18,7 @@ if [ $# -ne 1 ] || [ ! -f "$1" ]; then
 fi
 deb=$(realpath "$1")
 root=$(cd "$(dirname "$0")/.." && pwd)
-max_exposure=2.5
+max_exposure=1.5
 
 echo "== lintian"
 lintian --allow-root --fail-on error,warning --display-info "$deb"

@@ -375,9 +375,9 @@ func (c *Config) loadHub(v *viper.Viper) error {
 			return fmt.Errorf("%w: hub.connectionStringFile: %w", ErrConfig, err)
 		}
 		raw = strings.TrimSpace(string(b))
-		if fi, err := os.Stat(c.Hub.ConnectionStringFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
-			c.Warnings = append(c.Warnings, fmt.Sprintf("hub.connectionStringFile: %s is readable by group or others (mode %04o); chmod 600 it",
-				c.Hub.ConnectionStringFile, fi.Mode().Perm()))
+		if who := readersBesidesAgent(c.Hub.ConnectionStringFile); who != "" {
+			c.Warnings = append(c.Warnings, fmt.Sprintf("hub.connectionStringFile: %s is readable by %s besides root and the agent; make it root:root 0600 (chmod 600, setfacl -b): the unit gives the agent's user read access itself",
+				c.Hub.ConnectionStringFile, who))
 		}
 	default:
 		return fmt.Errorf("%w: hub.connectionString: required (or hub.connectionStringFile): the device connection string from the hub", ErrConfig)

@@ -1,21 +1,26 @@
 package config
 
 import (
+	"cmp"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"math/big"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 )
 
 const cs = "HostName=hub.example.net;DeviceId=gw-01;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -159,13 +164,32 @@ func TestInlineConnectionStringWins(t *testing.T) {
 
 func TestFiles(t *testing.T) {
 	t.Run("secrets file, warn when readable by others", func(t *testing.T) {
+		// The file is the test's own: its group is the process's, which is
+		// the agent's own group when the agent reads it. Others, and
+		// another group through an ACL entry, are warned about; the
+		// agent's own group through an ACL entry (what the unit's start-up
+		// step adds) is not, nor an entry the ACL mask disables.
+		other := uint32(os.Getegid() + 4242)
 		for _, tc := range []struct {
+			name string
 			mode os.FileMode
-			warn bool
-		}{{0o600, false}, {0o640, true}, {0o644, true}} {
+			acl  []aclEntry
+			warn string
+		}{
+			{"0600", 0o600, nil, ""},
+			{"0640, own group", 0o640, nil, ""},
+			{"0644", 0o644, nil, "others"},
+			{"ACL: agent's group", 0o600, aclWith(aclGroup, aclRead, uint32(os.Getegid()), aclRead), ""},
+			{"ACL: another group", 0o600, aclWith(aclGroup, aclRead, other, aclRead), fmt.Sprintf("group %d", other)},
+			{"ACL: another user", 0o600, aclWith(aclUser, aclRead, other, aclRead), fmt.Sprintf("user %d", other)},
+			{"ACL: masked out", 0o600, aclWith(aclGroup, aclRead, other, 0), ""},
+		} {
 			p := write(t, "cs", cs+"\n", tc.mode)
 			if err := os.Chmod(p, tc.mode); err != nil {
 				t.Fatal(err)
+			}
+			if tc.acl != nil {
+				setACL(t, p, tc.acl)
 			}
 			c, err := load(t, "", "--connection-string-file="+p)
 			if err != nil {
@@ -174,8 +198,12 @@ func TestFiles(t *testing.T) {
 			if c.Hub.ConnectionString.DeviceID != "gw-01" || c.Hub.ConnectionStringFile != p {
 				t.Fatalf("hub %+v", c.Hub)
 			}
-			if got := len(c.Warnings) == 1 && strings.Contains(c.Warnings[0], "chmod 600"); got != tc.warn {
-				t.Fatalf("mode %o: warnings %v", tc.mode, c.Warnings)
+			got := ""
+			if len(c.Warnings) == 1 && strings.Contains(c.Warnings[0], "chmod 600") {
+				got = c.Warnings[0]
+			}
+			if (got == "") != (tc.warn == "") || !strings.Contains(got, tc.warn) {
+				t.Fatalf("%s: warnings %q, want one naming %q", tc.name, c.Warnings, tc.warn)
 			}
 		}
 	})
@@ -303,5 +331,34 @@ func TestLocal(t *testing.T) {
 	if _, err := Load(Options{File: write(t, "config.yaml", "installer:\n  type: nope\n", 0o644), Backends: backends, Local: true}); err == nil ||
 		!strings.Contains(err.Error(), "installer.type") {
 		t.Fatalf("local load of a bad installer.type: %v", err)
+	}
+}
+
+// aclWith is an access ACL of a 0600 file plus one named entry (tag, perm,
+// id) and the given mask.
+func aclWith(tag, perm uint16, id uint32, mask uint16) []aclEntry {
+	const undefined = 0xffffffff
+	return []aclEntry{
+		{tag: 0x01, perm: 0o6, id: undefined}, // owner
+		{tag: tag, perm: perm, id: id},
+		{tag: aclGroupObj, perm: 0, id: undefined},
+		{tag: aclMask, perm: mask, id: undefined},
+		{tag: aclOther, perm: 0, id: undefined},
+	}
+}
+
+// setACL writes the file's access ACL as setfacl does.
+func setACL(t *testing.T, path string, entries []aclEntry) {
+	t.Helper()
+	b := binary.LittleEndian.AppendUint32(nil, 2)
+	// The kernel wants the entries sorted by tag, then id.
+	slices.SortFunc(entries, func(a, b aclEntry) int { return cmp.Or(cmp.Compare(a.tag, b.tag), cmp.Compare(a.id, b.id)) })
+	for _, e := range entries {
+		b = binary.LittleEndian.AppendUint16(b, e.tag)
+		b = binary.LittleEndian.AppendUint16(b, e.perm)
+		b = binary.LittleEndian.AppendUint32(b, e.id)
+	}
+	if err := unix.Setxattr(path, "system.posix_acl_access", b, 0); err != nil {
+		t.Fatalf("set an ACL on %s (the test needs a file system with POSIX ACLs): %v", path, err)
 	}
 }

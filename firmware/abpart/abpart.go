@@ -128,21 +128,7 @@ func check(cfg Config, deps Deps) (*Installer, error) {
 	if deps.Rebooter == nil {
 		deps.Rebooter = CommandRebooter{}
 	}
-	if cfg.SlotType == "" {
-		cfg.SlotType = SlotTypeBlock
-	}
-	if cfg.CmdlinePath == "" {
-		cfg.CmdlinePath = "/proc/cmdline"
-	}
-	if cfg.BootIDPath == "" {
-		cfg.BootIDPath = "/proc/sys/kernel/random/boot_id"
-	}
-	if cfg.RootA == "" {
-		cfg.RootA = cfg.SlotA
-	}
-	if cfg.RootB == "" {
-		cfg.RootB = cfg.SlotB
-	}
+	cfg.setDefaults()
 	switch {
 	case cfg.SlotA == "" || cfg.SlotB == "":
 		return nil, fmt.Errorf("%w: abpart.slotA and abpart.slotB are required", ErrConfig)
@@ -163,7 +149,7 @@ func check(cfg Config, deps Deps) (*Installer, error) {
 		env:    deps.Env,
 		reboot: deps.Rebooter,
 		log:    deps.Log,
-		paths:  map[string]string{bootenv.SlotA: cfg.SlotA, bootenv.SlotB: cfg.SlotB},
+		paths:  cfg.slotPaths(),
 		roots:  map[string]string{bootenv.SlotA: cfg.RootA, bootenv.SlotB: cfg.RootB},
 	}
 	a, err := i.statSlot(bootenv.SlotA)

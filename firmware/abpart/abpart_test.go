@@ -497,6 +497,12 @@ func TestRunningSlot(t *testing.T) {
 			if got != tc.want || !errors.Is(err, tc.err) {
 				t.Fatalf("runningSlot = %q, %v; want %q, %v", got, err, tc.want, tc.err)
 			}
+			// The start-up step that grants the inactive slot must agree
+			// with the installer, from the configuration alone.
+			got, err = RunningSlot(cfg)
+			if got != tc.want || !errors.Is(err, tc.err) {
+				t.Fatalf("RunningSlot = %q, %v; want %q, %v", got, err, tc.want, tc.err)
+			}
 		})
 	}
 }

@@ -23,7 +23,8 @@ import (
 func (i *Installer) capacity(slot string) (int64, error) {
 	f, err := os.Open(i.paths[slot])
 	if err != nil {
-		return 0, fmt.Errorf("abpart: slot %s: %w", slot, err)
+		// Unprivileged, the agent may not open the running slot at all.
+		return i.capacityUnopened(slot, fmt.Errorf("abpart: slot %s: %w", slot, err))
 	}
 	defer f.Close()
 	fi, err := f.Stat()

@@ -63,10 +63,11 @@ func (g *grub) readAll(ctx context.Context) (map[string]string, error) {
 	return all, nil
 }
 
-// Set writes all vars with one "grub-editenv FILE set" (which writes a new
-// block beside the file and renames it over). An empty value is stored as
-// empty rather than unset, which would take a second write; GRUB scripts
-// read both the same.
+// Set writes all vars with one "grub-editenv FILE set", which rewrites the
+// 1 KiB block in place (grub-common 2.06: open with O_TRUNC, write, fsync;
+// no rename, so the unit can make that one file writable rather than its
+// folder). An empty value is stored as empty rather than unset, which would
+// take a second write; GRUB scripts read both the same.
 func (g *grub) Set(ctx context.Context, vars map[string]string) error {
 	if err := validate(vars); err != nil {
 		return err

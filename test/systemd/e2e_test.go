@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The two package versions: the upgrade goes from the first to the second.
@@ -31,21 +33,69 @@ const (
 	deviceID = "e2e-gateway"
 )
 
+// rootRunCommit is the last commit whose package ran the agent as root;
+// the test also upgrades from its package (version0) to version2.
+const (
+	rootRunCommit = "4f9629dc6ba6fa19243317bf1ca5ef71defbb41b"
+	version0      = "0.0.0+e2e.root"
+)
+
 // requiredChecks are the checks inside.sh must report: a script that stops
 // early cannot pass by reporting nothing.
-var requiredChecks = []string{
-	"install", "installed-version", "enabled", "conffile", "binary-version", "unit-verify", "exposure-at-most-2.5",
-	"unconfigured-exit-78", "unconfigured-not-restarted", "unconfigured-names-key",
+var requiredChecks = append([]string{
+	"install", "user-created", "polkit-rule-installed", "installed-version", "enabled", "conffile", "binary-version",
+	"unit-verify", "exposure-at-most-1.5",
+	"unconfigured-exit-78", "unconfigured-not-restarted", "unconfigured-names-key", "unconfigured-grant-said",
 	"config-edit", "start-offline", "offline-active", "offline-type-notify", "offline-status-text",
 	"start", "active", "type-notify", "status-connected",
+	"runs-as-gwagent", "no-capabilities", "state-handed-over", "secret-acl", "secret-no-warning", "device-cgroup-empty",
 	"update-completed", "update-id", "journal-update-id", "journal-native-transport", "journal-phase-field",
 	"journal-identifier", "status-after-update", "reload", "reload-same-process",
 	"watchdog-restart", "watchdog-logged", "watchdog-reconnected",
+	// The A/B update through the shipped unit, across a reboot of the
+	// container that the agent asks logind for.
+	"ab-config", "ab-accepted", "ab-rebooted", "ab-slot-written", "ab-trial-armed", "ab-reboot-by-logind",
+	"ab-agent-stopped", "ab-trial-boot", "ab-completed", "ab-committed-env", "ab-status",
 	"stop", "stopped-inactive", "stopped-clean", "stopped-exit-0", "state-kept", "state-private",
 	"restart-before-upgrade", "upgrade", "upgraded-version", "upgraded-binary", "conffile-kept",
 	"no-conffile-leftovers", "upgrade-restarted", "upgrade-active", "upgrade-runs-new-binary", "upgrade-connected",
+	"upgrade-devices-slot-a",
 	"remove", "removed-stopped", "removed-status", "removed-binary-gone", "removed-conffile-kept", "removed-state-kept",
-	"purge", "purged-status", "purged-config-gone", "purged-state-gone", "purged-unit-links-gone",
+	"purge", "purged-status", "purged-config-gone", "purged-state-gone", "purged-unit-links-gone", "purged-user-kept",
+	// An upgrade from the version that ran the agent as root.
+	"legacy-no-user", "legacy-install", "legacy-config-edit", "legacy-start", "legacy-connected", "legacy-runs-as-root",
+	"legacy-update-completed", "legacy-state-root-owned",
+	// The probe, run in the root-run unit, finds what the issue found there.
+	"legacy-probe-finds-user", "legacy-probe-finds-systemd-run-refused", "legacy-probe-finds-poweroff-refused",
+	"legacy-probe-finds-kernel-write-refused", "legacy-probe-finds-running-slot-write-refused",
+	"legacy-probe-finds-running-slot-read-refused", "legacy-probe-finds-other-disk-write-refused",
+	"legacy-probe-finds-shadow-read-refused", "legacy-probe-connected",
+	"legacy-upgrade", "legacy-user-created",
+	"legacy-upgrade-restarted", "legacy-upgrade-connected", "legacy-upgrade-runs-as-gwagent",
+	"legacy-state-handed-over", "legacy-state-kept", "legacy-secret-granted", "legacy-purge",
+}, privilegeChecks("a", "b")...)
+
+// probeChecks are what testdata/probe.sh tries from inside the agent's unit
+// (as its user, in its sandbox), each named after the outcome required.
+var probeChecks = []string{
+	"user", "no-capabilities", "systemd-run-refused", "poweroff-refused", "reboot-allowed",
+	"kernel-present", "kernel-write-refused", "boot-create-refused", "grubenv-writable",
+	"devices-present", "running-slot-write-refused", "running-slot-read-refused", "inactive-slot-writable",
+	"other-disk-read-refused", "other-disk-write-refused",
+	"shadow-read-refused", "secret-readable", "config-write-refused", "state-writable",
+}
+
+// privilegeChecks are the probe's checks for each run (tag a: slot A runs,
+// before the A/B update; tag b: slot B runs, after it), with inside.sh's
+// own checks around each run.
+func privilegeChecks(tags ...string) []string {
+	var out []string
+	for _, tag := range tags {
+		for _, c := range append([]string{"start", "no-escape", "devices", "connected"}, probeChecks...) {
+			out = append(out, "priv-"+tag+"-"+c)
+		}
+	}
+	return out
 }
 
 func TestPackageUnderSystemd(t *testing.T) {
@@ -55,7 +105,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("GWAGENT_E2E is set but the test is not running as root (systemd-nspawn and dpkg need it)")
 	}
-	for _, tool := range []string{"systemd-nspawn", "debootstrap", "dpkg-deb", "lintian", "systemd-analyze"} {
+	for _, tool := range []string{"systemd-nspawn", "debootstrap", "dpkg-deb", "lintian", "systemd-analyze", "losetup", "git"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("GWAGENT_E2E is set but %s is missing (make deps installs it): %v", tool, err)
 		}
@@ -68,13 +118,15 @@ func TestPackageUnderSystemd(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Under build/ (ignored) rather than a temp dir, so that a failed run can
-	// be inspected; cleaned at the start of each run.
+	// be inspected; cleaned at the start of each run (a run killed midway
+	// may have left the container's root mounted).
 	work := filepath.Join(repo, "build", "e2e")
+	_ = syscall.Unmount(filepath.Join(work, "root"), syscall.MNT_DETACH)
 	if err := os.RemoveAll(work); err != nil {
 		t.Fatal(err)
 	}
 	dirs := map[string]string{}
-	for _, d := range []string{"bin", "pkg", "in", "out", "hub", "files"} {
+	for _, d := range []string{"bin", "pkg", "in", "out", "hub", "files", "slots", "root", "upper", "overlay-work"} {
 		dirs[d] = filepath.Join(work, d)
 		if err := os.MkdirAll(dirs[d], 0o755); err != nil {
 			t.Fatal(err)
@@ -87,6 +139,13 @@ func TestPackageUnderSystemd(t *testing.T) {
 	run(ctx, t, repo, []string{"CGO_ENABLED=0"}, "go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(dirs["in"], "notifyready"), "./test/systemd/testdata/notifyready")
 	pkg1 := filepath.Base(strings.TrimSpace(run(ctx, t, repo, nil, "packaging/build-deb.sh", version1, dirs["pkg"])))
 	pkg2 := filepath.Base(strings.TrimSpace(run(ctx, t, repo, nil, "packaging/build-deb.sh", version2, dirs["pkg"])))
+	// The root-run version, built from its own tree.
+	old := filepath.Join(work, "root-run-src")
+	if err := os.MkdirAll(old, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	run(ctx, t, repo, nil, "sh", "-c", `git archive "$1" | tar -x -C "$2"`, "-", rootRunCommit, old)
+	pkg0 := filepath.Base(strings.TrimSpace(run(ctx, t, old, nil, "packaging/build-deb.sh", version0, dirs["pkg"])))
 
 	t.Log("checking the package (lintian, systemd-analyze)")
 	check := run(ctx, t, repo, nil, "packaging/check-deb.sh", filepath.Join(dirs["pkg"], pkg1))
@@ -116,8 +175,17 @@ func TestPackageUnderSystemd(t *testing.T) {
 	}))
 	defer images.Close()
 
+	// The A/B slots and one more disk: loop devices over files here, so the
+	// slots' contents can be checked from outside after the container ran.
+	slotA := newSlot(ctx, t, filepath.Join(dirs["slots"], "slotA.img"), 4<<20)
+	slotB := newSlot(ctx, t, filepath.Join(dirs["slots"], "slotB.img"), 4<<20)
+	other := newSlot(ctx, t, filepath.Join(dirs["slots"], "other.img"), 1<<20)
+
 	env := map[string]string{
-		"PKG1": pkg1, "PKG2": pkg2, "VERSION1": version1, "VERSION2": version2,
+		"PKG0": pkg0, "PKG1": pkg1, "PKG2": pkg2, "VERSION0": version0, "VERSION1": version1, "VERSION2": version2,
+		"SLOT_A": slotA.dev, "SLOT_A_NUM": slotA.num,
+		"SLOT_B": slotB.dev, "SLOT_B_NUM": slotB.num,
+		"OTHER_DISK": other.dev, "OTHER_DISK_NUM": other.num,
 		"DEVICE_ID":                 deviceID,
 		"DEVICE_CONNECTION_STRING":  deviceCS,
 		"SERVICE_CONNECTION_STRING": hub.serviceCS,
@@ -134,8 +202,20 @@ func TestPackageUnderSystemd(t *testing.T) {
 
 	t.Log("booting the container")
 	start := time.Now()
-	console := bootContainer(ctx, t, rootfs, dirs, filepath.Join(repo, "test", "systemd", "testdata"))
-	t.Logf("container ran for %s", time.Since(start).Round(time.Second))
+	console, boots := bootContainer(ctx, t, rootfs, dirs, filepath.Join(repo, "test", "systemd", "testdata"))
+	t.Logf("container ran for %s, %d boot(s)", time.Since(start).Round(time.Second), boots)
+
+	// From outside: the running slot A was never written, slot B holds the
+	// image, the other disk is untouched.
+	if !slotA.unchanged(t) {
+		t.Error("slot A (the running slot during the update) was written")
+	}
+	if !other.unchanged(t) {
+		t.Error("the other disk was written")
+	}
+	if b := slotB.read(t); len(b) < len(image) || !bytes.Equal(b[:len(image)], image) {
+		t.Error("slot B does not hold the image after the A/B update")
+	}
 
 	results, err := os.ReadFile(filepath.Join(dirs["out"], "results"))
 	failed := false
@@ -169,6 +249,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 	}
 	if failed {
 		dumpTail(t, "container trace (out/log)", filepath.Join(dirs["out"], "log"), 200)
+		dumpTail(t, "boot loader (out/bootloader.log)", filepath.Join(dirs["out"], "bootloader.log"), 20)
 		dumpTail(t, "container journal", filepath.Join(dirs["out"], "journal.txt"), 300)
 		dumpTail(t, "hub log", hub.logFile, 60)
 		t.Logf("container console:\n%s", lastLines(console, 60))
@@ -179,6 +260,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 	for _, k := range []string{"deb_file", "deb_size_kib", "installed_size_kib", "exposure"} {
 		fmt.Fprintf(&b, "%s=%s\n", k, packageFigures[k])
 	}
+	fmt.Fprintf(&b, "container_boots=%d\n", boots)
 	for _, k := range slices.Sorted(maps.Keys(figures)) {
 		fmt.Fprintf(&b, "%s=%s\n", k, figures[k])
 	}
@@ -288,35 +370,111 @@ func dialable(addr string) bool {
 	return true
 }
 
-// bootContainer boots the root file system with the test unit, waits for it
-// to power off and returns the console output.
-func bootContainer(ctx context.Context, t *testing.T, rootfs string, dirs map[string]string, testdata string) string {
+// maxBoots bounds the boots of one run: the first, and the one after the
+// reboot the A/B update asks for.
+const maxBoots = 3
+
+// bootContainer boots the root file system with the test units until it
+// powers off, booting it again when it reboots (as systemd-nspawn@.service
+// does), and returns the console output and the number of boots. The root is
+// an overlay on the cached rootfs, kept across the reboots.
+func bootContainer(ctx context.Context, t *testing.T, rootfs string, dirs map[string]string, testdata string) (string, int) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "systemd-nspawn", "-D", rootfs, "--ephemeral", "-b",
-		"--register=no", "--keep-unit", "--console=pipe",
-		"--bind-ro="+dirs["pkg"]+":/mnt/pkg",
-		"--bind-ro="+dirs["in"]+":/mnt/in",
-		"--bind="+dirs["out"]+":/mnt/out",
-		"--bind-ro="+testdata+":/mnt/test",
-		"--bind-ro="+filepath.Join(testdata, "gwagent-e2e.service")+":/etc/systemd/system/gwagent-e2e.service",
-		// Arguments after the options go to the container's systemd, which
-		// reads them as its kernel command line.
-		"systemd.wants=gwagent-e2e.service")
-	// SIGTERM asks nspawn to shut the container down cleanly.
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 30 * time.Second
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Run()
-	if ctx.Err() != nil {
-		t.Errorf("the container did not power off within 15 minutes")
-	} else if err != nil {
-		t.Errorf("systemd-nspawn: %v", err)
+	root := dirs["root"]
+	if err := syscall.Mount("overlay", root, "overlay", 0,
+		"lowerdir="+rootfs+",upperdir="+dirs["upper"]+",workdir="+dirs["overlay-work"]); err != nil {
+		t.Fatalf("mount the container's root (overlay on %s): %v", rootfs, err)
 	}
-	return out.String()
+	defer func() {
+		if err := syscall.Unmount(root, 0); err != nil {
+			t.Errorf("unmount %s: %v", root, err)
+		}
+	}()
+	var out bytes.Buffer
+	boots := 0
+	for boots < maxBoots {
+		boots++
+		fmt.Fprintf(&out, "--- boot %d\n", boots)
+		cmd := exec.CommandContext(ctx, "systemd-nspawn", "-D", root, "-b",
+			"--register=no", "--keep-unit", "--console=pipe",
+			"--bind-ro="+dirs["pkg"]+":/mnt/pkg",
+			"--bind-ro="+dirs["in"]+":/mnt/in",
+			"--bind="+dirs["out"]+":/mnt/out",
+			"--bind-ro="+testdata+":/mnt/test",
+			"--bind-ro="+filepath.Join(testdata, "gwagent-e2e.service")+":/etc/systemd/system/gwagent-e2e.service",
+			"--bind-ro="+filepath.Join(testdata, "gwagent-e2e-boot.service")+":/etc/systemd/system/gwagent-e2e-boot.service",
+			// Arguments after the options go to the container's systemd, which
+			// reads them as its kernel command line.
+			"systemd.wants=gwagent-e2e-boot.service", "systemd.wants=gwagent-e2e.service")
+		// SIGTERM asks nspawn to shut the container down cleanly.
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+		cmd.WaitDelay = 30 * time.Second
+		cmd.Stdout, cmd.Stderr = &out, &out
+		err := cmd.Run()
+		var exit *exec.ExitError
+		switch {
+		case ctx.Err() != nil:
+			t.Errorf("the container did not power off within 20 minutes")
+			return out.String(), boots
+		case errors.As(err, &exit) && exit.ExitCode() == 133:
+			// systemd-nspawn's exit status when the container rebooted.
+			continue
+		case err != nil:
+			t.Errorf("systemd-nspawn: %v", err)
+		}
+		return out.String(), boots
+	}
+	t.Errorf("the container rebooted %d times; the test reboots it once", boots)
+	return out.String(), boots
 }
+
+// slot is a loop device over a file of random bytes.
+type slot struct {
+	file, dev, num string
+	sum            [32]byte
+}
+
+// newSlot makes file (size bytes of random data) and attaches a loop device
+// to it, detached at the end of the test.
+func newSlot(ctx context.Context, t *testing.T, file string, size int) *slot {
+	t.Helper()
+	b := make([]byte, size)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(file, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.CommandContext(ctx, "losetup", "-f", "--show", file).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup -f --show %s (only loop0-7 exist here; are they all taken?): %v: %s", file, err, out)
+	}
+	s := &slot{file: file, dev: strings.TrimSpace(string(out)), sum: sha256.Sum256(b)}
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", s.dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", s.dev, err, out)
+		}
+	})
+	var st syscall.Stat_t
+	if err := syscall.Stat(s.dev, &st); err != nil {
+		t.Fatal(err)
+	}
+	s.num = fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	return s
+}
+
+func (s *slot) read(t *testing.T) []byte {
+	t.Helper()
+	b, err := os.ReadFile(s.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func (s *slot) unchanged(t *testing.T) bool { return sha256.Sum256(s.read(t)) == s.sum }
 
 func writeEnv(t *testing.T, path string, env map[string]string) {
 	t.Helper()

@@ -13,7 +13,7 @@ dir=${1:-build/rootfs}
 marker="$dir/.gwagent-rootfs-complete"
 # What the tests need inside: systemd as PID 1, journald, dbus for systemctl,
 # and the package's dependency (ca-certificates).
-include=systemd,systemd-sysv,dbus,libpam-systemd,ca-certificates
+include=systemd,systemd-sysv,dbus,libpam-systemd,ca-certificates,polkitd,acl,grub-common
 
 if [ -f "$marker" ] && [ "$(cat "$marker")" = "$include" ]; then
 	echo "$dir"

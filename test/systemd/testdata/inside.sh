@@ -5,17 +5,24 @@
 #   results  one line per check: "ok NAME" or "FAIL NAME: why"; "done" at the end
 #   figures  NAME=VALUE measurements
 #   log      a trace of everything run; journal.txt and gwagent.txt at the end
+#   stage    where to go on after the container rebooted (the A/B update
+#            reboots it through the agent; the test boots it again)
 # Every wait is bounded; a failed check is recorded and the run goes on where it
 # can, so one run shows every problem.
 set -u
-exec >/mnt/out/log 2>&1
+exec >>/mnt/out/log 2>&1
 # shellcheck source=/dev/null
 . /mnt/in/env
 
 RESULTS=/mnt/out/results
 FIGURES=/mnt/out/figures
-: >"$RESULTS"
-: >"$FIGURES"
+STAGE=/mnt/out/stage
+stage=$(cat "$STAGE" 2>/dev/null || true)
+if [ -z "$stage" ]; then
+	: >"$RESULTS"
+	: >"$FIGURES"
+fi
+echo "=== boot $(cat /run/e2e/boot_id 2>/dev/null), stage '${stage:-start}'"
 
 pass() { echo "ok $1" >>"$RESULTS"; echo "--- ok $1"; }
 fail() { echo "FAIL $1: $2" >>"$RESULTS"; echo "--- FAIL $1: $2"; }
@@ -40,6 +47,9 @@ wait_for() {
 	done
 }
 prop() { systemctl show -P "$1" gwagent.service; }
+# devices: what the unit's device cgroup allows beyond the pseudo devices,
+# on one line (char-rtc r comes with ProtectClock=).
+devices() { prop DeviceAllow | grep -vx 'char-rtc r' | paste -sd ' '; }
 is_prop() { [ "$(prop "$1")" = "$2" ]; }
 status_matches() { prop StatusText | grep -Eiq "$1"; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
@@ -49,8 +59,20 @@ run() { echo "+ $*"; "$@"; }
 # The rootfs is minbase: no netbase, so no /etc/hosts for "localhost".
 echo '127.0.0.1 localhost' >/etc/hosts
 
+phase_install() {
 echo "=== install $VERSION1"
+# What an earlier version that ran as root leaves in its state directory:
+# systemd must hand it to the agent's user.
+install -d -m 0700 /var/lib/gwagent /var/lib/gwagent/firmware
+# What the A/B phase needs on /boot: a kernel the agent must not touch and
+# the GRUB environment block it switches (slot A committed).
+mkdir -p /boot/grub
+head -c 4096 /dev/urandom >/boot/vmlinuz-6.1.0-e2e
+grub-editenv /boot/grub/grubenv create
+grub-editenv /boot/grub/grubenv set gw_slot=A upgrade_available=0 bootcount=0 bootlimit=3
 check install dpkg -i "/mnt/pkg/$PKG1"
+check user-created sh -c 'getent passwd gwagent | awk -F: '"'"'{ exit !($3 > 0 && $3 < 1000 && $7 == "/usr/sbin/nologin") }'"'"' && getent group gwagent'
+check polkit-rule-installed test -f /usr/share/polkit-1/rules.d/10-gwagent.rules
 check installed-version [ "$(dpkg-query -W -f='${Version}' gwagent)" = "$VERSION1" ]
 check enabled [ "$(systemctl is-enabled gwagent.service)" = enabled ]
 check conffile sh -c "dpkg-query -W -f='\${Conffiles}' gwagent | grep -q ' /etc/gwagent/config.yaml '"
@@ -60,7 +82,7 @@ check binary-version sh -c "/usr/bin/gwagent version | grep -qF '$VERSION1'"
 check unit-verify sh -c 'err=$(systemd-analyze verify --man=no gwagent.service 2>&1 >/dev/null); echo "$err"; [ -z "$err" ]'
 exposure=$(systemd-analyze security gwagent.service | awk '/Overall exposure level/ {print $(NF-2)}')
 figure exposure_online "$exposure"
-check exposure-at-most-2.5 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 2.5) }'
+check exposure-at-most-1.5 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 1.5) }'
 # The shipped configuration names a connection-string file that does not exist
 # yet: the agent started on install must stop with EX_CONFIG (78), say which key
 # is wrong, and not be restarted in a loop (RestartPreventExitStatus=78).
@@ -69,10 +91,20 @@ check unconfigured-not-restarted sh -c '[ "$(systemctl show -P NRestarts gwagent
 check unconfigured-names-key sh -c 'journalctl -u gwagent.service --no-pager -o cat | grep -q "hub.connectionString"'
 run systemctl show -p ActiveState,SubState,Result,ExecMainStatus,StatusText gwagent.service
 run journalctl -u gwagent.service --no-pager -n 20 -o short-monotonic
+check unconfigured-grant-said sh -c 'journalctl -u gwagent.service --no-pager -o cat | grep -q "grant-access: nothing granted"'
 systemctl stop gwagent.service
 systemctl reset-failed gwagent.service 2>/dev/null
+}
 
+phase_configure() {
 echo "=== configure"
+configure config-edit
+}
+
+# configure CHECK: configure the installed package as an operator would,
+# following the documentation of the version before this one (the
+# connection string root:root 0600).
+configure() {
 install -m 0600 /dev/null /etc/gwagent/connection-string
 printf '%s\n' "$DEVICE_CONNECTION_STRING" >/etc/gwagent/connection-string
 install -m 0644 /mnt/in/ca.pem /etc/gwagent/hub-ca.pem
@@ -85,14 +117,15 @@ sed -i \
 	-e 's|^  # type: simulated$|  type: simulated\n  simulated:\n    waitBeforeDownload: 1s\n    download: 1s\n    apply: 2s|' \
 	-e 's|^  # allowUnsigned: auto$|  allowUnsigned: true|' \
 	/etc/gwagent/config.yaml
-check config-edit sh -c "grep -qx '  caFile: /etc/gwagent/hub-ca.pem' /etc/gwagent/config.yaml &&
+check "$1" sh -c "grep -qx '  caFile: /etc/gwagent/hub-ca.pem' /etc/gwagent/config.yaml &&
 	grep -qx '  address: \"$MQTT_ADDR\"' /etc/gwagent/config.yaml &&
 	grep -qx '    waitBeforeDownload: 1s' /etc/gwagent/config.yaml &&
 	grep -qx '  allowUnsigned: true' /etc/gwagent/config.yaml &&
 	grep -qx '  connectionStringFile: /etc/gwagent/connection-string' /etc/gwagent/config.yaml"
-config_sum=$(sha256sum /etc/gwagent/config.yaml)
 run grep -v -e "^ *#" -e "^$" /etc/gwagent/config.yaml
+}
 
+phase_offline() {
 echo "=== start with the hub unreachable: time to READY"
 mkdir -p /run/systemd/system/gwagent.service.d
 # Port 1 on loopback refuses connections: the hub is down.
@@ -153,7 +186,9 @@ check offline-status-text wait_for 10 sh -c '[ -n "$(systemctl show -P StatusTex
 run systemctl status --no-pager gwagent.service
 rm /run/systemd/system/gwagent.service.d/unreachable.conf
 systemctl daemon-reload
+}
 
+phase_start() {
 echo "=== start against the hub"
 check start systemctl restart gwagent.service
 check active is_prop ActiveState active
@@ -161,7 +196,21 @@ check type-notify is_prop Type notify
 check status-connected wait_for 30 status_matches '^connected'
 run systemctl status --no-pager gwagent.service
 run systemctl show -p ActiveState,Type,StatusText,NRestarts,MainPID gwagent.service
+# The process itself, seen from outside: the agent's user, no capability.
+pid=$(prop MainPID)
+ids() { awk -v k="$1:" '$1 == k { print $2, $3, $4, $5 }' "/proc/$pid/status"; }
+uid=$(id -u gwagent) gid=$(getent group gwagent | cut -d: -f3)
+check runs-as-gwagent sh -c "[ '$(ids Uid)' = '$uid $uid $uid $uid' ] && [ '$(ids Gid)' = '$gid $gid $gid $gid' ] && awk '/^Groups:/ { for (i = 2; i <= NF; i++) if (\$i != $gid) exit 1 }' /proc/$pid/status"
+check no-capabilities sh -c "grep -Eq '^CapEff:[[:space:]]+0+\$' /proc/$pid/status && grep -Eq '^CapBnd:[[:space:]]+0+\$' /proc/$pid/status"
+check state-handed-over sh -c '[ -z "$(find /var/lib/gwagent ! -user gwagent -print -quit)" ] && [ -z "$(find /var/lib/gwagent ! -group gwagent -print -quit)" ]'
+# The connection string stays root:root 0600; an ACL entry lets the agent's
+# group read it, which the agent does not take for a leak.
+check secret-acl sh -c 'getfacl -cp /etc/gwagent/connection-string | grep -qx "group:gwagent:r--" && [ "$(stat -c %U:%G /etc/gwagent/connection-string)" = root:root ]'
+check secret-no-warning sh -c '! journalctl -u gwagent.service --no-pager -o cat | grep -q "is readable by"'
+check device-cgroup-empty [ -z "$(devices)" ]
+}
 
+phase_update() {
 echo "=== firmware update"
 update_out=$(gwctl update "$DEVICE_ID" --uri "$IMAGE_URL" --version "$IMAGE_VERSION" \
 	--sha256 "$IMAGE_SHA256" --size "$IMAGE_SIZE" --watch --interval 250ms --timeout 120s 2>&1)
@@ -179,16 +228,25 @@ check journal-identifier sh -c "journalctl -u gwagent.service -o export UPDATE_I
 run journal_update -o verbose -n 3
 check status-after-update status_matches '^connected'
 run systemctl show -p StatusText gwagent.service
+}
 
+phase_reload() {
 echo "=== reload"
 pid=$(prop MainPID)
 # ExecReload sends SIGHUP through the shell's kill, inside the same sandbox.
 check reload systemctl reload gwagent.service
 check reload-same-process sh -c "[ \"\$(systemctl show -P MainPID gwagent.service)\" = '$pid' ] && [ \"\$(systemctl show -P ActiveState gwagent.service)\" = active ]"
 run journalctl -u gwagent.service --no-pager -n 5 -o cat
+}
 
+phase_watchdog() {
 echo "=== watchdog"
 pid=$(prop MainPID)
+if [ "$pid" = 0 ]; then
+	# kill -STOP 0 would stop this script.
+	fail watchdog-restart "the agent is not running"
+	return
+fi
 restarts=$(prop NRestarts)
 t0=$(now_ms)
 # A stopped process sends no watchdog pings: systemd must kill and restart it.
@@ -203,7 +261,120 @@ else
 fi
 check watchdog-logged sh -c "journalctl -u gwagent.service --no-pager -o cat | grep -q 'Watchdog timeout'"
 check watchdog-reconnected wait_for 30 status_matches '^connected'
+}
 
+# probe TAG RUNNING INACTIVE: restart the agent with testdata/probe.sh as one
+# more ExecStartPre= (a drop-in that adds only that and its environment), so
+# it runs as the unit's user in the unit's sandbox after the unit's own
+# grant-access step, and turn its journal lines into checks priv-TAG-NAME.
+probe() {
+	local tag=$1 running=$2 inactive=$3 out
+	check "priv-$tag-start" probe_run "$tag" "$running" "$inactive"
+	out=$(probe_output "$tag")
+	printf '%s\n' "$out"
+	while read -r _ _ verdict name rest; do
+		case $verdict in
+		ok) pass "priv-$tag-$name" ;;
+		FAIL) fail "priv-$tag-${name%:}" "$rest" ;;
+		esac
+	done <<<"$out"
+	# What systemd-run would have run as root, had polkit let it.
+	check "priv-$tag-no-escape" sh -c "[ ! -e /var/lib/probe-escaped ] && [ -z \"\$(systemctl list-units --all --no-legend 'probe-escape-*')\" ]"
+	# The device cgroup allows the inactive slot only.
+	check "priv-$tag-devices" [ "$(devices)" = "$inactive rw" ]
+	check "priv-$tag-connected" wait_for 30 status_matches '^connected'
+}
+
+# probe_run TAG RUNNING INACTIVE: restart the agent with the probe.
+probe_run() {
+	mkdir -p /run/systemd/system/gwagent.service.d
+	cat >/run/systemd/system/gwagent.service.d/probe.conf <<EOT
+[Service]
+Environment=PROBE_TAG=$1 PROBE_RUNNING=$2 PROBE_INACTIVE=$3 PROBE_OTHER=$OTHER_DISK
+ExecStartPre=/bin/bash /mnt/test/probe.sh
+EOT
+	systemctl daemon-reload
+	systemctl restart gwagent.service
+	local rc=$?
+	rm /run/systemd/system/gwagent.service.d/probe.conf
+	systemctl daemon-reload
+	return $rc
+}
+
+probe_output() { journalctl -b -u gwagent.service --no-pager -o cat | grep "^probe $1 "; }
+
+phase_ab_start() {
+echo "=== A/B update: configure abpart"
+# The two slots are loop devices attached outside (nodes made by
+# e2e-boot.sh), the GRUB environment the file /boot/grub/grubenv that the
+# real grub-editenv edits, and the running slot the gwagent.slot= that the
+# stand-in boot loader writes to /run/e2e/cmdline (the container's
+# /proc/cmdline is the host's). The image is unsigned (allowUnsigned: true
+# above): signatures are not what this test is about.
+sed -i -e "s|^  type: simulated\$|  type: abpart\n  abpart:\n    slotA: $SLOT_A\n    slotB: $SLOT_B\n    cmdlinePath: /run/e2e/cmdline\n    bootIdPath: /run/e2e/boot_id\n    bootenv:\n      backend: grub|" \
+	/etc/gwagent/config.yaml
+check ab-config sh -c "grep -qx '  type: abpart' /etc/gwagent/config.yaml && grep -qx '    slotB: $SLOT_B' /etc/gwagent/config.yaml"
+run grep -v -e "^ *#" -e "^$" /etc/gwagent/config.yaml
+run gwagent access --config /etc/gwagent/config.yaml
+run systemctl is-system-running
+run systemctl --failed --no-legend
+probe a "$SLOT_A" "$SLOT_B"
+run getfacl -p "$SLOT_A" "$SLOT_B" "$OTHER_DISK" /boot/grub/grubenv
+
+echo "=== A/B update: write slot B, switch GRUB, reboot through logind"
+now_ms >/mnt/out/ab-t0
+update_out=$(gwctl update "$DEVICE_ID" --uri "$IMAGE_URL" --version "$IMAGE_VERSION" \
+	--sha256 "$IMAGE_SHA256" --size "$IMAGE_SIZE" 2>&1)
+echo "$update_out"
+# Without --watch gwctl prints the update id alone.
+ab_id=$(printf '%s\n' "$update_out" | grep -Ex -m1 '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}')
+check ab-accepted [ -n "$ab_id" ]
+echo "$ab_id" >/mnt/out/ab-update-id
+# The agent writes slot B, reads it back, switches GRUB and asks logind for
+# the reboot: the container reboots, this script ends with it, and the test
+# boots the container again, which goes on with the next stage.
+echo ab-rebooting >"$STAGE"
+touch /run/e2e/expect-reboot
+sleep 180
+fail ab-rebooted "no reboot within 180 s of the update: $(journalctl -u gwagent.service --no-pager -o cat -n 15 | tr '\n' ' ')"
+rm -f "$STAGE" /run/e2e/expect-reboot
+}
+
+phase_ab_after_reboot() {
+echo "=== A/B update: after the reboot"
+rm -f "$STAGE"
+ab_id=$(cat /mnt/out/ab-update-id)
+pass ab-rebooted
+logind_reboot=$(journalctl -b -1 -u systemd-logind.service -o short-unix --no-pager | awk '/System is rebooting/ { print $1; exit }')
+[ -n "$logind_reboot" ] && figure ab_update_to_reboot_s "$(awk -v a="$(cat /mnt/out/ab-t0)" -v b="$logind_reboot" 'BEGIN { printf "%.2f", b - a / 1000 }')"
+run journalctl -b -1 -u gwagent.service --no-pager -o cat -n 40
+# The previous boot, from its journal: the agent wrote the inactive slot,
+# armed the trial and logind (asked by the agent's user, allowed by polkit)
+# rebooted; the agent stopped cleanly on the way down.
+check ab-slot-written sh -c "journalctl -b -1 -u gwagent.service -o cat SLOT=B UPDATE_ID='$ab_id' | grep -q 'writing slot'"
+check ab-trial-armed sh -c "journalctl -b -1 -u gwagent.service -o cat SLOT=B UPDATE_ID='$ab_id' | grep -q 'trial boot armed'"
+check ab-reboot-by-logind sh -c "journalctl -b -1 -u systemd-logind.service -o cat | grep -q 'System is rebooting'"
+check ab-agent-stopped sh -c "journalctl -b -1 -u gwagent.service -o cat | grep -q 'Deactivated successfully'"
+# The stand-in boot loader found the trial armed and booted slot B.
+check ab-trial-boot sh -c "grep -q 'read gw_slot=B upgrade_available=1 bootcount=0' /mnt/out/bootloader.log && grep -q 'booting slot B' /mnt/out/bootloader.log"
+# The agent, back on slot B, checks its health and commits.
+twin_done() { gwctl twin show "$DEVICE_ID" | tr -d ' \n' | grep "\"updateId\":\"$ab_id\"" | grep -q '"firmwareStatus":"completed"'; }
+check ab-completed wait_for 300 twin_done
+boot_start=$(journalctl -b -o short-unix --no-pager | awk 'NR == 1 { print $1 }')
+completed=$(journalctl -b -u gwagent.service -o short-unix --no-pager UPDATE_ID="$ab_id" | awk '/update completed/ { print $1; exit }')
+[ -n "$completed" ] && figure ab_boot_to_completed_s "$(awk -v a="$boot_start" -v b="$completed" 'BEGIN { printf "%.2f", b - a }')"
+check ab-committed-env sh -c 'e=$(grub-editenv /boot/grub/grubenv list); echo "$e" | grep -qx gw_slot=B && echo "$e" | grep -qx upgrade_available=0 && echo "$e" | grep -qx bootcount=0'
+run grub-editenv /boot/grub/grubenv list
+# Root (the operator) still reaches the daemon's control socket.
+check ab-status sh -c 'st=$(gwagent status -o json | tr -d " \n"); echo "$st" | grep -q "\"runningSlot\":\"B\"" && echo "$st" | grep -q "\"committedSlot\":\"B\"" && echo "$st" | grep -q "\"running\":true"'
+run gwagent status
+# Slot B now runs: at the next start the agent is given slot A, and B is
+# taken away.
+probe b "$SLOT_B" "$SLOT_A"
+run getfacl -p "$SLOT_A" "$SLOT_B"
+}
+
+phase_stop() {
 echo "=== stop"
 t0=$(now_ms)
 check stop systemctl stop gwagent.service
@@ -214,8 +385,12 @@ check stopped-exit-0 is_prop ExecMainStatus 0
 check state-kept sh -c '[ -d /var/lib/gwagent ] && [ -n "$(ls -A /var/lib/gwagent)" ]'
 check state-private [ "$(stat -c %a /var/lib/gwagent)" = 700 ]
 run ls -laR /var/lib/gwagent
+}
 
+phase_upgrade() {
 echo "=== upgrade to $VERSION2"
+# No edit of the conffile follows: the upgrade and the removal must keep this.
+config_sum=$(sha256sum /etc/gwagent/config.yaml)
 check restart-before-upgrade systemctl start gwagent.service
 old_pid=$(prop MainPID)
 check upgrade dpkg -i "/mnt/pkg/$PKG2"
@@ -227,8 +402,12 @@ check upgrade-restarted sh -c "[ \"\$(systemctl show -P MainPID gwagent.service)
 check upgrade-active wait_for 10 is_prop ActiveState active
 check upgrade-runs-new-binary sh -c '[ "$(readlink /proc/$(systemctl show -P MainPID gwagent.service)/exe)" = /usr/bin/gwagent ]'
 check upgrade-connected wait_for 30 status_matches '^connected'
+# Slot B runs since the A/B update: the restarted agent is given slot A.
+check upgrade-devices-slot-a [ "$(devices)" = "$SLOT_A rw" ]
 last_pid=$(prop MainPID)
+}
 
+phase_remove() {
 echo "=== remove"
 check remove dpkg -r gwagent
 check removed-stopped sh -c "[ ! -e /proc/$last_pid ] && [ \"\$(systemctl show -P ActiveState gwagent.service)\" = inactive ]"
@@ -236,7 +415,9 @@ check removed-status [ "$(dpkg-query -W -f='${Status}' gwagent)" = "deinstall ok
 check removed-binary-gone [ ! -e /usr/bin/gwagent ]
 check removed-conffile-kept [ "$(sha256sum /etc/gwagent/config.yaml)" = "$config_sum" ]
 check removed-state-kept [ -d /var/lib/gwagent ]
+}
 
+phase_purge() {
 echo "=== purge"
 check purge dpkg -P gwagent
 check purged-status sh -c '! dpkg-query -W -f="\${Status}" gwagent 2>/dev/null | grep -q installed'
@@ -244,6 +425,87 @@ check purged-config-gone [ ! -e /etc/gwagent ]
 check purged-state-gone [ ! -e /var/lib/gwagent ]
 check purged-unit-links-gone sh -c '! ls /etc/systemd/system/*/gwagent.service /etc/systemd/system/gwagent.service /var/lib/systemd/deb-systemd-helper-*/gwagent.service* 2>/dev/null | grep -q .'
 
-journalctl -b --no-pager -o short-monotonic >/mnt/out/journal.txt 2>&1
-journalctl -u gwagent.service --no-pager -o short-monotonic >/mnt/out/gwagent.txt 2>&1
-echo "done" >>"$RESULTS"
+check purged-user-kept getent passwd gwagent
+}
+
+phase_legacy_upgrade() {
+echo "=== upgrade from $VERSION0, which ran the agent as root"
+# The package of the commit before the agent got its own user, with state
+# of its own: an update it completed, as root.
+# A device that never had this version: no gwagent user either.
+check legacy-no-user sh -c 'userdel gwagent && ! getent passwd gwagent && ! getent group gwagent'
+check legacy-install dpkg -i "/mnt/pkg/$PKG0"
+systemctl stop gwagent.service
+systemctl reset-failed gwagent.service 2>/dev/null
+configure legacy-config-edit
+check legacy-start systemctl restart gwagent.service
+check legacy-connected wait_for 30 status_matches '^connected'
+check legacy-runs-as-root sh -c "awk '/^Uid:/ { exit !(\$2 == 0) }' /proc/$(prop MainPID)/status"
+legacy_out=$(gwctl update "$DEVICE_ID" --uri "$IMAGE_URL" --version "$IMAGE_VERSION" \
+	--sha256 "$IMAGE_SHA256" --size "$IMAGE_SIZE" --watch --interval 250ms --timeout 120s 2>&1)
+legacy_rc=$?
+echo "$legacy_out"
+legacy_id=$(printf '%s\n' "$legacy_out" | awk '/^update .* accepted by / { print $2; exit }')
+check legacy-update-completed [ "$legacy_rc" = 0 -a -n "$legacy_id" ]
+run ls -lanR /var/lib/gwagent
+check legacy-state-root-owned sh -c '[ "$(stat -c %U /var/lib/gwagent)" = root ] && [ -n "$(find /var/lib/gwagent -type f -user root -print -quit)" ]'
+# The same probe against the root-run unit: it must find what the issue
+# found, or it would prove nothing about the new one.
+probe_run root "$SLOT_B" "$SLOT_A"
+out=$(probe_output root)
+printf '%s\n' "$out"
+for c in user systemd-run-refused poweroff-refused kernel-write-refused running-slot-write-refused running-slot-read-refused other-disk-write-refused shadow-read-refused; do
+	check "legacy-probe-finds-$c" grep -q "^probe root FAIL $c:" <<<"$out"
+done
+# What the probe managed to do as root.
+systemctl stop probe-escape-root.service 2>/dev/null
+rm -f /var/lib/probe-escaped /boot/probe
+check legacy-probe-connected wait_for 30 status_matches '^connected'
+old_pid=$(prop MainPID)
+
+check legacy-upgrade dpkg -i "/mnt/pkg/$PKG2"
+check legacy-user-created getent passwd gwagent
+check legacy-upgrade-restarted sh -c "[ \"\$(systemctl show -P MainPID gwagent.service)\" != '$old_pid' ]"
+check legacy-upgrade-connected wait_for 30 status_matches '^connected'
+pid=$(prop MainPID)
+check legacy-upgrade-runs-as-gwagent sh -c "awk '/^Uid:/ { exit !(\$2 == $(id -u gwagent)) }' /proc/$pid/status"
+run ls -lanR /var/lib/gwagent
+check legacy-state-handed-over sh -c '[ -z "$(find /var/lib/gwagent ! -user gwagent -print -quit)" ]'
+# The update record of the root-run version is still the agent's.
+check legacy-state-kept sh -c "gwagent status -o json | tr -d ' \n' | grep -q '\"id\":\"$legacy_id\"'"
+check legacy-secret-granted sh -c 'getfacl -cp /etc/gwagent/connection-string | grep -qx "group:gwagent:r--"'
+check legacy-purge dpkg -P gwagent
+}
+
+finish() {
+	journalctl --no-pager -o short-monotonic >/mnt/out/journal.txt 2>&1
+	journalctl -u gwagent.service --no-pager -o short-monotonic >/mnt/out/gwagent.txt 2>&1
+	echo "done" >>"$RESULTS"
+}
+
+case $stage in
+"")
+	phase_install
+	phase_configure
+	phase_offline
+	phase_start
+	phase_update
+	phase_reload
+	phase_watchdog
+	# Returns only if the reboot did not come.
+	phase_ab_start
+	;;
+ab-rebooting)
+	phase_ab_after_reboot
+	;;
+*)
+	fail stage "unknown stage '$stage' in $STAGE"
+	rm -f "$STAGE"
+	;;
+esac
+phase_stop
+phase_upgrade
+phase_remove
+phase_purge
+phase_legacy_upgrade
+finish

@@ -1,0 +1,104 @@
+package config
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// POSIX ACL entry tags and the read permission, as the kernel stores them in
+// the system.posix_acl_access attribute (version 2, then 8-byte entries:
+// tag, permissions, id; little endian).
+const (
+	aclUser     = 0x02
+	aclGroupObj = 0x04
+	aclGroup    = 0x08
+	aclMask     = 0x10
+	aclOther    = 0x20
+	aclRead     = 0x4
+)
+
+// readersBesidesAgent names who, other than the file's owner, root and the
+// agent's own user and group, can read the file at path; empty when nobody
+// can. The agent runs as its own user and the unit's start-up step gives
+// that user's group read access to the secrets with an ACL entry, so the
+// group bits alone cannot tell: with an ACL they are its mask. Errors
+// reading the file's metadata name nobody (the read of the file itself
+// reports them).
+func readersBesidesAgent(path string) string {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return ""
+	}
+	own := func(id uint32, self int) bool { return id == 0 || int(id) == self }
+	euid, egid := os.Geteuid(), os.Getegid()
+	var who []string
+	add := func(kind string, id uint32) { who = append(who, fmt.Sprintf("%s %d", kind, id)) }
+
+	entries, err := readACL(path)
+	if err != nil || len(entries) == 0 {
+		mode := st.Mode
+		if mode&0o040 != 0 && !own(st.Gid, egid) {
+			add("group", st.Gid)
+		}
+		if mode&0o004 != 0 {
+			who = append(who, "others")
+		}
+		return strings.Join(who, ", ")
+	}
+	mask := uint16(0o7)
+	for _, e := range entries {
+		if e.tag == aclMask {
+			mask = e.perm
+		}
+	}
+	for _, e := range entries {
+		switch {
+		case e.tag == aclUser && e.perm&mask&aclRead != 0 && !own(e.id, euid):
+			add("user", e.id)
+		case e.tag == aclGroupObj && e.perm&mask&aclRead != 0 && !own(st.Gid, egid):
+			add("group", st.Gid)
+		case e.tag == aclGroup && e.perm&mask&aclRead != 0 && !own(e.id, egid):
+			add("group", e.id)
+		case e.tag == aclOther && e.perm&aclRead != 0:
+			who = append(who, "others")
+		}
+	}
+	return strings.Join(who, ", ")
+}
+
+type aclEntry struct {
+	tag, perm uint16
+	id        uint32
+}
+
+// readACL returns the file's access ACL; none (nil) when it has only the
+// permission bits.
+func readACL(path string) ([]aclEntry, error) {
+	buf := make([]byte, 256)
+	for {
+		n, err := unix.Getxattr(path, "system.posix_acl_access", buf)
+		switch {
+		case errors.Is(err, unix.ERANGE):
+			buf = make([]byte, 2*len(buf))
+			continue
+		case errors.Is(err, unix.ENODATA), errors.Is(err, unix.EOPNOTSUPP):
+			return nil, nil
+		case err != nil:
+			return nil, err
+		}
+		b := buf[:n]
+		if len(b) < 4 || binary.LittleEndian.Uint32(b) != 2 || (len(b)-4)%8 != 0 {
+			return nil, fmt.Errorf("%s: unknown ACL format", path)
+		}
+		var out []aclEntry
+		for b = b[4:]; len(b) >= 8; b = b[8:] {
+			out = append(out, aclEntry{tag: binary.LittleEndian.Uint16(b), perm: binary.LittleEndian.Uint16(b[2:]), id: binary.LittleEndian.Uint32(b[4:])})
+		}
+		return out, nil
+	}
+}

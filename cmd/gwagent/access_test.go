@@ -1,0 +1,61 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/gwagent/gwagent/agent/config"
+)
+
+// TestAccess: `gwagent access` lists, for the unit's start-up step, the
+// secrets, the inactive slot and the environment to grant, the running slot
+// to deny and the state directory, one "kind path" a line.
+func TestAccess(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cs := write("connection-string", "HostName=h.example;DeviceId=d;SharedAccessKey=a2V5\n")
+	slotA, slotB := write("a.img", "a"), write("b.img", "b")
+	cmdline := write("cmdline", "root=/dev/vda2 gwagent.slot=B\n")
+	env := write("grubenv", "")
+	cfg := write("config.yaml", `hub:
+  connectionStringFile: `+cs+`
+stateDir: `+filepath.Join(dir, "state")+`
+installer:
+  type: abpart
+  abpart:
+    slotA: `+slotA+`
+    slotB: `+slotB+`
+    slotType: file
+    cmdlinePath: `+cmdline+`
+    bootenv:
+      backend: grub
+      grub:
+        envFile: `+env+`
+`)
+	out, err := execute(context.Background(), "access", "--config", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "read " + cs + "\nwrite " + slotA + "\nwrite " + env + "\ndeny " + slotB + "\nstate " + filepath.Join(dir, "state") + "\n"
+	if out != want {
+		t.Fatalf("gwagent access printed\n%s\nwant\n%s", out, want)
+	}
+
+	// The configuration error the agent would stop on (exit status 78).
+	if err := os.Remove(cs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := execute(context.Background(), "access", "--config", cfg); !errors.Is(err, config.ErrConfig) || !strings.Contains(err.Error(), "hub.connectionStringFile") {
+		t.Fatalf("access without the connection string = %v, want a config error naming the key", err)
+	}
+}
