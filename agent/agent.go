@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -214,7 +212,7 @@ func New(opts Options) (*Agent, error) {
 	a.manager, err = firmware.NewManager(firmware.Config{
 		StateDir:        filepath.Join(cfg.StateDir, firmwareDir),
 		Installer:       built.Installer,
-		Observer:        a.reporter.Observe,
+		Observer:        a.observeUpdate,
 		Log:             log.Named("firmware"),
 		HTTPClient:      client,
 		CurrentVersion:  cfg.CurrentVersion,
@@ -230,61 +228,6 @@ func New(opts Options) (*Agent, error) {
 	a.acker = writable.New(a.queue, reservedReported, log.Named("desired"))
 	a.acker.Register("logLevel", a.logLevelProperty())
 	return a, nil
-}
-
-// downloadClient trusts the system roots plus hub.caFile, so images served
-// next to a local hub (same CA) download as well as those on the Internet.
-// Without hub.caFile it uses Go's shared system pool as is. With it, the
-// combined pool (a copy of every system root, a few MB) is only built by the
-// first download: an idle agent does not hold it.
-func downloadClient(caFile string) (*http.Client, error) {
-	var extra []byte
-	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("agent: hub.caFile: %w", err)
-		}
-		extra = pem
-	}
-	newTransport := func() *http.Transport {
-		var roots *x509.CertPool // nil: the system roots
-		if extra != nil {
-			var err error
-			if roots, err = x509.SystemCertPool(); err != nil || roots == nil {
-				roots = x509.NewCertPool()
-			}
-			roots.AppendCertsFromPEM(extra)
-		}
-		return firmware.NewTransport(newTLSConfig(roots))
-	}
-	if extra == nil {
-		return &http.Client{Transport: newTransport()}, nil
-	}
-	return &http.Client{Transport: &lazyTransport{build: newTransport}}, nil
-}
-
-// lazyTransport builds its transport on the first request.
-type lazyTransport struct {
-	once  sync.Once
-	build func() *http.Transport
-	tr    *http.Transport // set once by once
-}
-
-func (l *lazyTransport) get() *http.Transport {
-	l.once.Do(func() { l.tr = l.build() })
-	return l.tr
-}
-
-func (l *lazyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	return l.get().RoundTrip(r)
-}
-
-// CloseIdleConnections lets http.Client.CloseIdleConnections reach the
-// transport.
-func (l *lazyTransport) CloseIdleConnections() { l.get().CloseIdleConnections() }
-
-func newTLSConfig(roots *x509.CertPool) *tls.Config {
-	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}
 }
 
 func (a *Agent) config() *config.Config {

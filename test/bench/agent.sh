@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # test/bench/agent.sh: the daemon figures of `make bench`, measured in one
-# run (about 3 minutes), each next to a baseline from the same run:
+# run (about 4 minutes), each next to a baseline from the same run:
 #
 #   1. gwagent's idle VmRSS/VmHWM after BENCH_IDLE seconds connected to a
 #      local hub on loopback, next to the Debian mender-client 3.4 daemon
 #      idling on the same machine (a temporary configuration pointed at a
-#      closed port on 127.0.0.1; never the system service).
+#      closed port on 127.0.0.1; never the system service). Then, after the
+#      idle window of 3. and at least 2m5s after the connection (the
+#      runtime's periodic collection), a soak of BENCH_UPDATES updates of a
+#      BENCH_IMAGE_MIB image one after another: VmRSS after the first and
+#      after the last (each read BENCH_SETTLE seconds after it completed),
+#      as a ratio to the idle VmRSS and to the VmRSS just before the soak.
 #   2. The stripped binary size (-trimpath -ldflags '-s -w'), next to
 #      /usr/bin/mender.
 #   3. CPU time (utime+stime) and context switches over BENCH_WINDOW seconds
@@ -19,6 +24,7 @@
 #      interleaved baseline).
 #
 # Knobs (environment): BENCH_IDLE (60), BENCH_WINDOW (60), BENCH_CALLS (200),
+# BENCH_UPDATES (30; 0 skips the soak), BENCH_IMAGE_MIB (32), BENCH_SETTLE (5),
 # BENCH_AGENT_ENV (extra KEY=VALUE,… for gwagent, for experiments),
 # BENCH_NO_MENDER=1 (skip the baseline daemon), GO, BUILD.
 set -euo pipefail
@@ -30,7 +36,11 @@ out=${BUILD:-$root/build}/bench
 idle=${BENCH_IDLE:-60}
 window=${BENCH_WINDOW:-60}
 calls=${BENCH_CALLS:-200}
-run_timeout=$((idle + window + 240)) # seconds; the program bounds itself too
+updates=${BENCH_UPDATES:-30}
+image_mib=${BENCH_IMAGE_MIB:-32}
+settle=${BENCH_SETTLE:-5}
+soak_at=$((idle + window > 125 ? idle + window : 125)) # seconds after the connection
+run_timeout=$((soak_at + 20 * updates + 2 * settle + 240)) # seconds; the program bounds itself too
 
 die() { echo "bench-agent: $*" >&2; exit 1; }
 log() { echo "bench-agent: $*" >&2; }
@@ -60,9 +70,10 @@ mkdir -p "$out"
 (cd "$root" && CGO_ENABLED=0 "$GO" build -trimpath -ldflags '-s -w' -o "$out/gwagent" ./cmd/gwagent)
 (cd "$root" && "$GO" build -trimpath -o "$out/agentbench" ./test/bench/agent)
 
-log "measuring (about $((idle + window + 30)) s)"
+log "measuring (about $((soak_at + 3 * updates + 2 * settle + 30)) s)"
 timeout --kill-after=10 "$run_timeout" "$out/agentbench" -gwagent "$out/gwagent" -mender "$mender_bin" \
 	-strace "$(command -v strace)" -idle "${idle}s" -window "${window}s" -calls "$calls" \
+	-updates "$updates" -image-size "$((image_mib << 20))" -settle "${settle}s" \
 	-agent-env "${BENCH_AGENT_ENV:-}"
 
 log "twin patch queue"

@@ -35,6 +35,9 @@ type options struct {
 	agentEnv  string
 	keep      bool
 	noLatency bool
+	updates   int
+	imageSize int64
+	settle    time.Duration
 }
 
 func main() {
@@ -49,14 +52,18 @@ func main() {
 	flag.StringVar(&o.agentEnv, "agent-env", "", "extra environment for gwagent, comma-separated KEY=VALUE (experiments: GOGC, GOMEMLIMIT, GODEBUG)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary folder (logs, traces)")
 	flag.BoolVar(&o.noLatency, "no-latency", false, "skip the method latency measurement")
+	flag.IntVar(&o.updates, "updates", 30, "updates run one after another for the memory soak (0: none)")
+	flag.Int64Var(&o.imageSize, "image-size", 32<<20, "bytes of the soak's image")
+	flag.DurationVar(&o.settle, "settle", 5*time.Second, "wait after an update before its memory is read")
 	flag.Parse()
 	if o.gwagent == "" {
 		fmt.Fprintln(os.Stderr, "agentbench: -gwagent is required")
 		os.Exit(2)
 	}
-	// The whole run is bounded: idle + window + the latency series, with
-	// room for start-up and a slow machine.
-	limit := o.idle + o.window + 3*time.Minute
+	// The whole run is bounded: idle + window (or the wait for a steady
+	// idle) + the soak (at most 20 s an update, two settles) + the latency
+	// series, with room for start-up and a slow machine.
+	limit := max(o.idle+o.window, steadyAfter) + 3*time.Minute + time.Duration(o.updates)*20*time.Second + 2*o.settle
 	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	if err := run(ctx, o); err != nil {
@@ -189,6 +196,18 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	res.window = o.window
 
+	// The soak comes after the idle measurements (they see an agent that
+	// never updated) and before the latency series (its update would count
+	// as the first).
+	if o.updates > 0 {
+		logf("memory soak: %d updates of a %s image", o.updates, mib(o.imageSize/1024))
+		s, err := runSoak(ctx, svc, agent, connected, o)
+		if err != nil {
+			return err
+		}
+		res.soak = &s
+	}
+
 	if !o.noLatency {
 		logf("method latency: %d calls per series", o.calls)
 		res.latency, err = measureLatency(ctx, svc, o)
@@ -314,7 +333,8 @@ func tail(file string) string {
 
 // startAgent runs gwagent with the shipped defaults except what the local
 // hub needs (address, CA) and a simulated installer that starts
-// downloading at once.
+// downloading at once and downloads as fast as the image server sends
+// (the default paces a declared size over 15 s).
 func startAgent(ctx context.Context, o options, dir, connString string, h *hub.Hub) (*proc, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "state"), 0o700); err != nil {
 		return nil, err
@@ -327,6 +347,7 @@ func startAgent(ctx context.Context, o options, dir, connString string, h *hub.H
   type: simulated
   simulated:
     waitBeforeDownload: 0s
+    download: 0s
     apply: 1s
 log:
   format: json

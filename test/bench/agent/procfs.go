@@ -272,6 +272,7 @@ type results struct {
 	trace                 *traceSummary
 	latency               latency
 	agentSize, menderSize int64
+	soak                  *soak
 }
 
 func mib(kib int64) string { return fmt.Sprintf("%.1f MiB", float64(kib)/1024) }
@@ -306,6 +307,27 @@ func (r results) print(w io.Writer, o options) {
 	p("     where gwagent's VmRSS is (smaps): binary text %s, binary rodata+pclntab %s, binary data %s, anonymous (Go heap, stacks, runtime) %s",
 		mib(r.agentMem.text), mib(r.agentMem.rodata), mib(r.agentMem.data), mib(r.agentMem.anonMaps))
 	p("     goal: gwagent VmRSS < 15 MB     %s (%s = %s)", verdict(r.agentMem.rss*1024 < 15e6), mb(r.agentMem.rss), mib(r.agentMem.rss))
+	if s := r.soak; s != nil {
+		idle, steady := float64(r.agentMem.rss), float64(s.before.rss)
+		p("")
+		p("     back to idle after updates: %d updates of a %s image one after another (loopback server, simulated installer,",
+			s.updates, mib(s.imageSize/1024))
+		p("     each watched to completed on the twin; %.1f s per update), memory read %s after the first and the last",
+			s.took.Seconds()/float64(s.updates), s.settle)
+		p("     %-40s %10s %10s %10s %8s %14s", "gwagent", "VmRSS", "RssAnon", "VmHWM", "x idle", "x idle before")
+		mrow := func(name string, m memSample) {
+			p("     %-40s %10s %10s %10s %8.2f %14.2f", name, mib(m.rss), mib(m.anon), mib(m.hwm),
+				float64(m.rss)/idle, float64(m.rss)/steady)
+		}
+		mrow(fmt.Sprintf("idle (section 1, %s connected)", r.idle), r.agentMem)
+		mrow(fmt.Sprintf("idle before the updates (%s)", s.beforeAt.Round(time.Second)), s.before)
+		mrow("after 1 update", s.after1)
+		mrow(fmt.Sprintf("after %d updates", s.updates), s.afterN)
+		worst := float64(max(s.after1.rss, s.afterN.rss))
+		p("     goal: back within 10 %% of idle    %s (worst %.2f x idle; %.2f x idle before the updates, which has been",
+			verdict(worst <= 1.1*idle), worst/idle, worst/steady)
+		p("     through the runtime's periodic collection that section 1 has not seen yet)")
+	}
 	p("")
 	p("  2. stripped binary size (-trimpath -ldflags '-s -w')")
 	p("     gwagent                        %s (%d bytes)", mib(r.agentSize/1024), r.agentSize)
