@@ -80,8 +80,9 @@ log "twin patch queue"
 twin=$(cd "$root" && timeout 300 "$GO" test -run '^$' -bench Report -benchmem ./twin/) || die "twin benchmark failed: $twin"
 cat <<EOF
 
-  5. twin patch queue (go test -bench Report ./twin/): each patch validated, coalesced and
-     persisted (renameio + directory fsync) before Report returns, so enqueued = persisted
+  5. twin patch queue (go test -bench Report ./twin/): each patch validated and coalesced;
+     a milestone is persisted (renameio + directory fsync) before Report returns, progress
+     is kept in memory (the interleaved series times milestones against a bare durable write)
 $(grep -E '^Benchmark' <<<"$twin" | awk '{
 	name = $1; sub(/-[0-9]+$/, "", name); ps = ""; x = ""
 	for (i = 2; i < NF; i++) { if ($(i+1) == "patches/s") ps = $i; if ($(i+1) == "x-baseline") x = $i }
