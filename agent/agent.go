@@ -104,21 +104,13 @@ func New(opts Options) (*Agent, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	level := opts.Level
-	if level == (zap.AtomicLevel{}) {
-		level = zap.NewAtomicLevel()
-	}
-	notifier := opts.Notifier
-	if notifier == nil {
-		notifier = Systemd{}
-	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("agent: state directory: %w", err)
 	}
 	a := &Agent{
 		log:         log.Named("agent"),
-		level:       level,
-		notifier:    notifier,
+		level:       opts.Level,
+		notifier:    opts.Notifier,
 		cfg:         cfg,
 		rebootCh:    make(chan struct{}, 1),
 		kick:        make(chan struct{}, 1),
@@ -126,6 +118,12 @@ func New(opts Options) (*Agent, error) {
 		probeStatus: make(chan chan struct{}),
 		probeReboot: make(chan chan struct{}),
 		online:      make(chan struct{}),
+	}
+	if a.level == (zap.AtomicLevel{}) {
+		a.level = zap.NewAtomicLevel()
+	}
+	if a.notifier == nil {
+		a.notifier = Systemd{}
 	}
 
 	built := opts.Installer
@@ -145,7 +143,31 @@ func New(opts Options) (*Agent, error) {
 	a.router.Handle("reboot", a.handleReboot)
 
 	var err error
-	a.session, err = session.New(session.Config{
+	if a.session, err = a.newSession(cfg, log); err != nil {
+		return nil, err
+	}
+	if a.queue, err = a.openQueue(cfg, log); err != nil {
+		return nil, err
+	}
+	a.reporter = report.New(a.queue, report.Options{
+		MinInterval:    cfg.Report.MinInterval,
+		MinPercentStep: cfg.Report.MinPercentStep,
+		Log:            log.Named("report"),
+		OnProgress:     func(firmware.Progress) { a.kickStatus() },
+	})
+	a.health = a.newHealth(cfg, opts.Systemd, log)
+	if a.manager, err = a.newManager(cfg, opts.HTTPClient, built.Installer, log); err != nil {
+		_ = a.queue.Close()
+		return nil, err
+	}
+	a.acker = writable.New(a.queue, reservedReported, log.Named("desired"))
+	a.acker.Register("logLevel", a.logLevelProperty())
+	return a, nil
+}
+
+// newSession is the hub session, handing direct methods to the router.
+func (a *Agent) newSession(cfg *config.Config, log *zap.Logger) (*session.Session, error) {
+	s, err := session.New(session.Config{
 		Conn:           cfg.Hub.ConnectionString,
 		Address:        cfg.Hub.Address,
 		RootCAs:        cfg.Hub.RootCAs,
@@ -165,8 +187,12 @@ func New(opts Options) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
+	return s, nil
+}
 
-	a.queue, err = twin.OpenQueue(twin.QueueOptions{
+// openQueue opens the reported-patch queue, published through the session.
+func (a *Agent) openQueue(cfg *config.Config, log *zap.Logger) (*twin.Queue, error) {
+	q, err := twin.OpenQueue(twin.QueueOptions{
 		Dir:            filepath.Join(cfg.StateDir, queueDir),
 		MinBackoff:     cfg.Hub.MinRetryDelay,
 		MaxBackoff:     cfg.Hub.MaxRetryDelay,
@@ -180,19 +206,15 @@ func New(opts Options) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: open the reported-patch queue: %w", err)
 	}
+	return q, nil
+}
 
-	a.reporter = report.New(a.queue, report.Options{
-		MinInterval:    cfg.Report.MinInterval,
-		MinPercentStep: cfg.Report.MinPercentStep,
-		Log:            log.Named("report"),
-		OnProgress:     func(firmware.Progress) { a.kickStatus() },
-	})
-
-	sd := opts.Systemd
+// newHealth is the verdict that gates the commit of a trial boot.
+func (a *Agent) newHealth(cfg *config.Config, sd health.Systemd, log *zap.Logger) *health.Checker {
 	if sd == nil {
 		sd = health.BootedSystemd()
 	}
-	a.health = health.New(health.Config{
+	return health.New(health.Config{
 		Timeout:     cfg.Update.HealthTimeout,
 		Online:      a.online,
 		Acked:       a.queue.Flush,
@@ -201,17 +223,20 @@ func New(opts Options) (*Agent, error) {
 		Units:       cfg.Update.HealthUnits,
 		Log:         log.Named("health"),
 	})
+}
 
-	client := opts.HTTPClient
+// newManager opens the update state machine over the installer; client nil
+// means the agent's own download client.
+func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmware.Installer, log *zap.Logger) (*firmware.Manager, error) {
 	if client == nil {
+		var err error
 		if client, err = downloadClient(cfg.Hub.CAFile); err != nil {
-			_ = a.queue.Close()
 			return nil, err
 		}
 	}
-	a.manager, err = firmware.NewManager(firmware.Config{
+	m, err := firmware.NewManager(firmware.Config{
 		StateDir:        filepath.Join(cfg.StateDir, firmwareDir),
-		Installer:       built.Installer,
+		Installer:       inst,
 		Observer:        a.observeUpdate,
 		Log:             log.Named("firmware"),
 		HTTPClient:      client,
@@ -221,13 +246,9 @@ func New(opts Options) (*Agent, error) {
 		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
 	})
 	if err != nil {
-		_ = a.queue.Close()
 		return nil, fmt.Errorf("agent: open the update state: %w", err)
 	}
-
-	a.acker = writable.New(a.queue, reservedReported, log.Named("desired"))
-	a.acker.Register("logLevel", a.logLevelProperty())
-	return a, nil
+	return m, nil
 }
 
 func (a *Agent) config() *config.Config {
@@ -245,18 +266,7 @@ func (a *Agent) Session() *session.Session { return a.session }
 func (a *Agent) Run(ctx context.Context) error {
 	cfg := a.config()
 	info := buildinfo.Get()
-	st := a.manager.Status()
-	if !st.Busy {
-		st.CurrentVersion = a.currentVersion(ctx, st.CurrentVersion)
-	}
-	// agent.health is reported while a problem lasts (saveHealthLoop); a
-	// start clears what an earlier run left.
-	if err := a.reporter.Startup(st, time.Now(), map[string]any{
-		"agent": map[string]any{"version": info.Version, "installer": cfg.Installer.Type,
-			"startedAt": time.Now().UTC().Format(report.TimeFormat), "health": nil},
-	}); err != nil {
-		a.log.Error("cannot queue the start-up report", zap.Error(err))
-	}
+	a.reportStartup(ctx, cfg, info)
 
 	// Each part has its own context so the stop can be done in order.
 	mctx, stopManager := context.WithCancel(context.Background())
@@ -319,18 +329,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.log.Warn("firmware state machine did not stop in time")
 	}
 	a.reporter.Close()
-	if a.session.Health().Connected {
-		fctx, cancel := context.WithDeadline(context.Background(), deadline)
-		if err := a.queue.Flush(fctx); err != nil {
-			a.log.Warn("stopping with reported state changes not delivered; they are kept for the next start",
-				zap.Int("pending", a.queue.Durable()), zap.Error(err))
-		}
-		cancel()
-	} else if n := a.queue.Durable(); n > 0 {
-		// Offline: waiting cannot deliver them; the next start will (and
-		// re-states the progress, which is not kept).
-		a.log.Info("offline: reported state changes kept for the next start", zap.Int("pending", n))
-	}
+	a.flushOnStop(deadline)
 	stopBackground()
 	stopQueue()
 	stopSession()
@@ -342,6 +341,42 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("stopped")
 	return runErr
+}
+
+// reportStartup queues the start-up report: the agent and the current or
+// last update as they are.
+func (a *Agent) reportStartup(ctx context.Context, cfg *config.Config, info buildinfo.Info) {
+	st := a.manager.Status()
+	if !st.Busy {
+		st.CurrentVersion = a.currentVersion(ctx, st.CurrentVersion)
+	}
+	// agent.health is reported while a problem lasts (saveHealthLoop); a
+	// start clears what an earlier run left.
+	if err := a.reporter.Startup(st, time.Now(), map[string]any{
+		"agent": map[string]any{"version": info.Version, "installer": cfg.Installer.Type,
+			"startedAt": time.Now().UTC().Format(report.TimeFormat), "health": nil},
+	}); err != nil {
+		a.log.Error("cannot queue the start-up report", zap.Error(err))
+	}
+}
+
+// flushOnStop delivers, until deadline, what the queue holds while the hub
+// is there; what it cannot deliver stays on disk for the next start.
+func (a *Agent) flushOnStop(deadline time.Time) {
+	if !a.session.Health().Connected {
+		if n := a.queue.Durable(); n > 0 {
+			// Offline: waiting cannot deliver them; the next start will (and
+			// re-states the progress, which is not kept).
+			a.log.Info("offline: reported state changes kept for the next start", zap.Int("pending", n))
+		}
+		return
+	}
+	fctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	if err := a.queue.Flush(fctx); err != nil {
+		a.log.Warn("stopping with reported state changes not delivered; they are kept for the next start",
+			zap.Int("pending", a.queue.Durable()), zap.Error(err))
+	}
 }
 
 // currentVersion asks the installer (when it knows) which version runs; the
