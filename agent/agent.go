@@ -86,6 +86,7 @@ type Agent struct {
 	probeStatus   chan chan struct{}
 	probeReboot   chan chan struct{}
 	managerAlive  atomic.Bool
+	held          *heldSink // firmware.error while the update is held (held.go)
 
 	onlineOnce sync.Once
 	online     chan struct{} // closed at the first connect
@@ -176,7 +177,8 @@ func New(opts Options) (*Agent, error) {
 		return nil, fmt.Errorf("agent: open the reported-patch queue: %w", err)
 	}
 
-	a.reporter = report.New(a.queue, report.Options{
+	a.held = &heldSink{next: a.queue, log: log.Named("report")}
+	a.reporter = report.New(a.held, report.Options{
 		MinInterval:    cfg.Report.MinInterval,
 		MinPercentStep: cfg.Report.MinPercentStep,
 		Log:            log.Named("report"),
@@ -207,7 +209,7 @@ func New(opts Options) (*Agent, error) {
 	a.manager, err = firmware.NewManager(firmware.Config{
 		StateDir:        filepath.Join(cfg.StateDir, firmwareDir),
 		Installer:       built.Installer,
-		Observer:        a.reporter.Observe,
+		Observer:        a.observeFirmware,
 		Log:             log.Named("firmware"),
 		HTTPClient:      client,
 		CurrentVersion:  cfg.CurrentVersion,

@@ -86,7 +86,8 @@ func (a *Agent) StatusLine() string {
 	return a.session.Health().Describe(time.Now()) + "; " + updateLine(a.manager.Status())
 }
 
-func updateLine(st firmware.Status) string {
+// updateStage is the update's stage for the status line (updateLine).
+func updateStage(st firmware.Status) string {
 	if !st.Busy {
 		return "idle"
 	}

@@ -217,7 +217,12 @@ type Progress struct {
 	Percent        int   // 0-100, -1 if unknown
 	Slot           string
 	Err            *UpdateError // nil unless Phase is failed or rolledBack
-	Time           time.Time
+	// Problem is why a running update is held back for now, nil when
+	// nothing holds it: a state file cannot be written (code
+	// CodeStateNotSaved; the message names the file, the cause and what
+	// waits). The update goes on by itself once the write succeeds.
+	Problem *UpdateError
+	Time    time.Time
 }
 
 // UpdateError says why an update failed or was rolled back. Code is stable
@@ -246,4 +251,8 @@ const (
 	CodeUpdateLoop         = "updateLoop"
 	CodeUnsupported        = "unsupported"
 	CodeInternal           = "internal"
+	// CodeStateNotSaved is Progress.Problem's code: the update record or
+	// the download checkpoint cannot be written (a full or read-only
+	// state disk); the update is held, not ended.
+	CodeStateNotSaved = "stateNotSaved"
 )
