@@ -215,6 +215,7 @@ func New(opts Options) (*Agent, error) {
 		CurrentVersion:  cfg.CurrentVersion,
 		HealthCheck:     a.healthCheck,
 		DownloadTimeout: cfg.Update.DownloadTimeout,
+		AllowedHosts:    cfg.Update.AllowedHosts,
 		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
 	})
 	if err != nil {

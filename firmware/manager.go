@@ -90,6 +90,13 @@ type Config struct {
 	// MaxTransitions caps persisted phase changes and resumes of one update
 	// (default 32), so a boot loop never becomes an update loop.
 	MaxTransitions int
+	// AllowedHosts, when not empty, are the only hosts images and
+	// signatures are downloaded from: host names, IP addresses, or
+	// "*.example.com" for any name below example.com (ValidHostPattern).
+	// Start refuses a request naming another host, and a download refuses a
+	// redirect to one. Whatever the list, a redirect from https to http is
+	// refused.
+	AllowedHosts []string
 
 	// writeFile replaces a state file (atomicfile.WriteFile when nil);
 	// the package's tests set it to make the disk look full.
@@ -158,6 +165,7 @@ type Manager struct {
 	cfg   Config
 	log   *zap.Logger
 	store store
+	hosts hostPatterns  // Config.AllowedHosts
 	wake  chan struct{} // capacity 1: Start tells Run there is work
 
 	mu      sync.Mutex // guards rec, last, started, readBack, backRead and problem*
@@ -199,6 +207,16 @@ func NewManager(cfg Config) (*Manager, error) {
 			return nil, fmt.Errorf("firmware: Config.Signatures: %w", err)
 		}
 	}
+	hosts, err := newHostPatterns(cfg.AllowedHosts)
+	if err != nil {
+		return nil, fmt.Errorf("firmware: Config.AllowedHosts: %w", err)
+	}
+	m.hosts = hosts
+	// A copy of the client with the redirect policy: the caller's stays as
+	// it is (the transport is shared).
+	hc := *cfg.HTTPClient
+	hc.CheckRedirect = m.checkRedirect(cfg.HTTPClient.CheckRedirect)
+	m.cfg.HTTPClient = &hc
 	var rec record
 	ok, err := m.store.readJSON(recordFile, &rec)
 	if err != nil {
@@ -246,6 +264,8 @@ func (m *Manager) Start(req Request) (string, error) {
 		if f, ok := inst.(Fetcher); !ok || !f.Fetches(req.URI) {
 			return "", invalid("fwPackageUri %q: only http:// and https:// URLs are supported", redactURI(req.URI))
 		}
+	} else if err := m.checkHost("fwPackageUri", req.URI); err != nil {
+		return "", err
 	}
 	if p := m.cfg.Signatures; p != nil {
 		if err := p.Preflight(req.SignatureURI != ""); err != nil {
@@ -253,6 +273,11 @@ func (m *Manager) Start(req Request) (string, error) {
 		}
 		if req.SignatureURI != "" && !isHTTP(req.SignatureURI) {
 			return "", invalid("signatureUri %q: only http:// and https:// URLs are supported", redactURI(req.SignatureURI))
+		}
+		if req.SignatureURI != "" {
+			if err := m.checkHost("signatureUri", req.SignatureURI); err != nil {
+				return "", err
+			}
 		}
 	}
 	if c, ok := inst.(Checker); ok {

@@ -394,16 +394,18 @@ func parseContentRange(v string) (start, total int64, ok bool) {
 }
 
 // permanentNetError reports failures that retrying cannot fix: bad
-// certificates, talking TLS to a plain port, unsupported schemes.
+// certificates, talking TLS to a plain port, unsupported schemes, refused
+// redirects.
 func permanentNetError(err error) bool {
 	var (
+		rdir *RedirectError
 		verr *tls.CertificateVerificationError
 		uerr x509.UnknownAuthorityError
 		herr x509.HostnameError
 		cerr x509.CertificateInvalidError
 		rerr tls.RecordHeaderError
 	)
-	if errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) ||
+	if errors.As(err, &rdir) || errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) ||
 		errors.As(err, &cerr) || errors.As(err, &rerr) {
 		return true
 	}
