@@ -153,7 +153,7 @@ func TestAllowedHosts(t *testing.T) {
 	}
 	testutil.Eventually(t, 30*time.Second, "the second update to end", func() bool {
 		st := m.Status()
-		return st.UpdateID == id && !st.Busy
+		return st.UpdateID == id && st.Phase.Terminal()
 	})
 	if st := m.Status(); st.Phase != firmware.PhaseCompleted {
 		t.Fatalf("download from an allowed host ended %s %+v", st.Phase, st.Err)
