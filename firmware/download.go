@@ -59,7 +59,9 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 	st.hold = hold
 	err = st.run(ctx, u)
 	if err != nil {
-		if ctx.Err() != nil && errors.Is(context.Cause(ctx), context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+		var gu *giveUpError
+		if ctx.Err() != nil && errors.Is(context.Cause(ctx), context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && !errors.As(err, &gu) {
+			// A Fetcher's download (an HTTP one says it in giveUpError).
 			err = coded(CodeDownload, fmt.Errorf("download: did not finish within %s: %w", m.cfg.DownloadTimeout, err))
 		}
 		return st.cp, err
