@@ -85,6 +85,7 @@ type Agent struct {
 	probeStatus   chan chan struct{}
 	probeReboot   chan chan struct{}
 	managerAlive  atomic.Bool
+	held          *heldSink // firmware.error while the update is held (held.go)
 
 	onlineOnce sync.Once
 	online     chan struct{} // closed at the first connect
@@ -149,7 +150,8 @@ func New(opts Options) (*Agent, error) {
 	if a.queue, err = a.openQueue(cfg, log); err != nil {
 		return nil, err
 	}
-	a.reporter = report.New(a.queue, report.Options{
+	a.held = &heldSink{next: a.queue, log: log.Named("report")}
+	a.reporter = report.New(a.held, report.Options{
 		MinInterval:    cfg.Report.MinInterval,
 		MinPercentStep: cfg.Report.MinPercentStep,
 		Log:            log.Named("report"),
@@ -243,6 +245,7 @@ func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmwar
 		CurrentVersion:  cfg.CurrentVersion,
 		HealthCheck:     a.healthCheck,
 		DownloadTimeout: cfg.Update.DownloadTimeout,
+		AllowedHosts:    cfg.Update.AllowedHosts,
 		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
 	})
 	if err != nil {

@@ -10,7 +10,7 @@ import (
 // progress into reported patches; then, when the update has ended or is
 // about to reboot the device, the memory it used goes back to the OS.
 func (a *Agent) observeUpdate(p firmware.Progress) {
-	a.reporter.Observe(p)
+	a.observeFirmware(p)
 	if updateEnded(p) {
 		// An update allocates a few hundred KB to a few MB (download and
 		// decode buffers, TLS, hashing, patches) that become garbage when

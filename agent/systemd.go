@@ -87,7 +87,8 @@ func (a *Agent) StatusLine() string {
 	return a.session.Health().Describe(time.Now()) + "; " + updateLine(a.manager.Status()) + a.queueLine()
 }
 
-func updateLine(st firmware.Status) string {
+// updateStage is the update's stage for the status line (updateLine).
+func updateStage(st firmware.Status) string {
 	if !st.Busy {
 		return "idle"
 	}

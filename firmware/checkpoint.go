@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"sync"
 )
 
 // checkpoint is the persisted download position. Offset bytes of the
@@ -91,6 +92,19 @@ func (s *streamer) snapshot(done bool) (checkpoint, error) {
 	return s.cp, nil
 }
 
+// noteSaves reports whether the syncer could write its last checkpoint: a
+// failure is a problem (the download goes on, see hold.go), a success
+// after one clears it.
+func (s *streamer) noteSaves() {
+	saved, err := s.sy.saveState()
+	if err == nil {
+		s.m.clearProblem()
+		return
+	}
+	s.m.setProblem(checkpointFile, err,
+		fmt.Sprintf("the download goes on, and would resume from byte %d if the agent restarted", saved))
+}
+
 // handOff gives the syncer a checkpoint at the current offset. The hand-off
 // waits while the syncer is still busy with the previous one: that is the
 // back-pressure which keeps the written bytes at most two checkpoint
@@ -103,6 +117,7 @@ func (s *streamer) handOff() error {
 			return err
 		}
 	}
+	s.noteSaves()
 	cp, err := s.snapshot(false)
 	if err != nil {
 		return err
@@ -119,7 +134,7 @@ func (s *streamer) handOff() error {
 }
 
 // finish waits for the syncer, then makes the whole image durable and
-// records the final checkpoint.
+// takes the final checkpoint (saveFinal writes it).
 func (s *streamer) finish() error {
 	if err := s.sy.stop(); err != nil {
 		return err
@@ -134,10 +149,17 @@ func (s *streamer) finish() error {
 	if err != nil {
 		return err
 	}
-	if err := s.m.store.writeJSON(checkpointFile, cp); err != nil {
-		return persistError{err}
-	}
+	s.final = cp
 	return nil
+}
+
+// saveFinal records the final checkpoint, the last thing a download does.
+// One that cannot be written holds the finished download (hold.go) until
+// it can, or until the Manager stops: not until the download's budget
+// runs out, which is for the transfer.
+func (s *streamer) saveFinal() error {
+	return s.m.save(s.hold, checkpointFile, "the finished download waits for its checkpoint to be saved, and retries",
+		func() error { return s.m.store.writeJSON(checkpointFile, s.final) })
 }
 
 // syncer makes checkpoints durable off the streaming goroutine, so that the
@@ -151,6 +173,11 @@ func (s *streamer) finish() error {
 // A compressed download is synced and read back the same way, but its
 // checkpoints are not persisted: the decoder's state cannot be saved, so
 // it could not resume from them (resumePoint would discard them).
+//
+// A checkpoint file that cannot be written does not stop the syncer: the
+// one on disk stays valid (it names fewer bytes than are durable), the
+// next checkpoint tries again, and the streamer reports the failure
+// (saveState).
 type syncer struct {
 	sink  Sink
 	store store
@@ -161,10 +188,15 @@ type syncer struct {
 	done    chan struct{} // closed when run returns
 	err     error         // why run stopped early; read after done is closed
 	stopped bool          // stop was called (used by the streaming goroutine only)
+
+	mu      sync.Mutex // guards saveErr and saved
+	saveErr error      // why the last checkpoint file could not be written; nil after a success
+	saved   int64      // Offset of the last checkpoint on disk: where a restart resumes
 }
 
-func startSyncer(sink Sink, st store, back *backReader) *syncer {
-	y := &syncer{sink: sink, store: st, back: back, reqs: make(chan checkpoint), done: make(chan struct{})}
+// startSyncer starts the syncer of a download that resumes at cp.
+func startSyncer(sink Sink, st store, back *backReader, cp checkpoint) *syncer {
+	y := &syncer{sink: sink, store: st, back: back, reqs: make(chan checkpoint), done: make(chan struct{}), saved: cp.Offset}
 	go y.run()
 	return y
 }
@@ -182,11 +214,23 @@ func (y *syncer) run() {
 		if cp.Compressed {
 			continue
 		}
-		if err := y.store.writeJSON(checkpointFile, cp); err != nil {
-			y.err = persistError{err}
-			return
+		err := y.store.writeJSON(checkpointFile, cp)
+		y.mu.Lock()
+		y.saveErr = err
+		if err == nil {
+			y.saved = cp.Offset
 		}
+		y.mu.Unlock()
 	}
+}
+
+// saveState is the error of the last checkpoint write (nil if it
+// succeeded, or none was made yet) and the offset a restart would resume
+// from.
+func (y *syncer) saveState() (int64, error) {
+	y.mu.Lock()
+	defer y.mu.Unlock()
+	return y.saved, y.saveErr
 }
 
 // failure is the syncer's error once done is closed before stop.

@@ -10,7 +10,10 @@
 // its side effect, and a restarted agent resumes from the last persisted
 // phase through a table whose rows say why resuming there is right. A
 // transition counter ends an update that keeps restarting, so a boot loop
-// never becomes an update loop.
+// never becomes an update loop. A state file that cannot be written (a full
+// disk) holds the update, never ends it and never stops the Manager: the
+// write is retried with backoff and Progress.Problem says why it waits
+// (hold.go says what waits for which write).
 //
 // Downloads stream through one fixed buffer into the Installer's Sink;
 // transient HTTP failures are retried with backoff and resumed with Range
@@ -62,6 +65,8 @@
 //     and the syncer that makes checkpoints durable beside the stream;
 //   - verify.go: the verifying step (size, SHA-256, signature, read-back)
 //     and the read-back that runs behind the download;
+//   - hold.go: what a state file that cannot be written holds, and the
+//     retry of the write;
 //   - signature.go, request.go, store.go, installer.go: the signature check,
 //     the method payload, the state files and the backend interfaces.
 //

@@ -45,6 +45,7 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 		log.Info("resuming download", zap.Int64("bytes", cp.Offset), zap.Int64("total", cp.Total))
 	}
 
+	hold := ctx
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.DownloadTimeout)
 	defer cancel()
 	// Updates are rare: do not keep connections (and their goroutines) open
@@ -55,9 +56,12 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 	if err != nil {
 		return cp, err
 	}
+	st.hold = hold
 	err = st.run(ctx, u)
 	if err != nil {
-		if ctx.Err() != nil && errors.Is(context.Cause(ctx), context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+		var gu *giveUpError
+		if ctx.Err() != nil && errors.Is(context.Cause(ctx), context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && !errors.As(err, &gu) {
+			// A Fetcher's download (an HTTP one says it in giveUpError).
 			err = coded(CodeDownload, fmt.Errorf("download: did not finish within %s: %w", m.cfg.DownloadTimeout, err))
 		}
 		return st.cp, err
@@ -119,10 +123,10 @@ func (m *Manager) openStream(ctx context.Context, u Update, cp checkpoint) (*str
 }
 
 // run streams the image from its source into the sink, makes it durable,
-// closes the sink (also on failure) and waits for the read-back of the
-// last part.
+// closes the sink (also on failure), waits for the read-back of the last
+// part and then records the final checkpoint.
 func (s *streamer) run(ctx context.Context, u Update) error {
-	s.sy = startSyncer(s.sink, s.m.store, s.back)
+	s.sy = startSyncer(s.sink, s.m.store, s.back, s.cp)
 	var err error
 	if isHTTP(u.Request.URI) {
 		err = s.fromHTTP(ctx, u)
@@ -148,6 +152,9 @@ func (s *streamer) run(ctx context.Context, u Update) error {
 			err = serr
 		}
 	}
+	if err == nil {
+		err = s.saveFinal()
+	}
 	return err
 }
 
@@ -157,8 +164,10 @@ func (s *streamer) run(ctx context.Context, u Update) error {
 // goroutine.
 type streamer struct {
 	m        *Manager
-	ctx      context.Context
+	ctx      context.Context // the download's, bounded by DownloadTimeout
+	hold     context.Context // the Manager's: bounds a wait for the final checkpoint to be saved
 	cp       checkpoint
+	final    checkpoint // the final checkpoint (finish), written by saveFinal
 	sink     Sink
 	sy       *syncer
 	back     *backReader // reads back what the syncer made durable; nil if the installer cannot

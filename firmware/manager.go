@@ -61,8 +61,10 @@ type Config struct {
 	// this long (default 60s).
 	IdleTimeout time.Duration
 	// RetryInitialInterval and RetryMaxInterval shape the exponential backoff
-	// between attempts (defaults 1s and 1m); RetryMaxElapsed gives up after
-	// failing this long without receiving a byte (default 10m).
+	// between download attempts, and between attempts to write a state file
+	// that could not be written (defaults 1s and 1m); RetryMaxElapsed gives
+	// up a download after failing this long without receiving a byte
+	// (default 10m). A state file is retried until it can be written.
 	RetryInitialInterval time.Duration
 	RetryMaxInterval     time.Duration
 	RetryMaxElapsed      time.Duration
@@ -88,6 +90,17 @@ type Config struct {
 	// MaxTransitions caps persisted phase changes and resumes of one update
 	// (default 32), so a boot loop never becomes an update loop.
 	MaxTransitions int
+	// AllowedHosts, when not empty, are the only hosts images and
+	// signatures are downloaded from: host names, IP addresses, or
+	// "*.example.com" for any name below example.com (ValidHostPattern).
+	// Start refuses a request naming another host, and a download refuses a
+	// redirect to one. Whatever the list, a redirect from https to http is
+	// refused.
+	AllowedHosts []string
+
+	// writeFile replaces a state file (atomicfile.WriteFile when nil);
+	// the package's tests set it to make the disk look full.
+	writeFile func(path string, data []byte, perm os.FileMode) error
 }
 
 func (c *Config) setDefaults() {
@@ -152,9 +165,10 @@ type Manager struct {
 	cfg   Config
 	log   *zap.Logger
 	store store
+	hosts hostPatterns  // Config.AllowedHosts
 	wake  chan struct{} // capacity 1: Start tells Run there is work
 
-	mu      sync.Mutex // guards rec, last, started, readBack and backRead
+	mu      sync.Mutex // guards rec, last, started, readBack, backRead and problem*
 	rec     record     // the persisted record (as last written)
 	last    Progress   // the latest emitted progress
 	started string     // id of the update Start accepted in this process
@@ -165,6 +179,12 @@ type Manager struct {
 	// backRead is what the read-back behind the download of this run
 	// found, for the verifying phase that follows (memory only).
 	backRead readBackResult
+	// problem says why the running update is held: a state file cannot be
+	// written (hold.go). Nil when nothing holds it. problemSince is when
+	// it began, problemPhase the record's phase then.
+	problem      *UpdateError
+	problemSince time.Time
+	problemPhase Phase
 
 	emitMu sync.Mutex // serialises Observer calls so they arrive in order; taken before mu
 }
@@ -181,12 +201,22 @@ func NewManager(cfg Config) (*Manager, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("firmware: state dir: %w", err)
 	}
-	m := &Manager{cfg: cfg, log: cfg.Log, store: store{cfg.StateDir}, wake: make(chan struct{}, 1)}
+	m := &Manager{cfg: cfg, log: cfg.Log, store: store{dir: cfg.StateDir, write: cfg.writeFile}, wake: make(chan struct{}, 1)}
 	if cfg.Signatures != nil {
 		if err := cfg.Signatures.Validate(); err != nil {
 			return nil, fmt.Errorf("firmware: Config.Signatures: %w", err)
 		}
 	}
+	hosts, err := newHostPatterns(cfg.AllowedHosts)
+	if err != nil {
+		return nil, fmt.Errorf("firmware: Config.AllowedHosts: %w", err)
+	}
+	m.hosts = hosts
+	// A copy of the client with the redirect policy: the caller's stays as
+	// it is (the transport is shared).
+	hc := *cfg.HTTPClient
+	hc.CheckRedirect = m.checkRedirect(cfg.HTTPClient.CheckRedirect)
+	m.cfg.HTTPClient = &hc
 	var rec record
 	ok, err := m.store.readJSON(recordFile, &rec)
 	if err != nil {
@@ -234,6 +264,8 @@ func (m *Manager) Start(req Request) (string, error) {
 		if f, ok := inst.(Fetcher); !ok || !f.Fetches(req.URI) {
 			return "", invalid("fwPackageUri %q: only http:// and https:// URLs are supported", redactURI(req.URI))
 		}
+	} else if err := m.checkHost("fwPackageUri", req.URI); err != nil {
+		return "", err
 	}
 	if p := m.cfg.Signatures; p != nil {
 		if err := p.Preflight(req.SignatureURI != ""); err != nil {
@@ -241,6 +273,11 @@ func (m *Manager) Start(req Request) (string, error) {
 		}
 		if req.SignatureURI != "" && !isHTTP(req.SignatureURI) {
 			return "", invalid("signatureUri %q: only http:// and https:// URLs are supported", redactURI(req.SignatureURI))
+		}
+		if req.SignatureURI != "" {
+			if err := m.checkHost("signatureUri", req.SignatureURI); err != nil {
+				return "", err
+			}
 		}
 	}
 	if c, ok := inst.(Checker); ok {
@@ -301,9 +338,10 @@ func (m *Manager) Start(req Request) (string, error) {
 }
 
 // Run resumes an interrupted update, then runs accepted ones until ctx is
-// done. Call it once per Manager. A cancelled ctx is a normal stop: the update stays in its persisted
-// phase and the next Run resumes it. Run returns an error only when the
-// state cannot be persisted.
+// done. Call it once per Manager. A cancelled ctx is a normal stop: the
+// update stays in its persisted phase and the next Run resumes it. A state
+// file that cannot be written does not end Run either: the update is held
+// and the write retried (Progress.Problem says why), so Run returns nil.
 func (m *Manager) Run(ctx context.Context) error {
 	m.refreshVersion(ctx)
 	for {
@@ -370,8 +408,8 @@ var resumeTable = map[Phase]struct {
 	PhaseRolledBack:  {"the rollback was interrupted: roll back again (idempotent)", (*Manager).stepRollback},
 }
 
-// drive runs the current update until it ends, ctx is done or state cannot
-// be persisted.
+// drive runs the current update until it ends or ctx is done; the only
+// error it returns is ctx's.
 func (m *Manager) drive(ctx context.Context) error {
 	m.mu.Lock()
 	rec := m.rec
@@ -387,7 +425,7 @@ func (m *Manager) drive(ctx context.Context) error {
 	// looping forever.
 	if resumed {
 		log.Info("resuming update", zap.String("phase", string(rec.Phase)), zap.String("reason", row.why))
-		if err := m.persist(func(r *record) {}); err != nil {
+		if err := m.persist(ctx, func(r *record) {}); err != nil {
 			return err
 		}
 		if m.overLoop() && !rec.RollbackPending {
@@ -411,10 +449,6 @@ func (m *Manager) drive(ctx context.Context) error {
 			return ctx.Err()
 		}
 		if err != nil {
-			var perr persistError
-			if errors.As(err, &perr) {
-				return err
-			}
 			if ferr := m.fail(ctx, rec.Phase, err); ferr != nil {
 				return ferr
 			}
@@ -429,26 +463,27 @@ func (m *Manager) drive(ctx context.Context) error {
 	}
 }
 
-// persistError marks a failure to write the state: the machine stops rather
-// than act without a record.
-type persistError struct{ error }
-
-func (e persistError) Unwrap() error { return e.error }
-
 // persist applies change to the record, bumps the transition counter and
-// writes it durably before returning.
-func (m *Manager) persist(change func(r *record)) error {
+// writes it durably before returning. A record that cannot be written
+// holds the update where it is (see save): nothing is done that the record
+// does not yet say, and the only error is ctx's.
+func (m *Manager) persist(ctx context.Context, change func(r *record)) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	rec := m.rec
-	change(&rec)
-	rec.Transitions++
-	rec.UpdatedAt = time.Now().UTC()
-	if err := m.store.writeJSON(recordFile, rec); err != nil {
-		return persistError{err}
-	}
-	m.rec = rec
-	return nil
+	held := fmt.Sprintf("the update waits in phase %s and retries", m.rec.Phase)
+	m.mu.Unlock()
+	return m.save(ctx, recordFile, held, func() error {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		rec := m.rec
+		change(&rec)
+		rec.Transitions++
+		rec.UpdatedAt = time.Now().UTC()
+		if err := m.store.writeJSON(recordFile, rec); err != nil {
+			return err
+		}
+		m.rec = rec
+		return nil
+	})
 }
 
 func (m *Manager) overLoop() bool {
@@ -469,7 +504,7 @@ func (m *Manager) transition(ctx context.Context, next Phase) error {
 	if next == PhaseCompleted {
 		return m.complete(ctx)
 	}
-	if err := m.persist(func(r *record) {
+	if err := m.persist(ctx, func(r *record) {
 		r.Phase = next
 		if next == PhaseRebooting {
 			r.RebootRequested = false
@@ -494,7 +529,7 @@ func (m *Manager) complete(ctx context.Context) error {
 			ver = cur
 		}
 	}
-	if err := m.persist(func(r *record) {
+	if err := m.persist(ctx, func(r *record) {
 		r.Phase = PhaseCompleted
 		r.Err = nil
 		if ver != "" {
@@ -528,22 +563,22 @@ func (m *Manager) fail(ctx context.Context, phase Phase, err error) error {
 	applied := phase == PhaseApplying || phase == PhaseRebooting || phase == PhaseCommitting
 	if applied && canRollback {
 		log.Warn("update failed; rolling back", zap.String("code", ue.Code), zap.String("reason", ue.Message))
-		if perr := m.persist(func(r *record) {
+		if perr := m.persist(ctx, func(r *record) {
 			r.Phase = PhaseRolledBack
 			r.RollbackPending = true
 			r.Err = ue
 		}); perr != nil {
 			return perr
 		}
-		_, serr := m.stepRollback(ctx)
-		var perr persistError
-		if errors.As(serr, &perr) {
-			return serr
+		// Errors of the rollback itself are handled there (the update ends
+		// failed) or retried by the next round of drive.
+		if _, serr := m.stepRollback(ctx); serr != nil && ctx.Err() != nil {
+			return ctx.Err()
 		}
 		return nil
 	}
 	log.Warn("update failed", zap.String("code", ue.Code), zap.String("reason", ue.Message))
-	if perr := m.persist(func(r *record) {
+	if perr := m.persist(ctx, func(r *record) {
 		r.Phase = PhaseFailed
 		r.Err = ue
 		r.RollbackPending = false
@@ -569,14 +604,14 @@ func (m *Manager) stepRollback(ctx context.Context) (Phase, error) {
 	log := m.log.With(zap.String("update_id", rec.UpdateID))
 	rb, ok := m.cfg.Installer.(RollBacker)
 	if !ok {
-		return PhaseRolledBack, m.endFailed(rec, CodeRollback, "backend cannot roll back")
+		return PhaseRolledBack, m.endFailed(ctx, rec, CodeRollback, "backend cannot roll back")
 	}
 	// The rollback has its own small budget: it must still run after the
 	// transition cap ended the update, but must not loop either.
 	if rec.RollbackTries >= maxRollbackTries {
-		return PhaseRolledBack, m.endFailed(rec, CodeRollback, fmt.Sprintf("rollback did not finish after %d attempts", maxRollbackTries))
+		return PhaseRolledBack, m.endFailed(ctx, rec, CodeRollback, fmt.Sprintf("rollback did not finish after %d attempts", maxRollbackTries))
 	}
-	if perr := m.persist(func(r *record) { r.RollbackTries++ }); perr != nil {
+	if perr := m.persist(ctx, func(r *record) { r.RollbackTries++ }); perr != nil {
 		return PhaseRolledBack, perr
 	}
 	err := rb.Rollback(ctx, rec.update())
@@ -586,18 +621,18 @@ func (m *Manager) stepRollback(ctx context.Context) (Phase, error) {
 	if errors.Is(err, ErrRebootPending) {
 		rbt, ok := m.cfg.Installer.(Rebooter)
 		if !ok {
-			return PhaseRolledBack, m.endFailed(rec, CodeRollback, "rollback needs a reboot but the backend cannot reboot")
+			return PhaseRolledBack, m.endFailed(ctx, rec, CodeRollback, "rollback needs a reboot but the backend cannot reboot")
 		}
 		log.Info("rebooting to finish the rollback")
 		return PhaseRolledBack, m.rebootAndWait(ctx, rbt)
 	}
 	if err != nil {
-		return PhaseRolledBack, m.endFailed(rec, CodeRollback, fmt.Sprintf("rollback failed: %v (after: %s)", err, errMessage(rec.Err)))
+		return PhaseRolledBack, m.endFailed(ctx, rec, CodeRollback, fmt.Sprintf("rollback failed: %v (after: %s)", err, errMessage(rec.Err)))
 	}
 	// After a bootloader fallback the rollback only tidied the environment:
 	// the new image never ran, so the update failed rather than rolled back.
 	fellBack := rec.Err != nil && rec.Err.Code == CodeBootloaderRollback
-	if perr := m.persist(func(r *record) {
+	if perr := m.persist(ctx, func(r *record) {
 		r.RollbackPending = false
 		if fellBack {
 			r.Phase = PhaseFailed
@@ -620,11 +655,11 @@ func errMessage(e *UpdateError) string {
 	return e.Message
 }
 
-func (m *Manager) endFailed(rec record, code, msg string) error {
+func (m *Manager) endFailed(ctx context.Context, rec record, code, msg string) error {
 	if rec.Err != nil {
 		msg += "; first error: " + rec.Err.Message
 	}
-	if perr := m.persist(func(r *record) {
+	if perr := m.persist(ctx, func(r *record) {
 		r.Phase = PhaseFailed
 		r.RollbackPending = false
 		r.Err = &UpdateError{Code: code, Message: msg}
@@ -645,7 +680,7 @@ func (m *Manager) stepAccepted(ctx context.Context) (Phase, error) {
 		if err != nil {
 			return "", coded(CodePrepare, fmt.Errorf("target slot: %w", err))
 		}
-		if err := m.persist(func(r *record) { r.Slot = slot }); err != nil {
+		if err := m.persist(ctx, func(r *record) { r.Slot = slot }); err != nil {
 			return "", err
 		}
 	}
@@ -696,7 +731,7 @@ func (m *Manager) stepRebooting(ctx context.Context) (Phase, error) {
 	if !ok {
 		return PhaseCommitting, nil
 	}
-	if err := m.persist(func(r *record) { r.RebootRequested = true }); err != nil {
+	if err := m.persist(ctx, func(r *record) { r.RebootRequested = true }); err != nil {
 		return "", err
 	}
 	if err := m.rebootAndWait(ctx, rbt); err != nil {
@@ -794,6 +829,10 @@ func (m *Manager) progressOf(r record) Progress {
 	}
 	if r.Phase == PhaseFailed || r.Phase == PhaseRolledBack {
 		p.Err = r.Err
+	}
+	if m.problem != nil && r.UpdateID != "" {
+		pr := *m.problem
+		p.Problem = &pr
 	}
 	if r.Total > 0 {
 		p.Percent = int(r.Bytes * 100 / r.Total)

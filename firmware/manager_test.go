@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -155,7 +156,7 @@ func TestDownloadFaults(t *testing.T) {
 		wantCode string
 		check    func(t *testing.T, s *imageServer)
 	}{
-		{name: "404", path: "/missing.img", wantErr: "download: HTTP 404 Not Found from http://", wantCode: firmware.CodeDownload,
+		{name: "404", path: "/missing.img", wantErr: "/missing.img: HTTP 404 Not Found", wantCode: firmware.CodeDownload,
 			check: func(t *testing.T, s *imageServer) {
 				if n := s.requests.Load(); n != 1 {
 					t.Errorf("404 retried: %d requests", n)
@@ -391,8 +392,9 @@ func TestRetriesGiveUpWithReason(t *testing.T) {
 		t.Fatal(err)
 	}
 	last := rec.waitTerminal(t, 30*time.Second)
-	if last.Phase != firmware.PhaseFailed || !strings.Contains(last.Err.Message, "HTTP 503 Service Unavailable from http://127.0.0.1") {
-		t.Fatalf("got %s %+v", last.Phase, last.Err)
+	want := regexp.MustCompile(`^download from ` + regexp.QuoteMeta(url) + `: HTTP 503 Service Unavailable \(([0-9]+) attempts over [0-9.]+m?s\)$`)
+	if last.Phase != firmware.PhaseFailed || !want.MatchString(last.Err.Message) {
+		t.Fatalf("got %s %+v, want a message matching %s", last.Phase, last.Err, want)
 	}
 	if n := srv.requests.Load(); n < 2 {
 		t.Errorf("503 was not retried (%d requests)", n)

@@ -17,7 +17,7 @@ var ErrUnknownFormat = errors.New("firmware: update record of an unknown format"
 // ErrUnknownFormat (the agent sets such a record aside when it starts).
 // currentVersion plays the part of Config.CurrentVersion.
 func ReadStatus(stateDir, currentVersion string) (Status, error) {
-	s := store{stateDir}
+	s := store{dir: stateDir}
 	var rec record
 	ok, err := s.readJSON(recordFile, &rec)
 	if err != nil {

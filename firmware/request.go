@@ -121,8 +121,8 @@ func (r Request) normalize() (Request, error) {
 	if len(r.Version) > maxVersionLen {
 		return Request{}, invalid("version is longer than %d bytes", maxVersionLen)
 	}
-	if !printable(r.Version) {
-		return Request{}, invalid("version contains control or invalid characters")
+	if err := checkText("version", r.Version, true); err != nil {
+		return Request{}, err
 	}
 	if r.SHA256 != "" {
 		s := strings.ToLower(strings.TrimSpace(r.SHA256))
@@ -150,8 +150,8 @@ func checkURI(field, s string) error {
 	if len(s) > maxURILen {
 		return invalid("%s is longer than %d bytes", field, maxURILen)
 	}
-	if !printable(s) || strings.ContainsAny(s, " \t") {
-		return invalid("%s contains spaces, control or invalid characters", field)
+	if err := checkText(field, s, false); err != nil {
+		return err
 	}
 	if isHTTP(s) {
 		u, err := url.Parse(s)
@@ -171,16 +171,39 @@ func isHTTP(s string) bool {
 	return strings.HasPrefix(l, "http://") || strings.HasPrefix(l, "https://")
 }
 
-func printable(s string) bool {
+// checkText refuses, in a string of the payload that goes to the logs,
+// the twin and the state file, what would make them lie or break: invalid
+// UTF-8; control characters (Unicode Cc); invisible format characters
+// (Cf: bidirectional overrides such as U+202E, which make "1.2.3-evil"
+// display as something else, zero-width spaces and joiners); private-use
+// (Co) and unassigned (Cn) code points; line and paragraph separators (Zl,
+// Zp). With spaces false, white space is refused too (URLs). The error
+// names the field, the code point, what it is and where.
+func checkText(field, s string, spaces bool) error {
 	if !utf8.ValidString(s) {
-		return false
+		return invalid("%s is not valid UTF-8", field)
 	}
-	for _, r := range s {
-		if unicode.IsControl(r) {
-			return false
+	for i, r := range s {
+		var what string
+		switch {
+		case unicode.Is(unicode.Cc, r):
+			what = "a control character"
+		case unicode.Is(unicode.Cf, r):
+			what = "an invisible format character"
+		case unicode.Is(unicode.Co, r):
+			what = "a private-use character"
+		case unicode.In(r, unicode.Zl, unicode.Zp):
+			what = "a line or paragraph separator"
+		case unicode.Is(unicode.Cn, r):
+			what = "an unassigned code point"
+		case !spaces && unicode.IsSpace(r):
+			what = "a space (encode it as %20)"
+		default:
+			continue
 		}
+		return invalid("%s contains %U, %s, at byte %d", field, r, what, i)
 	}
-	return true
+	return nil
 }
 
 // Phase is a step of an update. The names are stable: they are persisted and
@@ -217,7 +240,12 @@ type Progress struct {
 	Percent        int   // 0-100, -1 if unknown
 	Slot           string
 	Err            *UpdateError // nil unless Phase is failed or rolledBack
-	Time           time.Time
+	// Problem is why a running update is held back for now, nil when
+	// nothing holds it: a state file cannot be written (code
+	// CodeStateNotSaved; the message names the file, the cause and what
+	// waits). The update goes on by itself once the write succeeds.
+	Problem *UpdateError
+	Time    time.Time
 }
 
 // UpdateError says why an update failed or was rolled back. Code is stable
@@ -246,4 +274,8 @@ const (
 	CodeUpdateLoop         = "updateLoop"
 	CodeUnsupported        = "unsupported"
 	CodeInternal           = "internal"
+	// CodeStateNotSaved is Progress.Problem's code: the update record or
+	// the download checkpoint cannot be written (a full or read-only
+	// state disk); the update is held, not ended.
+	CodeStateNotSaved = "stateNotSaved"
 )

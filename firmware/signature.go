@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"time"
 
 	"github.com/cenkalti/backoff/v5"
 	"go.uber.org/zap"
@@ -100,48 +101,74 @@ func (m *Manager) checkSignature(rec record, cp checkpoint) error {
 // rules as the image.
 func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error) {
 	b := retry.NewBackoff(m.cfg.RetryInitialInterval, m.cfg.RetryMaxInterval)
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.RetryMaxElapsed+m.cfg.IdleTimeout)
 	defer cancel()
 	defer m.cfg.HTTPClient.CloseIdleConnections()
-	return backoff.Retry(ctx, func() ([]byte, error) {
-		rctx, rcancel := context.WithTimeout(ctx, m.cfg.IdleTimeout)
-		defer rcancel()
-		req, err := http.NewRequestWithContext(rctx, http.MethodGet, uri, nil)
-		if err != nil {
-			return nil, backoff.Permanent(fmt.Errorf("signature: bad URL %s: %w", redactURI(uri), err))
+	var (
+		tries int
+		last  error
+		since = time.Now()
+	)
+	sig, err := backoff.Retry(ctx, func() ([]byte, error) {
+		tries++
+		sig, err := m.fetchSignatureOnce(ctx, uri)
+		if err != nil && ctx.Err() == nil {
+			last = err
 		}
-		req.Header.Set("User-Agent", "gwagent")
-		resp, err := m.cfg.HTTPClient.Do(req)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, backoff.Permanent(ctx.Err())
-			}
-			err = fmt.Errorf("signature: %s: %w", redactURI(uri), unwrapURLError(err))
-			if permanentNetError(err) {
-				return nil, backoff.Permanent(err)
-			}
-			return nil, err
-		}
-		defer resp.Body.Close()
-		status := fmt.Sprintf("signature: HTTP %s from %s", resp.Status, redactURI(uri))
-		switch {
-		case resp.StatusCode == http.StatusOK:
-		case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests, resp.StatusCode >= 500:
-			e := errors.New(status)
-			if d, ok := retryAfter(resp.Header.Get("Retry-After"), m.cfg.RetryMaxElapsed); ok {
-				return nil, &retryAfterError{err: e, ra: &backoff.RetryAfterError{Duration: d}}
-			}
-			return nil, e
-		default:
-			return nil, backoff.Permanent(errors.New(status))
-		}
-		body, err := io.ReadAll(io.LimitReader(resp.Body, maxSignatureSize+1))
-		if err != nil {
-			return nil, fmt.Errorf("signature: read %s: %w", redactURI(uri), err)
-		}
-		if len(body) > maxSignatureSize {
-			return nil, backoff.Permanent(fmt.Errorf("signature: %s is larger than %d bytes", redactURI(uri), maxSignatureSize))
-		}
-		return body, nil
+		return sig, err
 	}, backoff.WithBackOff(b), backoff.WithMaxElapsedTime(m.cfg.RetryMaxElapsed))
+	if err == nil || parent.Err() != nil {
+		return sig, err
+	}
+	if ctx.Err() != nil {
+		err = last
+		if err == nil {
+			err = fmt.Errorf("no answer within %s", m.cfg.RetryMaxElapsed+m.cfg.IdleTimeout)
+		}
+	}
+	return nil, fmt.Errorf("signature: %w", &giveUpError{what: "download", url: redactURI(uri), cause: err, tries: tries, over: time.Since(since)})
+}
+
+// fetchSignatureOnce is one attempt of fetchSignature; it marks the
+// failures that retrying cannot fix (backoff.Permanent).
+func (m *Manager) fetchSignatureOnce(ctx context.Context, uri string) ([]byte, error) {
+	rctx, rcancel := context.WithTimeout(ctx, m.cfg.IdleTimeout)
+	defer rcancel()
+	req, err := http.NewRequestWithContext(rctx, http.MethodGet, uri, nil)
+	if err != nil {
+		return nil, backoff.Permanent(fmt.Errorf("bad URL: %w", err))
+	}
+	req.Header.Set("User-Agent", "gwagent")
+	resp, err := m.cfg.HTTPClient.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, backoff.Permanent(ctx.Err())
+		}
+		if permanentNetError(err) {
+			return nil, backoff.Permanent(netCause(err))
+		}
+		return nil, netCause(err)
+	}
+	defer resp.Body.Close()
+	status := "HTTP " + resp.Status
+	switch {
+	case resp.StatusCode == http.StatusOK:
+	case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests, resp.StatusCode >= 500:
+		e := errors.New(status)
+		if d, ok := retryAfter(resp.Header.Get("Retry-After"), m.cfg.RetryMaxElapsed); ok {
+			return nil, &retryAfterError{err: e, ra: &backoff.RetryAfterError{Duration: d}}
+		}
+		return nil, e
+	default:
+		return nil, backoff.Permanent(errors.New(status))
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxSignatureSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	if len(body) > maxSignatureSize {
+		return nil, backoff.Permanent(fmt.Errorf("the signature is larger than %d bytes", maxSignatureSize))
+	}
+	return body, nil
 }

@@ -89,7 +89,7 @@ func TestSignatures(t *testing.T) {
 		{name: "unsigned but allowed", image: "/fw.img", allowUnsigned: true},
 		{name: "tampered image", image: "/tampered.img", sig: "/tampered.img.minisig", wantErr: "signature"},
 		{name: "other key", image: "/fw.img", sig: "/other.minisig", wantErr: "unknown key", noImageFetch: true},
-		{name: "signature 404", image: "/fw.img", sig: "/missing.minisig", wantErr: "signature: HTTP 404 Not Found", noImageFetch: true},
+		{name: "signature 404", image: "/fw.img", sig: "/missing.minisig", wantErr: "/missing.minisig: HTTP 404 Not Found", noImageFetch: true},
 		{name: "bad signature even when unsigned allowed", image: "/tampered.img", sig: "/tampered.img.minisig", allowUnsigned: true, wantErr: "signature"},
 	}
 	for _, tc := range tests {

@@ -59,7 +59,12 @@ func (r record) update() Update {
 }
 
 // store reads and writes the state files in one directory.
-type store struct{ dir string }
+type store struct {
+	dir string
+	// write replaces a file atomically and durably; nil means
+	// atomicfile.WriteFile. Tests inject write errors (ENOSPC) here.
+	write func(path string, data []byte, perm os.FileMode) error
+}
 
 func (s store) path(name string) string { return filepath.Join(s.dir, name) }
 
@@ -69,7 +74,11 @@ func (s store) writeJSON(name string, v any) error {
 	if err != nil {
 		return fmt.Errorf("firmware: encode %s: %w", name, err)
 	}
-	if err := atomicfile.WriteFile(s.path(name), b, 0o600); err != nil {
+	write := s.write
+	if write == nil {
+		write = atomicfile.WriteFile
+	}
+	if err := write(s.path(name), b, 0o600); err != nil {
 		return fmt.Errorf("firmware: write %s: %w", s.path(name), err)
 	}
 	return nil

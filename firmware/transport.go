@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -19,7 +20,7 @@ import (
 
 var (
 	errStalled   = errors.New("no data received within the idle timeout")
-	errTruncated = errors.New("connection closed before the whole image arrived")
+	errTruncated = errors.New("the connection closed before the whole image arrived")
 )
 
 // rangeReader reads one HTTP resource from offset on, reconnecting with a
@@ -42,6 +43,13 @@ type rangeReader struct {
 	cancel context.CancelCauseFunc // of the current request
 	idle   *time.Timer             // cancels the request when no byte arrives
 	err    error
+
+	// The attempts of the current round of retries, for the error that
+	// ends the download (giveUp): how many, since when, and the last
+	// failure.
+	tries int
+	since time.Time
+	last  error
 }
 
 func (r *rangeReader) errOr(err error) error {
@@ -76,6 +84,7 @@ func (r *rangeReader) Read(p []byte) (int, error) {
 	if r.body != nil {
 		n, err := r.readBody(p)
 		if r.err != nil {
+			r.err = r.giveUp(r.err)
 			return 0, r.err
 		}
 		if n > 0 || err == nil {
@@ -109,7 +118,7 @@ func (r *rangeReader) readBody(p []byte) (int, error) {
 		if r.total > 0 && r.offset > r.total {
 			r.close()
 			r.err = backoff.Permanent(coded(CodeDownload,
-				fmt.Errorf("download: server sent more than the %d bytes it announced", r.total)))
+				fmt.Errorf("the server sent more than the %d bytes it announced", r.total)))
 			return 0, r.err
 		}
 	}
@@ -125,25 +134,35 @@ func (r *rangeReader) readBody(p []byte) (int, error) {
 		cause = context.Cause(r.reqCtx)
 	}
 	r.close()
-	if err == io.EOF {
+	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) && r.total > 0 {
 		if r.total == 0 || r.offset == r.total {
 			return 0, io.EOF
 		}
-		return 0, fmt.Errorf("download: %w at byte %d of %d", errTruncated, r.offset, r.total)
+		return 0, fmt.Errorf("%w: received %d of %d bytes", errTruncated, r.offset, r.total)
 	}
 	if errors.Is(cause, errStalled) {
-		return 0, fmt.Errorf("download: %w (%s) at byte %d", errStalled, r.m.cfg.IdleTimeout, r.offset)
+		return 0, fmt.Errorf("%w (%s) after %s", errStalled, r.m.cfg.IdleTimeout, r.received())
 	}
-	return 0, fmt.Errorf("download: %w at byte %d", err, r.offset)
+	return 0, fmt.Errorf("read: %w after %s", err, r.received())
+}
+
+// received says how much of the image arrived: "1048576 of 4194304 bytes".
+func (r *rangeReader) received() string {
+	if r.total > 0 {
+		return fmt.Sprintf("%d of %d bytes", r.offset, r.total)
+	}
+	return fmt.Sprintf("%d bytes", r.offset)
 }
 
 // recover reconnects with backoff and reads at least one byte. Progress
 // since the last failure resets the backoff (Retry resets it on entry).
 func (r *rangeReader) recover(p []byte) (int, error) {
+	r.startTries()
 	n, err := backoff.Retry(r.ctx, func() (int, error) {
+		r.tries++
 		if r.body == nil {
 			if err := r.connect(); err != nil {
-				return 0, err
+				return 0, r.failed(err)
 			}
 		}
 		n, err := r.readBody(p)
@@ -151,41 +170,112 @@ func (r *rangeReader) recover(p []byte) (int, error) {
 			return n, backoff.Permanent(err) // Permanent(nil) is nil
 		}
 		if r.err != nil {
-			return 0, r.err
+			return 0, r.failed(r.err)
 		}
-		return 0, err
+		return 0, r.failed(err)
 	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(r.m.cfg.RetryMaxElapsed), backoff.WithNotify(r.notify))
 	if err == io.EOF {
 		return n, io.EOF
 	}
 	if err != nil {
-		var ce *codedError
-		if !errors.As(err, &ce) {
-			err = coded(CodeDownload, err)
-		}
-		return n, err
+		return n, coded(CodeDownload, r.giveUp(err))
 	}
 	return n, nil
 }
 
 // reconnect connects with backoff without reading.
 func (r *rangeReader) reconnect() error {
+	r.startTries()
 	_, err := backoff.Retry(r.ctx, func() (struct{}, error) {
-		return struct{}{}, r.connect()
+		r.tries++
+		return struct{}{}, r.failed(r.connect())
 	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(r.m.cfg.RetryMaxElapsed), backoff.WithNotify(r.notify))
 	if err != nil {
-		var ce *codedError
-		if !errors.As(err, &ce) {
-			err = coded(CodeDownload, err)
-		}
+		err = coded(CodeDownload, r.giveUp(err))
 		r.err = err
 	}
 	return err
 }
 
+// startTries begins a round of attempts.
+func (r *rangeReader) startTries() {
+	r.tries, r.since, r.last = 0, time.Now(), nil
+}
+
+// failed notes err as the last failure of this round, unless it is only
+// the download's context ending, and returns it.
+func (r *rangeReader) failed(err error) error {
+	if err != nil && r.ctx.Err() == nil {
+		r.last = err
+	}
+	return err
+}
+
 func (r *rangeReader) notify(err error, wait time.Duration) {
-	r.m.log.Warn("download attempt failed; retrying", zap.Error(err),
-		zap.Duration("wait", wait), zap.Int64("bytes", r.offset))
+	r.m.log.Warn("download attempt failed; retrying", zap.String("url", redactURI(r.url)), zap.Error(err),
+		zap.Int("attempt", r.tries), zap.Duration("wait", wait), zap.Int64("bytes", r.offset))
+}
+
+// giveUp is the error that ends an HTTP download: it names the URL, what
+// failed last and how long it was tried (giveUpError). A stop of the
+// Manager (cancelled context) is returned as it is.
+func (r *rangeReader) giveUp(err error) error {
+	var gu *giveUpError
+	if err == nil || err == io.EOF || errors.As(err, &gu) || errors.Is(r.ctx.Err(), context.Canceled) {
+		return err
+	}
+	e := &giveUpError{what: "download", url: redactURI(r.url), cause: err, tries: r.tries, over: time.Since(r.since)}
+	if errors.Is(err, context.DeadlineExceeded) && r.ctx.Err() != nil {
+		// update.downloadTimeout ran out: what is known is how far it got,
+		// and what failed last, if anything did.
+		e.cause, e.timeout, e.received = r.last, r.m.cfg.DownloadTimeout, r.received()
+	}
+	return e
+}
+
+// giveUpError is why a download stopped: where from, the last failure, and
+// how often and how long it was tried. Its message reads
+// "download from https://host:port/path: connect: connection refused (12
+// attempts over 10m0s)".
+type giveUpError struct {
+	what     string // "download", "signature download"
+	url      string // without query or user info
+	cause    error  // the last failure; nil when the timeout ran out without one
+	tries    int
+	over     time.Duration
+	timeout  time.Duration // the download's budget, when it ran out
+	received string        // how much had arrived then
+}
+
+func (e *giveUpError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.what + " from " + e.url + ": ")
+	if e.timeout > 0 {
+		fmt.Fprintf(&b, "did not finish within %s (received %s)", e.timeout, e.received)
+		if e.cause != nil {
+			b.WriteString("; last failure: ")
+		}
+	}
+	if e.cause != nil {
+		b.WriteString(e.cause.Error())
+	}
+	if e.tries > 1 {
+		fmt.Fprintf(&b, " (%d attempts over %s)", e.tries, roundDuration(e.over))
+	}
+	return b.String()
+}
+
+func (e *giveUpError) Unwrap() error { return e.cause }
+
+// roundDuration keeps a duration readable: "10m3s", "4.2s", "350ms".
+func roundDuration(d time.Duration) time.Duration {
+	switch {
+	case d >= time.Minute:
+		return d.Round(time.Second)
+	case d >= time.Second:
+		return d.Round(100 * time.Millisecond)
+	}
+	return d.Round(time.Millisecond)
 }
 
 // connect issues a GET from offset and classifies the answer. Permanent
@@ -231,7 +321,7 @@ func (r *rangeReader) connect() error {
 func (r *rangeReader) newRequest(ctx context.Context) (*http.Request, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, r.url, nil)
 	if err != nil {
-		return nil, backoff.Permanent(fmt.Errorf("download: bad URL %s: %w", redactURI(r.url), err))
+		return nil, backoff.Permanent(fmt.Errorf("bad URL: %w", err))
 	}
 	// identity: a transparently decoded body would break byte offsets.
 	req.Header.Set("Accept-Encoding", "identity")
@@ -248,26 +338,52 @@ func (r *rangeReader) newRequest(ctx context.Context) (*http.Request, error) {
 }
 
 // requestError classifies a request that got no response; cause is why
-// its context ended, if it did.
+// its context ended, if it did. The error says what failed, not where:
+// giveUp adds the URL.
 func (r *rangeReader) requestError(err, cause error) error {
 	if r.ctx.Err() != nil {
 		return backoff.Permanent(r.ctx.Err())
 	}
 	if errors.Is(cause, errStalled) {
-		return fmt.Errorf("download: no response from %s within %s", redactURI(r.url), r.m.cfg.IdleTimeout)
+		return fmt.Errorf("no response within %s", r.m.cfg.IdleTimeout)
 	}
 	if permanentNetError(err) {
-		return backoff.Permanent(fmt.Errorf("download: %s: %w", redactURI(r.url), unwrapURLError(err)))
+		return backoff.Permanent(netCause(err))
 	}
-	return fmt.Errorf("download: %s: %w", redactURI(r.url), unwrapURLError(err))
+	return netCause(err)
 }
+
+// netCause says briefly what the network did to a request: "connect:
+// connection refused", "resolve fw.example.com: no such host", the TLS
+// error as it is. It still unwraps to the error it describes.
+func netCause(err error) error {
+	err = unwrapURLError(err)
+	var dnsErr *net.DNSError
+	if errors.As(err, &dnsErr) {
+		return &causeError{msg: fmt.Sprintf("resolve %s: %s", dnsErr.Name, dnsErr.Err), err: err}
+	}
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Op == "dial" && opErr.Err != nil {
+		return &causeError{msg: opErr.Err.Error(), err: err}
+	}
+	return err
+}
+
+// causeError is an error with a shorter message than the one it wraps.
+type causeError struct {
+	msg string
+	err error
+}
+
+func (e *causeError) Error() string { return e.msg }
+func (e *causeError) Unwrap() error { return e.err }
 
 // accept checks a response against what is known of the resource and takes
 // its size and validators. A nil error means the body can be read from
 // offset on (or, for 416 at the end, that nothing is left to read); the
 // caller closes the body on error.
 func (r *rangeReader) accept(resp *http.Response) error {
-	status := fmt.Sprintf("HTTP %s from %s", resp.Status, redactURI(r.url))
+	status := "HTTP " + resp.Status
 	switch {
 	case resp.StatusCode == http.StatusOK:
 		if err := r.acceptFull(resp); err != nil {
@@ -276,11 +392,11 @@ func (r *rangeReader) accept(resp *http.Response) error {
 	case resp.StatusCode == http.StatusPartialContent:
 		start, total, ok := parseContentRange(resp.Header.Get("Content-Range"))
 		if !ok || start != r.offset {
-			return backoff.Permanent(fmt.Errorf("download: %s: unexpected Content-Range %q for offset %d", status, resp.Header.Get("Content-Range"), r.offset))
+			return backoff.Permanent(fmt.Errorf("%s: unexpected Content-Range %q for offset %d", status, resp.Header.Get("Content-Range"), r.offset))
 		}
 		if total > 0 {
 			if r.total > 0 && total != r.total {
-				return backoff.Permanent(fmt.Errorf("download: the image changed on the server during the download (%d bytes, was %d)", total, r.total))
+				return backoff.Permanent(fmt.Errorf("the image changed on the server during the download (%d bytes, was %d)", total, r.total))
 			}
 			r.total = total
 		}
@@ -288,13 +404,13 @@ func (r *rangeReader) accept(resp *http.Response) error {
 		return nil
 	case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests,
 		resp.StatusCode >= 500:
-		e := fmt.Errorf("download: %s", status)
+		e := errors.New(status)
 		if d, ok := retryAfter(resp.Header.Get("Retry-After"), r.m.cfg.RetryMaxElapsed); ok {
 			return &retryAfterError{err: e, ra: &backoff.RetryAfterError{Duration: d}}
 		}
 		return e
 	default:
-		return backoff.Permanent(fmt.Errorf("download: %s", status))
+		return backoff.Permanent(errors.New(status))
 	}
 	if r.limit > 0 && r.total > 0 && r.total != r.limit {
 		return backoff.Permanent(coded(CodeVerify,
@@ -315,15 +431,15 @@ func (r *rangeReader) accept(resp *http.Response) error {
 func (r *rangeReader) acceptFull(resp *http.Response) error {
 	if r.offset > 0 {
 		if v := resp.Header.Get("ETag"); r.etag != "" && v != "" && v != r.etag {
-			return backoff.Permanent(fmt.Errorf("download: the image changed on the server during the download (ETag %s, was %s)", v, r.etag))
+			return backoff.Permanent(fmt.Errorf("the image changed on the server during the download (ETag %s, was %s)", v, r.etag))
 		}
 		if _, err := io.CopyN(io.Discard, resp.Body, r.offset); err != nil {
-			return fmt.Errorf("download: skip %d stored bytes: %w", r.offset, err)
+			return fmt.Errorf("skip %d stored bytes: %w", r.offset, err)
 		}
 	}
 	if resp.ContentLength >= 0 {
 		if r.total > 0 && resp.ContentLength != r.total {
-			return backoff.Permanent(fmt.Errorf("download: the image changed on the server during the download (%d bytes, was %d)", resp.ContentLength, r.total))
+			return backoff.Permanent(fmt.Errorf("the image changed on the server during the download (%d bytes, was %d)", resp.ContentLength, r.total))
 		}
 		r.total = resp.ContentLength
 	}
@@ -394,16 +510,18 @@ func parseContentRange(v string) (start, total int64, ok bool) {
 }
 
 // permanentNetError reports failures that retrying cannot fix: bad
-// certificates, talking TLS to a plain port, unsupported schemes.
+// certificates, talking TLS to a plain port, unsupported schemes, refused
+// redirects.
 func permanentNetError(err error) bool {
 	var (
+		rdir *RedirectError
 		verr *tls.CertificateVerificationError
 		uerr x509.UnknownAuthorityError
 		herr x509.HostnameError
 		cerr x509.CertificateInvalidError
 		rerr tls.RecordHeaderError
 	)
-	if errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) ||
+	if errors.As(err, &rdir) || errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr) ||
 		errors.As(err, &cerr) || errors.As(err, &rerr) {
 		return true
 	}

@@ -59,7 +59,7 @@ func (m *Manager) stepVerifying(ctx context.Context) (Phase, error) {
 	if err := m.checkSignature(rec, cp); err != nil {
 		return "", err
 	}
-	if err := m.persist(func(r *record) {
+	if err := m.persist(ctx, func(r *record) {
 		r.ImageSize, r.ImageSHA256 = u.ImageSize, u.ImageSHA256
 		r.Bytes, r.Total = cp.Offset, cp.Total
 	}); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
 
+	"github.com/gwagent/gwagent/firmware"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -130,6 +131,10 @@ type Update struct {
 	HealthSystemState string
 	// HealthUnits must all be active for a trial boot to pass.
 	HealthUnits []string
+	// AllowedHosts, when not empty, are the only hosts images and
+	// signatures may be downloaded from, redirects included: host names,
+	// IP addresses or *.example.com patterns (firmware.Config.AllowedHosts).
+	AllowedHosts []string
 }
 
 // Log configures logging.
@@ -207,6 +212,7 @@ var keys = []key{
 		set: oneOf(func(c *Config) *string { return &c.Update.HealthSystemState }, "running", "degraded", "ignore")},
 	{name: "update.healthUnits", def: []string{}, set: units(func(c *Config) *[]string { return &c.Update.HealthUnits })},
 	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
+	{name: "update.allowedHosts", def: []string{}, set: hosts(func(c *Config) *[]string { return &c.Update.AllowedHosts })},
 	{name: "signature.keyDir", def: "/etc/gwagent/keys", usage: "folder of trusted minisign public keys (*.pub)",
 		set: str(func(c *Config) *string { return &c.Signature.KeyDir })},
 	{name: "signature.allowUnsigned", def: "auto", usage: "accept firmware images without a signature: true, false, or auto (only for the simulated installer)",
@@ -552,36 +558,66 @@ func boolean(field func(*Config) *bool) func(*Config, any) error {
 // names separated by blanks or commas (from the environment).
 func units(field func(*Config) *[]string) func(*Config, any) error {
 	return func(c *Config, raw any) error {
-		var names []string
-		switch x := raw.(type) {
-		case nil:
-		case string:
-			names = strings.FieldsFunc(x, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' || r == '\n' })
-		case []string:
-			names = x
-		case []any:
-			for _, e := range x {
-				s, ok := e.(string)
-				if !ok {
-					return fmt.Errorf("must be a list of unit names, not %T", e)
-				}
-				names = append(names, s)
-			}
-		default:
-			return fmt.Errorf("must be a list of unit names, not %T", raw)
+		names, err := stringList(raw, "unit names")
+		if err != nil {
+			return err
 		}
 		out := []string{}
 		for _, n := range names {
-			n = strings.TrimSpace(n)
-			if n == "" {
-				continue
-			}
 			if strings.HasPrefix(n, "-") || strings.ContainsAny(n, "/ ") {
 				return fmt.Errorf("%q is not a unit name", n)
 			}
 			out = append(out, n)
 		}
 		*field(c) = out
+		return nil
+	}
+}
+
+// stringList reads a list key: a YAML list, or (from the environment or a
+// flag) one string of entries separated by blanks or commas. Empty entries
+// are dropped.
+func stringList(raw any, what string) ([]string, error) {
+	var names []string
+	switch x := raw.(type) {
+	case nil:
+	case string:
+		names = strings.FieldsFunc(x, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' || r == '\n' })
+	case []string:
+		names = x
+	case []any:
+		for _, e := range x {
+			s, ok := e.(string)
+			if !ok {
+				return nil, fmt.Errorf("must be a list of %s, not %T", what, e)
+			}
+			names = append(names, s)
+		}
+	default:
+		return nil, fmt.Errorf("must be a list of %s, not %T", what, raw)
+	}
+	var out []string
+	for _, n := range names {
+		if n = strings.TrimSpace(n); n != "" {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+// hosts is a list of download hosts, each a firmware.ValidHostPattern.
+func hosts(field func(*Config) *[]string) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		names, err := stringList(raw, "host names")
+		if err != nil {
+			return err
+		}
+		for _, n := range names {
+			if err := firmware.ValidHostPattern(n); err != nil {
+				return err
+			}
+		}
+		*field(c) = append([]string{}, names...)
 		return nil
 	}
 }

@@ -138,6 +138,9 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"empty stateDir", csLine + "stateDir: \"\"\n", nil, "config: stateDir: must not be empty"},
 		{"no signing keys", csLine + "installer:\n  type: abpart\nsignature:\n  keyDir: \"\"\n", nil, "config: signature.keyDir: must name the folder of trusted keys"},
 		{"not yaml", "hub: [", nil, "config: reading"},
+		{"allowed host with a port", csLine + "update:\n  allowedHosts: [fw.example.com:443]\n", nil, `config: update.allowedHosts: "fw.example.com:443": a host name without a port`},
+		{"allowed host as a URL", csLine + "update:\n  allowedHosts: [\"https://fw.example.com\"]\n", nil, `config: update.allowedHosts: "https://fw.example.com": a host name, not a URL`},
+		{"allowed host wildcard inside", csLine + "update:\n  allowedHosts: [\"fw.*.example.com\"]\n", nil, `config: update.allowedHosts: "fw.*.example.com": "*" only as the first label`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -360,5 +363,33 @@ func setACL(t *testing.T, path string, entries []aclEntry) {
 	}
 	if err := unix.Setxattr(path, "system.posix_acl_access", b, 0); err != nil {
 		t.Fatalf("set an ACL on %s (the test needs a file system with POSIX ACLs): %v", path, err)
+	}
+}
+
+// update.allowedHosts: a YAML list, or names separated by blanks or commas
+// in the environment; empty by default (any host).
+func TestAllowedHosts(t *testing.T) {
+	csLine := "hub:\n  connectionString: \"" + cs + "\"\n"
+	c, err := load(t, csLine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Update.AllowedHosts == nil || len(c.Update.AllowedHosts) != 0 {
+		t.Errorf("default %#v, want an empty list", c.Update.AllowedHosts)
+	}
+	c, err = load(t, csLine+"update:\n  allowedHosts: [fw.example.com, \"*.cdn.example.net\", 192.0.2.7]\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(c.Update.AllowedHosts, " "); got != "fw.example.com *.cdn.example.net 192.0.2.7" {
+		t.Errorf("from the file: %q", got)
+	}
+	t.Setenv("GWAGENT_UPDATE_ALLOWEDHOSTS", "fw.example.com, *.example.org")
+	c, err = load(t, csLine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(c.Update.AllowedHosts, " "); got != "fw.example.com *.example.org" {
+		t.Errorf("from the environment: %q", got)
 	}
 }
