@@ -463,7 +463,10 @@ rm -f /var/lib/probe-escaped /boot/probe
 check legacy-probe-connected wait_for 30 status_matches '^connected'
 old_pid=$(prop MainPID)
 
-check legacy-upgrade dpkg -i "/mnt/pkg/$PKG2"
+# The administrator edited config.yaml and the package's copy changed since
+# that version: as an unattended upgrade does, keep the edited one (dpkg
+# would otherwise ask, and there is no one to answer here).
+check legacy-upgrade dpkg -i --force-confdef --force-confold "/mnt/pkg/$PKG2"
 check legacy-user-created getent passwd gwagent
 check legacy-upgrade-restarted sh -c "[ \"\$(systemctl show -P MainPID gwagent.service)\" != '$old_pid' ]"
 check legacy-upgrade-connected wait_for 30 status_matches '^connected'
