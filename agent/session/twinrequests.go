@@ -93,31 +93,27 @@ func (s *Session) PatchReported(ctx context.Context, body []byte) (int64, error)
 	defer t.Stop()
 	sent := time.Now()
 	tok := c.client.Publish(iothub.TwinReportedTopic(rid), 1, false, body)
-	select {
-	case <-tok.Done():
-		if err := tok.Error(); err != nil {
-			return 0, fmt.Errorf("%w: %v", iothub.ErrNotConnected, err)
+	// The hub's answer can overtake the PUBACK's token completion: wait for
+	// the answer, and stop early if the publish itself fails.
+	published := tok.Done()
+	for answered := false; !answered; {
+		select {
+		case <-published:
+			published = nil
+			if err := tok.Error(); err != nil {
+				return 0, fmt.Errorf("%w: %v", iothub.ErrNotConnected, err)
+			}
+		case <-p.done:
+			answered = true
+		case <-c.lost:
+			return 0, iothub.ErrNotConnected
+		case <-ctx.Done():
+			s.unansweredIf(ctx, c, sent, "reported patch "+rid)
+			return 0, ctx.Err()
+		case <-t.C:
+			s.unanswered(c, sent, "reported patch "+rid)
+			return 0, fmt.Errorf("%w: no answer to reported patch %s in %s", ErrTimeout, rid, s.cfg.RequestTimeout)
 		}
-	case <-p.done: // the answer can overtake the PUBACK's token completion
-	case <-c.lost:
-		return 0, iothub.ErrNotConnected
-	case <-ctx.Done():
-		s.unansweredIf(ctx, c, sent, "reported patch "+rid)
-		return 0, ctx.Err()
-	case <-t.C:
-		s.unanswered(c, sent, "reported patch "+rid)
-		return 0, fmt.Errorf("%w: reported patch %s not acknowledged in %s", ErrTimeout, rid, s.cfg.RequestTimeout)
-	}
-	select {
-	case <-p.done:
-	case <-c.lost:
-		return 0, iothub.ErrNotConnected
-	case <-ctx.Done():
-		s.unansweredIf(ctx, c, sent, "reported patch "+rid)
-		return 0, ctx.Err()
-	case <-t.C:
-		s.unanswered(c, sent, "reported patch "+rid)
-		return 0, fmt.Errorf("%w: no answer to reported patch %s in %s", ErrTimeout, rid, s.cfg.RequestTimeout)
 	}
 	r := p.rep
 	switch {
