@@ -65,24 +65,6 @@ func (s *recordingSink) Report(p map[string]any, milestone bool) error {
 	return nil
 }
 
-// recordingHub is the hub's reported-properties PATCH: it merges every
-// body it accepts.
-type recordingHub struct {
-	mu  sync.Mutex
-	doc map[string]any
-}
-
-func (h *recordingHub) PatchReported(_ context.Context, body []byte) (int64, error) {
-	p, err := twin.Decode(body)
-	if err != nil {
-		return 0, err
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.doc = twin.Merge(h.doc, p)
-	return 1, nil
-}
-
 func since(t, start time.Time) string { return "T+" + t.Sub(start).String() }
 
 // placeholders replaces what changes from run to run or machine to
@@ -124,7 +106,7 @@ func placeholders(v any, start time.Time) any {
 // change.
 func runUpdate(t *testing.T, sim simulated.Config, payload string) []reported {
 	start := time.Now()
-	hub := &recordingHub{}
+	hub := &onlineHub{}
 	sink := &recordingSink{t: t, start: start}
 	sim.StateDir = t.TempDir()
 	dirs := agentDirs{queue: filepath.Join(t.TempDir(), "twin-queue"), firmware: t.TempDir()}
@@ -180,7 +162,7 @@ type agentParts struct {
 
 // startAgent starts the agent's reporting parts on dirs as the agent
 // does: queue, reporter, state machine, start-up report.
-func startAgent(t *testing.T, dirs agentDirs, sim simulated.Config, hub *recordingHub, sink *recordingSink) *agentParts {
+func startAgent(t *testing.T, dirs agentDirs, sim simulated.Config, hub *onlineHub, sink *recordingSink) *agentParts {
 	q, err := twin.OpenQueue(twin.QueueOptions{Dir: dirs.queue}, hub, nil)
 	if err != nil {
 		t.Fatal(err)
