@@ -78,6 +78,9 @@ type Agent struct {
 	freeOnce  sync.Once // returns start-up garbage to the OS after the first connect
 	health    *health.Checker
 
+	// installerType is installer.type as built (a change needs a restart).
+	installerType string
+
 	rebootCh      chan struct{} // cap 1: a reboot was answered, do it
 	rebootPending atomic.Bool
 	kick          chan struct{} // cap 1: recompute the status line
@@ -137,6 +140,7 @@ func New(opts Options) (*Agent, error) {
 	}
 	a.rebooter = built.Rebooter
 	a.installer = built.Installer
+	a.installerType = cfg.Installer.Type
 
 	// The router comes first: the session hands it every direct method.
 	a.router = router.New(log.Named("methods"), 0)
@@ -281,6 +285,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer stopSession()
 	defer stopBackground()
 
+	a.warnStartup(cfg)
+
 	// The state is open (New) and the parts start now: the agent works
 	// locally, whether or not the hub answers.
 	a.notify(notifyReady)
@@ -360,6 +366,22 @@ func (a *Agent) reportStartup(ctx context.Context, cfg *config.Config, info buil
 			"startedAt": time.Now().UTC().Format(report.TimeFormat), "health": nil},
 	}); err != nil {
 		a.log.Error("cannot queue the start-up report", zap.Error(err))
+	}
+}
+
+// warnStartup says, once at start, what makes updates do less than a person
+// would assume: an installer that writes nothing, or required signatures
+// with no key to check them against.
+func (a *Agent) warnStartup(cfg *config.Config) {
+	if a.installerType == "simulated" {
+		a.log.Warn("the simulated installer is in use: firmware updates write nothing to the device, yet are reported completed; it is for demos and labs (set installer.type: abpart on a gateway)",
+			zap.String("installer", a.installerType))
+	}
+	if dir := cfg.Signature.KeyDir; !cfg.Signature.AllowUnsigned {
+		if _, err := signature.LoadKeys(dir); err != nil {
+			a.log.Warn(fmt.Sprintf("no public key to check firmware signatures against in %s (signature.keyDir): every update fails until a minisign key (*.pub) is put there; signatures are required (signature.allowUnsigned is false), so an update without signatureUri is refused (400) and a signed one fails to verify before its download", dir),
+				zap.String("key_dir", dir), zap.Error(err))
+		}
 	}
 }
 

@@ -318,7 +318,7 @@ func TestSystemdNotifySocket(t *testing.T) {
 	next("READY=1", func(s string) bool { return s == "READY=1" })
 	t.Logf("start to READY=1: %v (hub unreachable)", time.Since(begin))
 	next("offline status", func(s string) bool {
-		return strings.HasPrefix(s, "STATUS=offline, retrying in ") && strings.HasSuffix(s, "; idle")
+		return strings.HasPrefix(s, "STATUS=offline, retrying in ") && strings.HasSuffix(s, "; idle; installer simulated (writes nothing to the device)")
 	})
 	next("watchdog ping", func(s string) bool { return s == "WATCHDOG=1" })
 	next("second watchdog ping", func(s string) bool { return s == "WATCHDOG=1" })
@@ -478,7 +478,7 @@ func FuzzFirmwareUpdatePayload(f *testing.F) {
 	dir := f.TempDir()
 	cs := "HostName=hub.example.net;DeviceId=gw-01;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 	p := filepath.Join(dir, "c.yaml")
-	if err := os.WriteFile(p, []byte(fmt.Sprintf("hub:\n  connectionString: %q\nstateDir: %q\n", cs, filepath.Join(dir, "state"))), 0o600); err != nil {
+	if err := os.WriteFile(p, []byte(fmt.Sprintf("hub:\n  connectionString: %q\nstateDir: %q\ninstaller:\n  type: simulated\n", cs, filepath.Join(dir, "state"))), 0o600); err != nil {
 		f.Fatal(err)
 	}
 	cfg, err := config.Load(config.Options{File: p, Backends: installer.Specs()})

@@ -45,7 +45,7 @@ func (a *Agent) control(_ context.Context, req local.Request) local.Response {
 		resp.OK = true
 		return resp
 	case local.OpStatus:
-		resp.OK, resp.Hub = true, hubState(a.session.Health(), time.Now())
+		resp.OK, resp.Hub, resp.Installer = true, hubState(a.session.Health(), time.Now()), a.installerType
 		return resp
 	case local.OpCommit, local.OpRollback:
 	default:

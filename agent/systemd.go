@@ -80,11 +80,20 @@ func (a *Agent) statusLoop(ctx context.Context) {
 }
 
 // StatusLine says what the agent is doing, for systemctl status:
-// "connected to HUB; idle", "offline, retrying in 8s; downloading 42% of
-// 1.2.0", "…; idle; cannot save reported state to DIR: no space left on
-// device".
+// "connected to HUB; idle; installer abpart", "offline, retrying in 8s;
+// downloading 42% of 1.2.0; installer abpart", "…; idle; cannot save
+// reported state to DIR: no space left on device; installer abpart".
 func (a *Agent) StatusLine() string {
-	return a.session.Health().Describe(time.Now()) + "; " + updateLine(a.manager.Status()) + a.queueLine()
+	return a.session.Health().Describe(time.Now()) + "; " + updateLine(a.manager.Status()) + a.queueLine() + a.installerLine()
+}
+
+// installerLine names the installer in use, so that a gateway running the
+// simulated one (which writes nothing) shows it in systemctl status.
+func (a *Agent) installerLine() string {
+	if t := a.installerType; t != "simulated" {
+		return "; installer " + t
+	}
+	return "; installer simulated (writes nothing to the device)"
 }
 
 // updateStage is the update's stage for the status line (updateLine).

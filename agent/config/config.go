@@ -199,7 +199,7 @@ var keys = []key{
 		set: str(func(c *Config) *string { return &c.StateDir })},
 	{name: "currentVersion", def: "", usage: "running firmware version when the installer cannot tell",
 		set: str(func(c *Config) *string { return &c.CurrentVersion })},
-	{name: "installer.type", def: "simulated", flag: "installer", usage: "firmware installer backend",
+	{name: "installer.type", def: "abpart", flag: "installer", usage: "firmware installer backend",
 		set: str(func(c *Config) *string { return &c.Installer.Type })},
 	{name: "report.minInterval", def: "2s", set: dur(func(c *Config) *time.Duration { return &c.Report.MinInterval }, 0, time.Hour)},
 	{name: "report.minPercentStep", def: 5, set: intIn(func(c *Config) *int { return &c.Report.MinPercentStep }, 1, 100)},

@@ -63,14 +63,26 @@ func TestDefaults(t *testing.T) {
 	if h.ConnectionString.DeviceID != "gw-01" || h.RootCAs != nil || h.Certificate != nil {
 		t.Errorf("hub %+v", h)
 	}
-	if c.StateDir != "/var/lib/gwagent" || c.Installer.Type != "simulated" || c.Report.MinInterval != 2*time.Second ||
+	if c.StateDir != "/var/lib/gwagent" || c.Installer.Type != "abpart" || c.Report.MinInterval != 2*time.Second ||
 		c.Report.MinPercentStep != 5 || c.Log.Level != "info" || c.Log.Format != "auto" || c.ShutdownTimeout != 10*time.Second ||
 		c.Update.HealthTimeout != 5*time.Minute || c.Update.DownloadTimeout != 2*time.Hour {
 		t.Errorf("defaults %+v", c)
 	}
+	if len(c.Installer.Settings) != 1 || c.Installer.Settings["slotA"] != "" {
+		t.Errorf("installer settings %v", c.Installer.Settings)
+	}
+	// Unsigned images are refused by default: the default installer writes
+	// the device.
+	if c.Signature.AllowUnsigned || c.Signature.KeyDir != "/etc/gwagent/keys" {
+		t.Errorf("signature defaults %+v", c.Signature)
+	}
+	c, err = load(t, "hub:\n  connectionString: \""+cs+"\"\ninstaller:\n  type: simulated\n")
+	if err != nil {
+		t.Fatal(err)
+	}
 	want := map[string]any{"apply": "15s", "failAt": "", "nested": map[string]any{"x": 1}}
 	if len(c.Installer.Settings) != 3 || c.Installer.Settings["apply"] != want["apply"] {
-		t.Errorf("installer settings %v", c.Installer.Settings)
+		t.Errorf("simulated installer settings %v", c.Installer.Settings)
 	}
 	if len(c.Warnings) != 0 {
 		t.Errorf("warnings %v", c.Warnings)
@@ -86,7 +98,7 @@ func TestPrecedence(t *testing.T) {
 	t.Setenv("GWAGENT_INSTALLER_SIMULATED_APPLY", "1s")
 	t.Setenv("GWAGENT_INSTALLER_SIMULATED_NESTED_X", "7")
 	t.Setenv("GWAGENT_REPORT_MINPERCENTSTEP", "10")
-	c, err := load(t, "hub:\n  keepAlive: 30s\nlog:\n  level: error\n  format: json\nstateDir: /tmp/gw\n", "--log-level=debug", "--state-dir=/tmp/flag")
+	c, err := load(t, "hub:\n  keepAlive: 30s\nlog:\n  level: error\n  format: json\nstateDir: /tmp/gw\n", "--installer=simulated", "--log-level=debug", "--state-dir=/tmp/flag")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -289,10 +301,11 @@ func TestAllowUnsigned(t *testing.T) {
 		name, yaml, env string
 		want            bool
 	}{
-		{"auto, simulated", base, "", true},
+		{"auto, simulated", base + "installer:\n  type: simulated\n", "", true},
+		{"auto, default installer", base, "", false},
 		{"auto, abpart", base + "installer:\n  type: abpart\n", "", false},
 		{"explicit auto, abpart", base + "installer:\n  type: abpart\nsignature:\n  allowUnsigned: auto\n", "", false},
-		{"false, simulated", base + "signature:\n  allowUnsigned: false\n", "", false},
+		{"false, simulated", base + "installer:\n  type: simulated\nsignature:\n  allowUnsigned: false\n", "", false},
 		{"true, abpart", base + "installer:\n  type: abpart\nsignature:\n  allowUnsigned: true\n", "", true},
 		{"environment", base + "installer:\n  type: abpart\n", "true", true},
 	}
@@ -327,7 +340,7 @@ func TestLocal(t *testing.T) {
 		if err != nil {
 			t.Fatalf("local load of %q: %v", yaml, err)
 		}
-		if c.StateDir != "/var/lib/x" || c.Installer.Type != "simulated" || c.Hub.ConnectionString.DeviceID != "" {
+		if c.StateDir != "/var/lib/x" || c.Installer.Type != "abpart" || c.Hub.ConnectionString.DeviceID != "" {
 			t.Errorf("local config %+v", c)
 		}
 	}

@@ -59,18 +59,20 @@ func neededAccess(c config.Installer, sysBlock string) (Access, error) {
 		return Access{}, err
 	}
 	var a Access
-	slots := []string{s.SlotA, s.SlotB}
+	found, ferr := abpart.FindSlots(s.Config)
+	slots := []string{found.SlotA, found.SlotB}
 	running, err := abpart.RunningSlot(s.Config)
 	switch {
-	case s.SlotA == "" || s.SlotB == "":
-		a.Notes = append(a.Notes, "no slot granted: installer.abpart.slotA and slotB are required")
+	case ferr != nil:
+		slots = nil
+		a.Notes = append(a.Notes, fmt.Sprintf("no slot granted: %v", ferr))
 	case err != nil:
 		a.Deny = append(a.Deny, slots...)
 		a.Notes = append(a.Notes, fmt.Sprintf("no slot granted: %v", err))
 	case running == bootenv.SlotA:
-		a.Write, a.Deny = append(a.Write, s.SlotB), append(a.Deny, s.SlotA)
+		a.Write, a.Deny = append(a.Write, found.SlotB), append(a.Deny, found.SlotA)
 	default:
-		a.Write, a.Deny = append(a.Write, s.SlotA), append(a.Deny, s.SlotB)
+		a.Write, a.Deny = append(a.Write, found.SlotA), append(a.Deny, found.SlotB)
 	}
 
 	switch s.Bootenv.Backend {

@@ -26,6 +26,7 @@ func TestNeededAccess(t *testing.T) {
 		return config.Installer{Type: "abpart", Settings: s}
 	}
 	grub := map[string]any{"backend": "grub", "grub": map[string]any{"envFile": "/boot/grub/grubenv"}}
+	labels := partlabelDir(t, map[string]string{"rootA": slotA, "rootB": slotB})
 	cases := []struct {
 		name       string
 		cmdline    string
@@ -43,8 +44,12 @@ func TestNeededAccess(t *testing.T) {
 			in: abpart(map[string]any{"runningSlot": "B", "bootenv": grub}), write: []string{slotA, "/boot/grub/grubenv"}, deny: []string{slotB}},
 		{name: "running slot unknown: neither slot", cmdline: "quiet",
 			in: abpart(map[string]any{"bootenv": grub}), write: []string{"/boot/grub/grubenv"}, deny: []string{slotA, slotB}, note: "cannot tell the running slot"},
-		{name: "no slots configured", cmdline: "gwagent.slot=A",
-			in: abpart(map[string]any{"slotA": "", "slotB": "", "bootenv": grub}), write: []string{"/boot/grub/grubenv"}, note: "slotA and slotB are required"},
+		{name: "no slots configured or labelled", cmdline: "gwagent.slot=A",
+			in: abpart(map[string]any{"slotA": "", "slotB": "", "partlabelDir": dir, "bootenv": grub}), write: []string{"/boot/grub/grubenv"},
+			note: `no slot granted: abpart: bad config: no slots: abpart.slotA is not set and no partition is labelled "rootA"`},
+		{name: "slots by label: the inactive one", cmdline: "root=PARTLABEL=rootA",
+			in:    abpart(map[string]any{"slotA": "", "slotB": "", "partlabelDir": labels, "bootenv": grub}),
+			write: []string{filepath.Join(labels, "rootB"), "/boot/grub/grubenv"}, deny: []string{filepath.Join(labels, "rootA")}},
 		{name: "file environment", cmdline: "gwagent.slot=A",
 			in: abpart(map[string]any{"bootenv": map[string]any{"backend": "file", "file": map[string]any{"path": "/var/lib/env"}}}), write: []string{slotB, "/var/lib/env"}, deny: []string{slotA}},
 	}

@@ -153,3 +153,116 @@ func TestSpecsMatchNames(t *testing.T) {
 		}
 	}
 }
+
+// partlabelDir is a folder laid out as udev's /dev/disk/by-partlabel: one
+// link per partition name, to the slot (here a plain file).
+func partlabelDir(t *testing.T, links map[string]string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "by-partlabel")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for label, target := range links {
+		if err := os.Symlink(target, filepath.Join(dir, label)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// With slotA and slotB left empty, as in the shipped configuration, the
+// slots are the partitions named rootA and rootB (or labelA and labelB).
+func TestBuildABPartFindsSlotsByLabel(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"a.img", "b.img", "c.img"} {
+		if err := os.WriteFile(filepath.Join(dir, f), make([]byte, 1<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := filepath.Join(dir, "bootenv")
+	if err := os.WriteFile(env, []byte("gw_slot=A\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	labels := partlabelDir(t, map[string]string{
+		"boot": filepath.Join(dir, "c.img"), "rootA": filepath.Join(dir, "a.img"), "rootB": filepath.Join(dir, "b.img"),
+		"sysA": filepath.Join(dir, "b.img"), "sysB": filepath.Join(dir, "c.img"),
+	})
+	cmdline := filepath.Join(dir, "cmdline")
+	if err := os.WriteFile(cmdline, []byte("ro root=PARTLABEL=rootA quiet\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in := func(set map[string]any) config.Installer {
+		s := settings("abpart", map[string]any{
+			"slotType": "file", "partlabelDir": labels, "cmdlinePath": cmdline,
+			"bootenv": map[string]any{"backend": "file", "file": map[string]any{"path": env}},
+		})
+		for k, v := range set {
+			s[k] = v
+		}
+		return config.Installer{Type: "abpart", Settings: s}
+	}
+	cases := []struct {
+		name string
+		set  map[string]any
+		a, b string
+		runs string
+	}{
+		{name: "default labels", a: "rootA", b: "rootB", runs: "A"},
+		{name: "own labels", set: map[string]any{"labelA": "sysA", "labelB": "sysB"}, a: "sysA", b: "sysB", runs: ""},
+		{name: "one slot set, the other by label", set: map[string]any{"slotA": filepath.Join(dir, "c.img")}, b: "rootB", runs: ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := Build(in(tc.set), Deps{StateDir: t.TempDir()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, err := b.Installer.(*abpart.Installer).Status(t.Context())
+			if tc.runs == "" {
+				// root=PARTLABEL=rootA names neither slot.
+				if !errors.Is(err, abpart.ErrRunningSlot) {
+					t.Fatalf("status: %v, want %v", err, abpart.ErrRunningSlot)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := filepath.Join(labels, tc.a); st.Slots[0].Path != want {
+				t.Errorf("slot A %s, want %s", st.Slots[0].Path, want)
+			}
+			if want := filepath.Join(labels, tc.b); st.Slots[1].Path != want {
+				t.Errorf("slot B %s, want %s", st.Slots[1].Path, want)
+			}
+			if st.Running != tc.runs {
+				t.Errorf("running %s, want %s (root=PARTLABEL=rootA)", st.Running, tc.runs)
+			}
+		})
+	}
+	for _, tc := range []struct {
+		name string
+		set  map[string]any
+		want []string
+	}{
+		{"no partitions labelled", map[string]any{"partlabelDir": filepath.Join(dir, "none")},
+			[]string{"abpart.slotA is not set", "abpart.slotB is not set", `"rootA"`, `"rootB"`, filepath.Join(dir, "none", "rootA"), "abpart.labelA"}},
+		{"one label missing", map[string]any{"labelB": "rootC"},
+			[]string{"abpart.slotB is not set", `no partition is labelled "rootC" (no ` + filepath.Join(labels, "rootC") + ")"}},
+		{"a label with a slash", map[string]any{"labelA": "../a.img"}, []string{`the label "../a.img" is not a partition name`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Build(in(tc.set), Deps{StateDir: t.TempDir()})
+			if !errors.Is(err, config.ErrConfig) || !errors.Is(err, abpart.ErrNoSlots) {
+				t.Fatalf("err = %v, want a config error (exit 78)", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("%v\ndoes not say %q", err, w)
+				}
+			}
+			if strings.Contains(tc.name, "one") && strings.Contains(err.Error(), "abpart.slotA is not set") {
+				t.Errorf("%v: slot A was found", err)
+			}
+		})
+	}
+}

@@ -64,6 +64,9 @@ type Response struct {
 	PID      int    `json:"pid,omitempty"`
 	// Hub is the daemon's connection to its hub, in answers to OpStatus.
 	Hub *Hub `json:"hub,omitempty"`
+	// Installer is the installer the daemon runs with (installer.type as
+	// it was at its start), in answers to OpStatus.
+	Installer string `json:"installer,omitempty"`
 }
 
 // Hub is the state of the daemon's session with its hub.

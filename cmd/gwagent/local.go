@@ -52,6 +52,9 @@ type statusReport struct {
 		Socket  string `json:"socket"`
 		// Hub is the running agent's session with its hub.
 		Hub *local.Hub `json:"hub,omitempty"`
+		// Installer is the running agent's installer, which differs from
+		// the top-level one (the configuration's) until a restart.
+		Installer string `json:"installer,omitempty"`
 		// Error says why the agent could not be asked (other than not
 		// running: then Running is false and Error empty).
 		Error string `json:"error,omitempty"`
@@ -188,7 +191,7 @@ func askAgent(ctx context.Context, r *statusReport) {
 		r.Agent.Error = err.Error()
 	default:
 		// An answer, even a refusal, means the agent runs.
-		r.Agent.Running, r.Agent.PID, r.Agent.Hub = true, resp.PID, resp.Hub
+		r.Agent.Running, r.Agent.PID, r.Agent.Hub, r.Agent.Installer = true, resp.PID, resp.Hub, resp.Installer
 		if !resp.OK {
 			r.Agent.Error = resp.Error
 		}
@@ -238,7 +241,7 @@ func printStatus(w io.Writer, r statusReport, now time.Time) error {
 	case a.Running && a.Error != "":
 		fmt.Fprintf(tw, "hub:\tunknown (%s)\n", a.Error)
 	}
-	fmt.Fprintf(tw, "installer:\t%s\n", r.Installer)
+	fmt.Fprintf(tw, "installer:\t%s\n", installerText(r))
 	fmt.Fprintf(tw, "running version:\t%s\n", orDash(r.RunningVersion))
 	fmt.Fprintf(tw, "committed version:\t%s\n", orDash(r.CommittedVersion))
 	if r.RunningSlot != "" {
@@ -293,6 +296,19 @@ func printStatus(w io.Writer, r statusReport, now time.Time) error {
 		return err
 	}
 	return nil
+}
+
+// installerText names the configured installer, says when it writes
+// nothing, and when the running agent still uses another one.
+func installerText(r statusReport) string {
+	s := r.Installer
+	if s == "simulated" {
+		s += " (writes nothing to the device: for demos and labs)"
+	}
+	if a := r.Agent.Installer; a != "" && a != r.Installer {
+		s += fmt.Sprintf("; the running agent uses %s until it is restarted", a)
+	}
+	return s
 }
 
 func orDash(s string) string {

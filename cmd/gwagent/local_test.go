@@ -333,8 +333,29 @@ func TestLocalControlSimulated(t *testing.T) {
 		out, err = execute(context.Background(), "status", "--config", "../../configs/dev.yaml", "--state-dir", state)
 		return err == nil && strings.Contains(out, "running (pid")
 	})
-	if !strings.Contains(out, "installer:") || !strings.Contains(out, "simulated") || !strings.Contains(out, "none (no update has run)") {
+	if !strings.Contains(out, "installer:") || !strings.Contains(out, "simulated (writes nothing to the device: for demos and labs)\n") ||
+		!strings.Contains(out, "none (no update has run)") {
 		t.Fatalf("status:\n%s", out)
+	}
+	// The running agent says which installer it runs with: once the
+	// configuration names another, status says the agent still uses the
+	// simulated one.
+	out, err := execute(context.Background(), "status", "-o", "json", "--config", "../../configs/dev.yaml", "--state-dir", state, "--installer", "abpart")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var js struct {
+		Agent struct {
+			Installer string `json:"installer"`
+		} `json:"agent"`
+		Installer string `json:"installer"`
+	}
+	if err := json.Unmarshal([]byte(out), &js); err != nil || js.Agent.Installer != "simulated" || js.Installer != "abpart" {
+		t.Fatalf("status -o json (%v):\n%s", err, out)
+	}
+	out, _ = execute(context.Background(), "status", "--config", "../../configs/dev.yaml", "--state-dir", state, "--installer", "abpart")
+	if !strings.Contains(out, "abpart; the running agent uses simulated until it is restarted\n") {
+		t.Fatalf("status with the configuration changed:\n%s", out)
 	}
 	for _, op := range []string{"commit", "rollback"} {
 		_, err := execute(context.Background(), op, "--config", "../../configs/dev.yaml", "--state-dir", state)

@@ -145,3 +145,22 @@ func TestRunAgainstHub(t *testing.T) {
 		t.Fatal("run did not stop")
 	}
 }
+
+// The shipped configuration on a device whose disk has no partitions named
+// rootA and rootB: the agent refuses to start (78, so systemd does not
+// restart it) and says which keys to set and which labels it looked for,
+// instead of falling back to an installer that writes nothing.
+func TestShippedConfigWithoutSlotsExits78(t *testing.T) {
+	labels := t.TempDir()
+	t.Setenv("GWAGENT_HUB_CONNECTIONSTRING", "HostName=hub.example.net;DeviceId=gw-01;SharedAccessKey=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+	t.Setenv("GWAGENT_INSTALLER_ABPART_PARTLABELDIR", labels)
+	stderr, code := gwagent(t, "run", "--config", "../../configs/gwagent.yaml", "--state-dir", t.TempDir(), "--log-format", "json")
+	if code != 78 {
+		t.Fatalf("exit %d, want 78; stderr %s", code, stderr)
+	}
+	for _, w := range []string{"installer.abpart", "abpart.slotA", "abpart.slotB", `"rootA"`, `"rootB"`, filepath.Join(labels, "rootA"), "abpart.labelA"} {
+		if !strings.Contains(stderr, w) {
+			t.Errorf("stderr %q does not say %q", stderr, w)
+		}
+	}
+}

@@ -44,9 +44,20 @@ type Config struct {
 	BootIDPath string `yaml:"bootIdPath" mapstructure:"bootIdPath"`
 	// StateDir holds abpart.json, the record of the switch (required).
 	StateDir string `yaml:"stateDir" mapstructure:"stateDir"`
+	// LabelA and LabelB are the GPT partition names (PARTLABEL) of the
+	// slots, looked up in PartlabelDir for a slot whose SlotA or SlotB is
+	// empty. Default: rootA and rootB, as on the reference disk.
+	LabelA string `yaml:"labelA" mapstructure:"labelA"`
+	LabelB string `yaml:"labelB" mapstructure:"labelB"`
+	// PartlabelDir is where partitions are linked by GPT name (udev's
+	// /dev/disk/by-partlabel, the default).
+	PartlabelDir string `yaml:"partlabelDir" mapstructure:"partlabelDir"`
 	// BootLimit, when > 0, is written as bootlimit with each switch; 0 leaves
 	// the bootloader's value (the shipped scripts default to 3).
 	BootLimit int `yaml:"bootLimit" mapstructure:"bootLimit"`
+
+	// found are the slots FindSlots found by label: slot name → label.
+	found map[string]string
 }
 
 // Deps are the installer's collaborators.
@@ -128,10 +139,12 @@ func check(cfg Config, deps Deps) (*Installer, error) {
 	if deps.Rebooter == nil {
 		deps.Rebooter = CommandRebooter{}
 	}
+	cfg, err := FindSlots(cfg)
+	if err != nil {
+		return nil, err
+	}
 	cfg.setDefaults()
 	switch {
-	case cfg.SlotA == "" || cfg.SlotB == "":
-		return nil, fmt.Errorf("%w: abpart.slotA and abpart.slotB are required", ErrConfig)
 	case cfg.SlotType != SlotTypeBlock && cfg.SlotType != SlotTypeFile:
 		return nil, fmt.Errorf("%w: abpart.slotType %q (known: %s, %s)", ErrConfig, cfg.SlotType, SlotTypeBlock, SlotTypeFile)
 	case cfg.RunningSlot != "" && !bootenv.ValidSlot(cfg.RunningSlot):
@@ -241,7 +254,8 @@ func (i *Installer) runningSlot() (string, error) {
 		return "", fmt.Errorf("%w: no gwagent.slot= or root= in %s (set abpart.runningSlot)", ErrRunningSlot, i.cfg.CmdlinePath)
 	}
 	for _, s := range []string{bootenv.SlotA, bootenv.SlotB} {
-		if root == i.roots[s] {
+		// A slot found by its label is also named by root=PARTLABEL=….
+		if label, ok := i.cfg.found[s]; root == i.roots[s] || ok && root == "PARTLABEL="+label {
 			return s, nil
 		}
 	}

@@ -9,6 +9,10 @@ import "github.com/gwagent/gwagent/firmware/bootenv"
 // the agent's user the inactive slot and takes the running one away before
 // the agent itself starts.
 func RunningSlot(cfg Config) (string, error) {
+	cfg, err := FindSlots(cfg)
+	if err != nil {
+		return "", err
+	}
 	cfg.setDefaults()
 	i := &Installer{cfg: cfg, paths: cfg.slotPaths(), roots: map[string]string{bootenv.SlotA: cfg.RootA, bootenv.SlotB: cfg.RootB}}
 	return i.runningSlot()

@@ -47,7 +47,7 @@ var requiredChecks = append([]string{
 	"unit-verify", "exposure-at-most-1.5",
 	"unconfigured-exit-78", "unconfigured-not-restarted", "unconfigured-names-key", "unconfigured-grant-said",
 	"config-edit", "start-offline", "offline-active", "offline-type-notify", "offline-status-text",
-	"start", "active", "type-notify", "status-connected",
+	"start", "active", "type-notify", "status-connected", "status-names-installer",
 	"runs-as-gwagent", "no-capabilities", "state-handed-over", "secret-acl", "secret-no-warning", "device-cgroup-empty",
 	"update-completed", "update-id", "journal-update-id", "journal-native-transport", "journal-phase-field",
 	"journal-identifier", "status-after-update", "reload", "reload-same-process",

@@ -110,11 +110,14 @@ printf '%s\n' "$DEVICE_CONNECTION_STRING" >/etc/gwagent/connection-string
 install -m 0644 /mnt/in/ca.pem /etc/gwagent/hub-ca.pem
 # A local edit of the conffile, made in place as an administrator would (the
 # shipped file already has the top-level sections): it must survive the
-# upgrade and the removal.
+# upgrade and the removal. The installer is chosen explicitly: the shipped
+# file selects abpart (and the root-run version's left it commented out),
+# and these first updates are the simulated installer's.
 sed -i \
 	-e 's|^  # caFile: ""$|  caFile: /etc/gwagent/hub-ca.pem|' \
 	-e "s|^  # address: \"\"\$|  address: \"$MQTT_ADDR\"|" \
 	-e 's|^  # type: simulated$|  type: simulated\n  simulated:\n    waitBeforeDownload: 1s\n    download: 1s\n    apply: 2s|' \
+	-e 's|^  type: abpart$|  type: simulated\n  simulated:\n    waitBeforeDownload: 1s\n    download: 1s\n    apply: 2s|' \
 	-e 's|^  # allowUnsigned: auto$|  allowUnsigned: true|' \
 	/etc/gwagent/config.yaml
 check "$1" sh -c "grep -qx '  caFile: /etc/gwagent/hub-ca.pem' /etc/gwagent/config.yaml &&
@@ -194,6 +197,8 @@ check start systemctl restart gwagent.service
 check active is_prop ActiveState active
 check type-notify is_prop Type notify
 check status-connected wait_for 30 status_matches '^connected'
+# The installer in use is on the status line: this one writes nothing.
+check status-names-installer status_matches '; installer simulated \(writes nothing'
 run systemctl status --no-pager gwagent.service
 run systemctl show -p ActiveState,Type,StatusText,NRestarts,MainPID gwagent.service
 # The process itself, seen from outside: the agent's user, no capability.
