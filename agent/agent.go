@@ -249,6 +249,7 @@ func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmwar
 		CurrentVersion:  cfg.CurrentVersion,
 		HealthCheck:     a.healthCheck,
 		DownloadTimeout: cfg.Update.DownloadTimeout,
+		StallTimeout:    cfg.Update.StallTimeout,
 		AllowedHosts:    cfg.Update.AllowedHosts,
 		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
 	})

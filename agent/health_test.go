@@ -194,8 +194,10 @@ func TestTrialBootHealth(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			// The rollback waits for its reboot: recorded as rollingBack,
+			// finished by the next start.
 			p := m.Status().Progress
-			if p.UpdateID != d.updateID || p.Phase != firmware.PhaseRolledBack || p.Err == nil || p.Err.Code != firmware.CodeHealth ||
+			if p.UpdateID != d.updateID || p.Phase != firmware.PhaseRollingBack || p.Err == nil || p.Err.Code != firmware.CodeHealth ||
 				!strings.Contains(p.Err.Message, "app.service is failed") {
 				t.Fatalf("persisted update after the failed health check: %+v (error %+v)", p, p.Err)
 			}

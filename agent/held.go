@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"sync"
 	"time"
 
@@ -101,6 +102,9 @@ func updateLine(st firmware.Status) string {
 	s := updateStage(st)
 	if st.Busy && st.Problem != nil {
 		s += "; held: " + st.Problem.Message
+	}
+	if st.Busy && st.Retry != nil {
+		s += fmt.Sprintf("; retrying (attempt %d failed: %s)", st.Retry.Attempt, st.Retry.LastError)
 	}
 	return s
 }

@@ -48,6 +48,8 @@ func (m *Manager) download(ctx context.Context) (checkpoint, error) {
 	hold := ctx
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.DownloadTimeout)
 	defer cancel()
+	m.dropRetry()
+	defer m.dropRetry()
 	// Updates are rare: do not keep connections (and their goroutines) open
 	// between them.
 	defer m.cfg.HTTPClient.CloseIdleConnections()
@@ -258,7 +260,7 @@ func (w *fetchWriter) SetTotal(n int64) { w.s.cp.Total = n }
 // fromHTTP downloads u's URI from the checkpoint on.
 func (s *streamer) fromHTTP(ctx context.Context, u Update) error {
 	rr := &rangeReader{
-		ctx: ctx, m: s.m, url: u.Request.URI, offset: s.cp.Offset, total: s.cp.Total,
+		ctx: ctx, m: s.m, lastByte: time.Now(), url: u.Request.URI, offset: s.cp.Offset, total: s.cp.Total,
 		etag: s.cp.ETag, lastModified: s.cp.LastModified, limit: s.limit,
 	}
 	defer rr.close()

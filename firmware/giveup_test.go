@@ -61,7 +61,7 @@ func TestGiveUpNamesHostAndCause(t *testing.T) {
 				c.DownloadTimeout = 600 * time.Millisecond
 				c.RetryMaxElapsed = time.Minute
 			},
-			want: `^download from ` + regexp.QuoteMeta(refused) + `: did not finish within 600ms \(received 0 bytes\); last failure: connect: connection refused` + attempts + `$`},
+			want: `^download from ` + regexp.QuoteMeta(refused) + `: did not finish within 600ms \(received 0 bytes, size unknown\); last failure: connect: connection refused` + attempts + `$`},
 		{name: "unknown host", url: "http://fw.gwagent.test:8080/fw.img",
 			config: func(c *firmware.Config) {
 				d := &net.Dialer{Timeout: time.Second, Resolver: &net.Resolver{PreferGo: true,

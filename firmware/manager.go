@@ -60,6 +60,14 @@ type Config struct {
 	// IdleTimeout aborts and retries a connection that delivers no byte for
 	// this long (default 60s).
 	IdleTimeout time.Duration
+	// StallTimeout ends a download failed when no new byte of the image
+	// arrived for this long, across attempts (default 3m): the clock runs
+	// from the start of the download (or of the signature download) and
+	// from each new byte, and is not reset by reconnecting. The error is
+	// the last attempt's, naming the URL and the bytes received and
+	// expected. A retry that would start after it has run out is not
+	// made.
+	StallTimeout time.Duration
 	// RetryInitialInterval and RetryMaxInterval shape the exponential backoff
 	// between download attempts, and between attempts to write a state file
 	// that could not be written (defaults 1s and 1m); RetryMaxElapsed gives
@@ -120,6 +128,7 @@ func (c *Config) setDefaults() {
 	}
 	def(&c.DownloadTimeout, 2*time.Hour)
 	def(&c.IdleTimeout, time.Minute)
+	def(&c.StallTimeout, 3*time.Minute)
 	def(&c.RetryInitialInterval, time.Second)
 	def(&c.RetryMaxInterval, time.Minute)
 	def(&c.RetryMaxElapsed, 10*time.Minute)
@@ -185,6 +194,9 @@ type Manager struct {
 	problem      *UpdateError
 	problemSince time.Time
 	problemPhase Phase
+	// retry is the download's pending retry (Progress.Retry), nil when
+	// none; reported only in the downloading phase.
+	retry *Retry
 
 	emitMu sync.Mutex // serialises Observer calls so they arrive in order; taken before mu
 }
@@ -405,7 +417,10 @@ var resumeTable = map[Phase]struct {
 	PhaseApplying:    {"Apply is idempotent: apply the verified image again", (*Manager).stepApplying},
 	PhaseRebooting:   {"the reboot happened or was cut short: committing checks which", (*Manager).stepRebooting},
 	PhaseCommitting:  {"verify the boot and commit again (both idempotent)", (*Manager).stepCommitting},
-	PhaseRolledBack:  {"the rollback was interrupted: roll back again (idempotent)", (*Manager).stepRollback},
+	PhaseRollingBack: {"the rollback was interrupted or needed a reboot: roll back again (idempotent)", (*Manager).stepRollback},
+	// Records of agents before rollingBack existed: rolledBack with
+	// RollbackPending set.
+	PhaseRolledBack: {"the rollback was interrupted: roll back again (idempotent)", (*Manager).stepRollback},
 }
 
 // drive runs the current update until it ends or ctx is done; the only
@@ -454,7 +469,8 @@ func (m *Manager) drive(ctx context.Context) error {
 			}
 			continue
 		}
-		if next == rec.Phase && rec.Phase == PhaseRolledBack {
+		if next == PhaseRolledBack && (rec.Phase == PhaseRolledBack || rec.Phase == PhaseRollingBack) {
+			// stepRollback persisted and reported the outcome itself.
 			continue
 		}
 		if err := m.transition(ctx, next); err != nil {
@@ -564,12 +580,15 @@ func (m *Manager) fail(ctx context.Context, phase Phase, err error) error {
 	if applied && canRollback {
 		log.Warn("update failed; rolling back", zap.String("code", ue.Code), zap.String("reason", ue.Message))
 		if perr := m.persist(ctx, func(r *record) {
-			r.Phase = PhaseRolledBack
+			r.Phase = PhaseRollingBack
 			r.RollbackPending = true
 			r.Err = ue
 		}); perr != nil {
 			return perr
 		}
+		// Reported before the rollback acts: a rollback that reboots
+		// must not leave the twin on the phase that failed.
+		m.emitRecord()
 		// Errors of the rollback itself are handled there (the update ends
 		// failed) or retried by the next round of drive.
 		if _, serr := m.stepRollback(ctx); serr != nil && ctx.Err() != nil {
@@ -634,6 +653,7 @@ func (m *Manager) stepRollback(ctx context.Context) (Phase, error) {
 	fellBack := rec.Err != nil && rec.Err.Code == CodeBootloaderRollback
 	if perr := m.persist(ctx, func(r *record) {
 		r.RollbackPending = false
+		r.Phase = PhaseRolledBack
 		if fellBack {
 			r.Phase = PhaseFailed
 		}
@@ -800,6 +820,44 @@ func (m *Manager) emitRecord() {
 	m.cfg.Observer(p)
 }
 
+// setRetry reports that the download waits to try again.
+func (m *Manager) setRetry(rt Retry) {
+	m.emitMu.Lock()
+	defer m.emitMu.Unlock()
+	m.mu.Lock()
+	m.retry = &rt
+	p := m.progressOf(m.rec)
+	m.last = p
+	m.mu.Unlock()
+	m.cfg.Observer(p)
+}
+
+// clearRetry reports that the download goes on (a new byte arrived), if
+// a retry was reported.
+func (m *Manager) clearRetry() {
+	m.mu.Lock()
+	had := m.retry != nil
+	m.mu.Unlock()
+	if had {
+		m.emitMu.Lock()
+		defer m.emitMu.Unlock()
+		m.mu.Lock()
+		m.retry = nil
+		p := m.progressOf(m.rec)
+		m.last = p
+		m.mu.Unlock()
+		m.cfg.Observer(p)
+	}
+}
+
+// dropRetry forgets a retry without reporting: the download ended, and
+// the next progress (a phase) is reported without it.
+func (m *Manager) dropRetry() {
+	m.mu.Lock()
+	m.retry = nil
+	m.mu.Unlock()
+}
+
 // emitBytes reports download progress without persisting it.
 func (m *Manager) emitBytes(done, total int64) {
 	m.emitMu.Lock()
@@ -827,8 +885,12 @@ func (m *Manager) progressOf(r record) Progress {
 	if r.UpdateID == "" {
 		p.Phase = PhaseIdle
 	}
-	if r.Phase == PhaseFailed || r.Phase == PhaseRolledBack {
+	if r.Phase == PhaseFailed || r.Phase == PhaseRolledBack || r.Phase == PhaseRollingBack {
 		p.Err = r.Err
+	}
+	if m.retry != nil && r.Phase == PhaseDownloading {
+		rt := *m.retry
+		p.Retry = &rt
 	}
 	if m.problem != nil && r.UpdateID != "" {
 		pr := *m.problem

@@ -492,10 +492,26 @@ func TestABRollback(t *testing.T) {
 				case <-time.After(30 * time.Second):
 					t.Fatalf("reboot %d missing; phases %v", i+1, rec.phases())
 				}
+				if i == 1 {
+					// The rollback's reboot: rollingBack was reported,
+					// with the error, before it, and is what a restart
+					// finds.
+					all := rec.list()
+					if p := all[len(all)-1]; p.Phase != firmware.PhaseRollingBack || p.Err == nil || p.Err.Code != tc.wantCode {
+						t.Errorf("reported before the rollback's reboot: %s %+v, want rollingBack with %s", p.Phase, p.Err, tc.wantCode)
+					}
+				}
 				m.stop(t)
 				m = startManager(t, cfg)
+				if st := m.Status(); i == 1 && (st.Phase != firmware.PhaseRollingBack || !st.Busy) {
+					t.Errorf("after the rollback's reboot the status is %s (busy %v), want rollingBack", st.Phase, st.Busy)
+				}
 			}
 			last := rec.waitTerminal(t, 30*time.Second)
+			want := []firmware.Phase{"accepted", "downloading", "verifying", "applying", "rebooting", "committing", "rollingBack", "rolledBack"}
+			if got := rec.phases(); !slices.Equal(got, want) {
+				t.Errorf("phases %v, want %v", got, want)
+			}
 			if last.Phase != firmware.PhaseRolledBack || last.Err == nil || last.Err.Code != tc.wantCode ||
 				!strings.Contains(last.Err.Message, tc.wantMsg) {
 				t.Fatalf("got %s %+v", last.Phase, last.Err)

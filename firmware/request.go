@@ -219,6 +219,11 @@ const (
 	PhaseApplying    Phase = "applying"
 	PhaseRebooting   Phase = "rebooting"
 	PhaseCommitting  Phase = "committing"
+	// PhaseRollingBack: the update failed after the new image was
+	// applied and the previous one is being made the boot image again
+	// (persisted and reported before the rollback acts, and before the
+	// reboot a rollback may need); rolledBack or failed follows.
+	PhaseRollingBack Phase = "rollingBack"
 	PhaseCompleted   Phase = "completed"
 	PhaseFailed      Phase = "failed"
 	PhaseRolledBack  Phase = "rolledBack"
@@ -239,13 +244,30 @@ type Progress struct {
 	Total          int64 // expected bytes, 0 if unknown
 	Percent        int   // 0-100, -1 if unknown
 	Slot           string
-	Err            *UpdateError // nil unless Phase is failed or rolledBack
+	Err            *UpdateError // nil unless Phase is failed, rollingBack or rolledBack
 	// Problem is why a running update is held back for now, nil when
 	// nothing holds it: a state file cannot be written (code
 	// CodeStateNotSaved; the message names the file, the cause and what
 	// waits). The update goes on by itself once the write succeeds.
 	Problem *UpdateError
-	Time    time.Time
+	// Retry is set while the download (or the signature download) waits to
+	// try again after a failed attempt, nil otherwise: it is cleared by the
+	// first new byte and by any phase change.
+	Retry *Retry
+	Time  time.Time
+}
+
+// Retry describes a download that failed and will be tried again.
+type Retry struct {
+	// Attempt counts the attempts that failed since a byte last arrived
+	// (or since the download began).
+	Attempt int
+	// LastError is why the last attempt failed; it names the URL (without
+	// its query or user info) and, for a transfer, the bytes received and
+	// expected.
+	LastError string
+	// NextAttemptAt is when the next attempt starts.
+	NextAttemptAt time.Time
 }
 
 // UpdateError says why an update failed or was rolled back. Code is stable

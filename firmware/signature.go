@@ -102,13 +102,17 @@ func (m *Manager) checkSignature(rec record, cp checkpoint) error {
 func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error) {
 	b := retry.NewBackoff(m.cfg.RetryInitialInterval, m.cfg.RetryMaxInterval)
 	parent := ctx
-	ctx, cancel := context.WithTimeout(ctx, m.cfg.RetryMaxElapsed+m.cfg.IdleTimeout)
+	// The whole fetch, attempts and waits, within the stall clock: not a
+	// byte of it has arrived until it succeeds.
+	budget := min(m.cfg.RetryMaxElapsed, m.cfg.StallTimeout)
+	ctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 	defer m.cfg.HTTPClient.CloseIdleConnections()
 	var (
 		tries int
 		last  error
 		since = time.Now()
+		where = redactURI(uri)
 	)
 	sig, err := backoff.Retry(ctx, func() ([]byte, error) {
 		tries++
@@ -117,17 +121,24 @@ func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error
 			last = err
 		}
 		return sig, err
-	}, backoff.WithBackOff(b), backoff.WithMaxElapsedTime(m.cfg.RetryMaxElapsed))
+	}, backoff.WithBackOff(b), backoff.WithMaxElapsedTime(budget), backoff.WithNotify(func(err error, wait time.Duration) {
+		m.log.Warn("signature download attempt failed; retrying", zap.String("url", where), zap.Error(err),
+			zap.Int("attempt", tries), zap.Duration("wait", wait))
+		m.setRetry(Retry{Attempt: tries, LastError: "signature download from " + where + ": " + err.Error(), NextAttemptAt: time.Now().Add(wait).UTC()})
+	}))
+	if err == nil {
+		m.clearRetry()
+	}
 	if err == nil || parent.Err() != nil {
 		return sig, err
 	}
 	if ctx.Err() != nil {
 		err = last
 		if err == nil {
-			err = fmt.Errorf("no answer within %s", m.cfg.RetryMaxElapsed+m.cfg.IdleTimeout)
+			err = fmt.Errorf("no answer within %s", budget)
 		}
 	}
-	return nil, fmt.Errorf("signature: %w", &giveUpError{what: "download", url: redactURI(uri), cause: err, tries: tries, over: time.Since(since)})
+	return nil, fmt.Errorf("signature: %w", &giveUpError{what: "download", url: where, cause: err, tries: tries, over: time.Since(since)})
 }
 
 // fetchSignatureOnce is one attempt of fetchSignature; it marks the

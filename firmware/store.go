@@ -38,8 +38,9 @@ type record struct {
 	// RebootRequested is set (persisted) just before Reboot is called, so a
 	// restart in the rebooting phase knows the reboot was at least asked for.
 	RebootRequested bool `json:"rebootRequested,omitempty"`
-	// RollbackPending marks a rolledBack record persisted before Rollback
-	// finished (persist, then act); a restart finishes the rollback.
+	// RollbackPending marks a rollingBack record (rolledBack in records of
+	// older agents) persisted before Rollback finished (persist, then act);
+	// a restart finishes the rollback.
 	RollbackPending bool `json:"rollbackPending,omitempty"`
 	// RollbackTries counts rollback attempts (persisted before each).
 	RollbackTries int `json:"rollbackTries,omitempty"`

@@ -50,6 +50,17 @@ type rangeReader struct {
 	tries int
 	since time.Time
 	last  error
+
+	// The stall clock (Config.StallTimeout): when the last new byte
+	// arrived (or the download began), how many attempts failed since,
+	// whether the last failure was permanent, whether the stall clock
+	// bounds the current round, and the idle timeout of the current
+	// request.
+	lastByte   time.Time
+	failures   int
+	lastPerm   bool
+	stallBound bool
+	idleFor    time.Duration
 }
 
 func (r *rangeReader) errOr(err error) error {
@@ -81,6 +92,7 @@ func (r *rangeReader) Read(p []byte) (int, error) {
 	if r.err != nil {
 		return 0, r.err
 	}
+	var cause error // why the transfer broke, for a download that stalled out
 	if r.body != nil {
 		n, err := r.readBody(p)
 		if r.err != nil {
@@ -94,8 +106,9 @@ func (r *rangeReader) Read(p []byte) (int, error) {
 			return 0, io.EOF
 		}
 		r.m.log.Info("transfer interrupted; resuming", zap.Error(err), zap.Int64("bytes", r.offset))
+		cause = err
 	}
-	n, err := r.recover(p)
+	n, err := r.recover(p, cause)
 	if err != nil && err != io.EOF {
 		r.err = err
 	}
@@ -107,7 +120,13 @@ func (r *rangeReader) Read(p []byte) (int, error) {
 func (r *rangeReader) readBody(p []byte) (int, error) {
 	n, err := r.body.Read(p)
 	if n > 0 {
-		r.idle.Reset(r.m.cfg.IdleTimeout)
+		r.idleFor = min(r.m.cfg.IdleTimeout, r.m.cfg.StallTimeout)
+		r.idle.Reset(r.idleFor)
+		r.lastByte = time.Now()
+		if r.failures > 0 {
+			r.failures = 0
+			r.m.clearRetry()
+		}
 		if r.limit > 0 && r.offset+int64(n) > r.limit {
 			r.close()
 			r.err = backoff.Permanent(coded(CodeVerify,
@@ -134,30 +153,58 @@ func (r *rangeReader) readBody(p []byte) (int, error) {
 		cause = context.Cause(r.reqCtx)
 	}
 	r.close()
-	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) && r.total > 0 {
-		if r.total == 0 || r.offset == r.total {
+	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
+		if err == io.EOF && (r.total == 0 || r.offset == r.total) {
 			return 0, io.EOF
 		}
-		return 0, fmt.Errorf("%w: received %d of %d bytes", errTruncated, r.offset, r.total)
+		return 0, fmt.Errorf("%w: received %s", errTruncated, r.received())
 	}
 	if errors.Is(cause, errStalled) {
-		return 0, fmt.Errorf("%w (%s) after %s", errStalled, r.m.cfg.IdleTimeout, r.received())
+		return 0, fmt.Errorf("%w (%s) after %s", errStalled, r.idleFor, r.received())
 	}
 	return 0, fmt.Errorf("read: %w after %s", err, r.received())
 }
 
-// received says how much of the image arrived: "1048576 of 4194304 bytes".
+// received says how much of the image arrived, and of how much when that
+// is known (from the server, else from the request's size): "1048576 of
+// 4194304 bytes", "1048576 bytes, size unknown".
 func (r *rangeReader) received() string {
-	if r.total > 0 {
+	switch {
+	case r.total > 0:
 		return fmt.Sprintf("%d of %d bytes", r.offset, r.total)
+	case r.limit > 0:
+		return fmt.Sprintf("%d of %d bytes", r.offset, r.limit)
 	}
-	return fmt.Sprintf("%d bytes", r.offset)
+	return fmt.Sprintf("%d bytes, size unknown", r.offset)
+}
+
+// roundBudget starts a round of attempts and returns how long it may
+// retry: RetryMaxElapsed, or less when StallTimeout since the last new
+// byte runs out first. ok is false when it has already run out.
+func (r *rangeReader) roundBudget() (time.Duration, bool) {
+	r.startTries()
+	left := time.Until(r.lastByte.Add(r.m.cfg.StallTimeout))
+	r.stallBound = left < r.m.cfg.RetryMaxElapsed
+	return min(left, r.m.cfg.RetryMaxElapsed), left > 0
+}
+
+// stalledOut is the error of a round that could not start because
+// StallTimeout ran out: the failure that ended the last transfer.
+func (r *rangeReader) stalledOut(cause error) error {
+	if cause == nil {
+		cause = errStalled
+	}
+	r.last, r.lastPerm = cause, false
+	return coded(CodeDownload, r.giveUp(cause))
 }
 
 // recover reconnects with backoff and reads at least one byte. Progress
 // since the last failure resets the backoff (Retry resets it on entry).
-func (r *rangeReader) recover(p []byte) (int, error) {
-	r.startTries()
+func (r *rangeReader) recover(p []byte, cause error) (int, error) {
+	budget, ok := r.roundBudget()
+	if !ok {
+		return 0, r.stalledOut(cause)
+	}
 	n, err := backoff.Retry(r.ctx, func() (int, error) {
 		r.tries++
 		if r.body == nil {
@@ -173,7 +220,7 @@ func (r *rangeReader) recover(p []byte) (int, error) {
 			return 0, r.failed(r.err)
 		}
 		return 0, r.failed(err)
-	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(r.m.cfg.RetryMaxElapsed), backoff.WithNotify(r.notify))
+	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(budget), backoff.WithNotify(r.notify))
 	if err == io.EOF {
 		return n, io.EOF
 	}
@@ -185,11 +232,11 @@ func (r *rangeReader) recover(p []byte) (int, error) {
 
 // reconnect connects with backoff without reading.
 func (r *rangeReader) reconnect() error {
-	r.startTries()
+	budget, _ := r.roundBudget() // the first round: the download just began
 	_, err := backoff.Retry(r.ctx, func() (struct{}, error) {
 		r.tries++
 		return struct{}{}, r.failed(r.connect())
-	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(r.m.cfg.RetryMaxElapsed), backoff.WithNotify(r.notify))
+	}, backoff.WithBackOff(r.backoff), backoff.WithMaxElapsedTime(budget), backoff.WithNotify(r.notify))
 	if err != nil {
 		err = coded(CodeDownload, r.giveUp(err))
 		r.err = err
@@ -206,14 +253,19 @@ func (r *rangeReader) startTries() {
 // the download's context ending, and returns it.
 func (r *rangeReader) failed(err error) error {
 	if err != nil && r.ctx.Err() == nil {
-		r.last = err
+		var pe *backoff.PermanentError
+		r.last, r.lastPerm = err, errors.As(err, &pe)
 	}
 	return err
 }
 
+// notify logs a failed attempt and reports the retry (Progress.Retry).
 func (r *rangeReader) notify(err error, wait time.Duration) {
-	r.m.log.Warn("download attempt failed; retrying", zap.String("url", redactURI(r.url)), zap.Error(err),
-		zap.Int("attempt", r.tries), zap.Duration("wait", wait), zap.Int64("bytes", r.offset))
+	r.failures++
+	url := redactURI(r.url)
+	r.m.log.Warn("download attempt failed; retrying", zap.String("url", url), zap.Error(err),
+		zap.Int("attempt", r.failures), zap.Duration("wait", wait), zap.Int64("bytes", r.offset))
+	r.m.setRetry(Retry{Attempt: r.failures, LastError: "download from " + url + ": " + err.Error(), NextAttemptAt: time.Now().Add(wait).UTC()})
 }
 
 // giveUp is the error that ends an HTTP download: it names the URL, what
@@ -225,10 +277,14 @@ func (r *rangeReader) giveUp(err error) error {
 		return err
 	}
 	e := &giveUpError{what: "download", url: redactURI(r.url), cause: err, tries: r.tries, over: time.Since(r.since)}
-	if errors.Is(err, context.DeadlineExceeded) && r.ctx.Err() != nil {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) && r.ctx.Err() != nil:
 		// update.downloadTimeout ran out: what is known is how far it got,
 		// and what failed last, if anything did.
 		e.cause, e.timeout, e.received = r.last, r.m.cfg.DownloadTimeout, r.received()
+	case r.stallBound && !r.lastPerm:
+		// update.stallTimeout ran out before the next attempt.
+		e.stall, e.received = r.m.cfg.StallTimeout, r.received()
 	}
 	return e
 }
@@ -244,6 +300,7 @@ type giveUpError struct {
 	tries    int
 	over     time.Duration
 	timeout  time.Duration // the download's budget, when it ran out
+	stall    time.Duration // the stall timeout, when it ran out
 	received string        // how much had arrived then
 }
 
@@ -255,6 +312,8 @@ func (e *giveUpError) Error() string {
 		if e.cause != nil {
 			b.WriteString("; last failure: ")
 		}
+	} else if e.stall > 0 {
+		fmt.Fprintf(&b, "no new byte for %s (received %s); last failure: ", e.stall, e.received)
 	}
 	if e.cause != nil {
 		b.WriteString(e.cause.Error())
@@ -287,8 +346,10 @@ func (r *rangeReader) connect() error {
 		cancel(nil)
 		return err
 	}
-	// The idle timer covers the wait for headers too.
-	idle := time.AfterFunc(r.m.cfg.IdleTimeout, func() { cancel(errStalled) })
+	// The idle timer covers the wait for headers too; it never runs past
+	// the stall clock.
+	r.idleFor = max(min(r.m.cfg.IdleTimeout, time.Until(r.lastByte.Add(r.m.cfg.StallTimeout))), time.Millisecond)
+	idle := time.AfterFunc(r.idleFor, func() { cancel(errStalled) })
 	resp, err := r.m.cfg.HTTPClient.Do(req)
 	if err != nil {
 		idle.Stop()
@@ -345,7 +406,7 @@ func (r *rangeReader) requestError(err, cause error) error {
 		return backoff.Permanent(r.ctx.Err())
 	}
 	if errors.Is(cause, errStalled) {
-		return fmt.Errorf("no response within %s", r.m.cfg.IdleTimeout)
+		return fmt.Errorf("no response within %s", roundDuration(r.idleFor))
 	}
 	if permanentNetError(err) {
 		return backoff.Permanent(netCause(err))

@@ -125,6 +125,9 @@ type Update struct {
 	HealthTimeout time.Duration
 	// DownloadTimeout bounds one download, retries included.
 	DownloadTimeout time.Duration
+	// StallTimeout ends a download failed when no new byte arrived for
+	// this long, across attempts (firmware.Config.StallTimeout).
+	StallTimeout time.Duration
 	// HealthSystemState is which `systemctl is-system-running` answers
 	// pass the health check of a trial boot: running, degraded (running
 	// or degraded) or ignore (not asked).
@@ -212,6 +215,7 @@ var keys = []key{
 		set: oneOf(func(c *Config) *string { return &c.Update.HealthSystemState }, "running", "degraded", "ignore")},
 	{name: "update.healthUnits", def: []string{}, set: units(func(c *Config) *[]string { return &c.Update.HealthUnits })},
 	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
+	{name: "update.stallTimeout", def: "3m", set: dur(func(c *Config) *time.Duration { return &c.Update.StallTimeout }, time.Second, 24*time.Hour)},
 	{name: "update.allowedHosts", def: []string{}, set: hosts(func(c *Config) *[]string { return &c.Update.AllowedHosts })},
 	{name: "signature.keyDir", def: "/etc/gwagent/keys", usage: "folder of trusted minisign public keys (*.pub)",
 		set: str(func(c *Config) *string { return &c.Signature.KeyDir })},

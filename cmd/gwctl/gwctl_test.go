@@ -494,3 +494,23 @@ func TestTyposExit64(t *testing.T) {
 		t.Errorf("gwctl device: exit %d, stdout %q", r.code, r.stdout)
 	}
 }
+
+// TestWatchPrinterRetryAndOutage: a retry on the twin prints the attempt,
+// its error and when the next one starts; a hub that cannot be reached is
+// said once, with the cause, and its return too.
+func TestWatchPrinterRetryAndOutage(t *testing.T) {
+	var out strings.Builder
+	p := newWatchPrinter(&out, time.UTC, false, false)
+	at := time.Date(2026, 11, 26, 12, 0, 3, 0, time.UTC)
+	p.event(service.WatchEvent{Kind: service.EventRetry, Time: at, State: service.FirmwareState{Status: service.StatusDownloading,
+		Retry: &service.FirmwareRetry{Attempt: 3, LastError: "download from https://fw.example.com/a.img: HTTP 503 Service Unavailable",
+			NextAttemptAt: at.Add(8 * time.Second)}}})
+	p.event(service.WatchEvent{Kind: service.EventHubUnreachable, Time: at.Add(time.Second), Error: "dial tcp 127.0.0.1:443: connect: connection refused"})
+	p.event(service.WatchEvent{Kind: service.EventHubReachable, Time: at.Add(2 * time.Second)})
+	want := "12:00:03 retrying: attempt 3 failed: download from https://fw.example.com/a.img: HTTP 503 Service Unavailable; next attempt at 12:00:11\n" +
+		"12:00:04 cannot reach the hub to read the twin: dial tcp 127.0.0.1:443: connect: connection refused; still trying\n" +
+		"12:00:05 the hub answers again\n"
+	if out.String() != want {
+		t.Errorf("printed\n%s\nwant\n%s", out.String(), want)
+	}
+}

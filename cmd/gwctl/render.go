@@ -53,6 +53,19 @@ func (p *watchPrinter) event(e service.WatchEvent) {
 		p.line(e)
 		return
 	}
+	switch e.Kind {
+	case service.EventRetry:
+		p.finish()
+		fmt.Fprintf(p.w, "%s %s\n", p.clock(e.Time), p.retryText(e.State.Retry))
+		return
+	case service.EventHubUnreachable:
+		p.finish()
+		fmt.Fprintf(p.w, "%s cannot reach the hub to read the twin: %s; still trying\n", p.clock(e.Time), e.Error)
+		return
+	case service.EventHubReachable:
+		fmt.Fprintf(p.w, "%s the hub answers again\n", p.clock(e.Time))
+		return
+	}
 	if e.Kind == service.EventProgress {
 		if p.tty && p.progressBar(e.State) {
 			return
@@ -120,6 +133,18 @@ func transitionText(s service.FirmwareState) string {
 		return fmt.Sprintf("%s version %s", s.Status, s.TargetVersion)
 	}
 	return s.Status
+}
+
+// retryText: "retrying: attempt 3 failed: <lastError>; next attempt at 15:04:05".
+func (p *watchPrinter) retryText(r *service.FirmwareRetry) string {
+	if r == nil {
+		return "retrying"
+	}
+	s := fmt.Sprintf("retrying: attempt %d failed: %s", r.Attempt, r.LastError)
+	if !r.NextAttemptAt.IsZero() {
+		s += "; next attempt at " + p.clock(r.NextAttemptAt)
+	}
+	return s
 }
 
 // progressText: "downloading 42% (4.2 MB of 10 MB)", or what is known of it.

@@ -20,7 +20,17 @@ const (
 	StatusCompleted   = "completed"
 	StatusFailed      = "failed"
 	StatusRolledBack  = "rolledBack"
+	// StatusRollingBack: going back to the previous image (not final).
+	StatusRollingBack = "rollingBack"
 )
+
+// FirmwareRetry is the reported firmware.retry: the download failed and
+// will be tried again.
+type FirmwareRetry struct {
+	Attempt       int       `json:"attempt"`
+	LastError     string    `json:"lastError"`
+	NextAttemptAt time.Time `json:"nextAttemptAt,omitzero"`
+}
 
 // FirmwareError is the reported firmware.error.
 type FirmwareError struct {
@@ -40,6 +50,7 @@ type FirmwareState struct {
 	Percent        int            `json:"percent"` // -1 when unknown
 	Slot           string         `json:"slot,omitempty"`
 	Error          *FirmwareError `json:"error,omitempty"`
+	Retry          *FirmwareRetry `json:"retry,omitempty"` // while a download retries
 	// Timestamps: the tutorial's and firmware.updatedAt. Zero when absent.
 	LogTime              time.Time `json:"logTime,omitzero"`
 	DownloadComplete     time.Time `json:"downloadComplete,omitzero"`
@@ -88,6 +99,10 @@ func ParseFirmwareState(reported map[string]any) FirmwareState {
 	}
 	if e, ok := fw["error"].(map[string]any); ok {
 		s.Error = &FirmwareError{Code: str(e["code"]), Message: str(e["message"])}
+	}
+	if r, ok := fw["retry"].(map[string]any); ok {
+		n, _ := integer(r["attempt"])
+		s.Retry = &FirmwareRetry{Attempt: int(n), LastError: str(r["lastError"]), NextAttemptAt: timestamp(r["nextAttemptAt"])}
 	}
 	return s
 }

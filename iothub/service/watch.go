@@ -40,6 +40,12 @@ type EventKind string
 const (
 	EventTransition EventKind = "transition" // firmwareStatus changed
 	EventProgress   EventKind = "progress"   // bytes or percent changed while downloading
+	EventRetry      EventKind = "retry"      // the download failed and will be tried again (State.Retry)
+	// EventHubUnreachable: the twin could not be read (network, server
+	// error, throttling); Error says why. The watch goes on polling, with
+	// backoff. EventHubReachable follows when a read succeeds again.
+	EventHubUnreachable EventKind = "hubUnreachable"
+	EventHubReachable   EventKind = "hubReachable"
 )
 
 // WatchEvent is one change seen on the twin.
@@ -47,7 +53,8 @@ type WatchEvent struct {
 	Kind     EventKind     `json:"event"`
 	DeviceID string        `json:"deviceId"`
 	State    FirmwareState `json:"state"`
-	Time     time.Time     `json:"time"` // when the device says it happened, else when it was seen
+	Time     time.Time     `json:"time"`            // when the device says it happened, else when it was seen
+	Error    string        `json:"error,omitempty"` // EventHubUnreachable: why the twin could not be read
 }
 
 // ErrWatchTimeout is wrapped by WatchFirmware when ctx's deadline passes
@@ -81,6 +88,8 @@ func (c *Client) WatchFirmware(ctx context.Context, id string, opts WatchOptions
 		shown      string // last status reported to fn
 		sawActive  bool   // a non-terminal state of this update was seen
 		progressed = [2]int64{-1, -2}
+		retried    FirmwareRetry // the last retry reported to fn
+		down       bool          // the last twin read failed (EventHubUnreachable sent)
 	)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
@@ -103,8 +112,16 @@ func (c *Client) WatchFirmware(ctx context.Context, id string, opts WatchOptions
 		case err != nil:
 			wait = max(bo.NextBackOff(), RetryAfter(err))
 			c.log.Debug("twin read failed, backing off", zap.String("device_id", id), zap.Duration("wait", wait), zap.Error(err))
+			if !down && !throttled(err) {
+				down = true
+				fn(WatchEvent{Kind: EventHubUnreachable, DeviceID: id, State: last, Time: time.Now(), Error: err.Error()})
+			}
 		default:
 			bo.Reset()
+			if down {
+				down = false
+				fn(WatchEvent{Kind: EventHubReachable, DeviceID: id, State: last, Time: time.Now()})
+			}
 			st := ParseFirmwareState(twin.Properties.Reported)
 			if !c.relevant(st, opts, sawActive) {
 				break
@@ -131,6 +148,12 @@ func (c *Client) WatchFirmware(ctx context.Context, id string, opts WatchOptions
 				}
 				fn(WatchEvent{Kind: EventProgress, DeviceID: id, State: st, Time: pt})
 			}
+			if st.Retry != nil && *st.Retry != retried {
+				retried = *st.Retry
+				fn(WatchEvent{Kind: EventRetry, DeviceID: id, State: st, Time: now})
+			} else if st.Retry == nil {
+				retried = FirmwareRetry{}
+			}
 			if st.Terminal() {
 				return st, nil
 			}
@@ -154,6 +177,12 @@ func (c *Client) relevant(st FirmwareState, opts WatchOptions, sawActive bool) b
 	}
 	t := st.TransitionTime()
 	return !t.IsZero() && !t.Before(opts.Since)
+}
+
+// throttled: the hub answered, only not now (429); that is not an outage.
+func throttled(err error) bool {
+	var se *iothub.ServiceError
+	return errors.As(err, &se) && se.HTTPStatus == 429
 }
 
 // transient: worth polling again later.

@@ -191,3 +191,48 @@ func TestWatchStopsOnPermanentError(t *testing.T) {
 		t.Fatalf("err %v, want 404001", err)
 	}
 }
+
+// TestWatchRetryAndOutage: a retry on the twin is one event per attempt
+// (not per poll); a hub that answers 503 is reported once as unreachable,
+// then as reachable again, and the watch goes on to the end.
+func TestWatchRetryAndOutage(t *testing.T) {
+	const id = "u-3"
+	retrying := func(attempt int) map[string]any {
+		r := fw(StatusDownloading, id, 100, 1000, "2026-11-26T12:00:02Z")
+		r["firmware"].(map[string]any)["retry"] = map[string]any{"attempt": attempt,
+			"lastError": "download from https://fw.example.com/a.img: HTTP 503 Service Unavailable", "nextAttemptAt": "2026-11-26T12:00:09Z"}
+		return r
+	}
+	c, srv := newClient(t, nil)
+	srv.AddDevice("gw-01")
+	srv.ScriptReported("gw-01",
+		fw(StatusDownloading, id, 100, 1000, "2026-11-26T12:00:01Z"),
+		retrying(1), retrying(1), retrying(2),
+		fw(StatusDownloading, id, 200, 1000, "2026-11-26T12:00:10Z"),
+		fw(StatusCompleted, id, 1000, 1000, "2026-11-26T12:00:20Z"))
+	srv.Fail(servicetest.Fault{Method: "GET", Path: "/twins/gw-01", Count: 2, Status: 503, Code: 503001})
+	var kinds []string
+	var attempts []int
+	st, err := c.WatchFirmware(t.Context(), "gw-01", WatchOptions{UpdateID: id, Interval: 20 * time.Millisecond}, func(e WatchEvent) {
+		kinds = append(kinds, string(e.Kind))
+		if e.Kind == EventRetry {
+			attempts = append(attempts, e.State.Retry.Attempt)
+			if e.State.Retry.LastError == "" || e.State.Retry.NextAttemptAt.IsZero() {
+				t.Errorf("retry event without its detail: %+v", e.State.Retry)
+			}
+		}
+		if e.Kind == EventHubUnreachable && !strings.Contains(e.Error, "503") {
+			t.Errorf("unreachable event says %q", e.Error)
+		}
+	})
+	if err != nil || st.Status != StatusCompleted {
+		t.Fatalf("watch ended %q, %v", st.Status, err)
+	}
+	want := "hubUnreachable hubReachable transition progress retry retry progress transition"
+	if got := strings.Join(kinds, " "); got != want {
+		t.Errorf("events %s\nwant   %s", got, want)
+	}
+	if fmt.Sprint(attempts) != "[1 2]" {
+		t.Errorf("retry attempts %v, want [1 2]", attempts)
+	}
+}

@@ -171,6 +171,9 @@ func (r *Reporter) Observe(p firmware.Progress) {
 		return
 	}
 	if !r.progressWorthLocked(p) {
+		if r.held && !sameRetry(p.Retry, r.pending.Retry) {
+			r.pending = p // a retry that cleared while held: not shown stale
+		}
 		return
 	}
 	if wait := r.opts.MinInterval - now.Sub(r.sentAt); wait > 0 {
@@ -191,6 +194,9 @@ func (r *Reporter) Observe(p firmware.Progress) {
 // progressWorthLocked says whether p moved far enough from what was last
 // reported to be worth a patch.
 func (r *Reporter) progressWorthLocked(p firmware.Progress) bool {
+	if !sameRetry(p.Retry, r.sent.Retry) {
+		return true // a retry, or its end: the interval alone limits
+	}
 	if p.Bytes == r.sent.Bytes && p.Total == r.sent.Total && p.Percent == r.sent.Percent && p.Slot == r.sent.Slot {
 		return false
 	}
@@ -281,6 +287,13 @@ func (r *Reporter) patchLocked(p firmware.Progress) map[string]any {
 	return patch
 }
 
+func sameRetry(a, b *firmware.Retry) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return *a == *b
+}
+
 func afterDownload(p firmware.Phase) bool {
 	switch p {
 	case firmware.PhaseVerifying, firmware.PhaseApplying, firmware.PhaseRebooting,
@@ -312,6 +325,7 @@ func Patch(p firmware.Progress) map[string]any {
 		"percent":        nil,
 		"slot":           orNull(p.Slot),
 		"error":          nil,
+		"retry":          nil,
 		"updatedAt":      now,
 	}
 	switch p.Phase {
@@ -335,11 +349,14 @@ func Patch(p firmware.Progress) map[string]any {
 		if p.Percent >= 0 {
 			fw["percent"] = p.Percent
 		}
+		if p.Retry != nil {
+			fw["retry"] = map[string]any{"attempt": p.Retry.Attempt, "lastError": p.Retry.LastError, "nextAttemptAt": ts(p.Retry.NextAttemptAt)}
+		}
 	case firmware.PhaseApplying:
 		top["startedApplyingImage"] = now
 	case firmware.PhaseCompleted:
 		top["lastFirmwareUpdate"] = now
-	case firmware.PhaseFailed, firmware.PhaseRolledBack:
+	case firmware.PhaseFailed, firmware.PhaseRolledBack, firmware.PhaseRollingBack:
 		if p.Err != nil {
 			fw["error"] = map[string]any{"code": p.Err.Code, "message": p.Err.Message}
 		} else {

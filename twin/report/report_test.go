@@ -379,3 +379,60 @@ func TestStartup(t *testing.T) {
 		}
 	})
 }
+
+// A retry is reported as firmware.retry, throttled like progress (a burst
+// of failed attempts is one patch per MinInterval, the latest), and set to
+// null once a byte arrives, also when that happens while a retry is held
+// back; the failed phase carries no retry.
+func TestReporterRetry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := &memSink{}
+		r := New(s, Options{MinInterval: 2 * time.Second, MinPercentStep: 5})
+		p := firmware.Progress{UpdateID: "u1", Phase: firmware.PhaseDownloading, Total: 100, Bytes: 10, Percent: 10, Time: time.Now()}
+		r.Observe(p)
+		for i := 1; i <= 3; i++ {
+			time.Sleep(100 * time.Millisecond)
+			p.Time = time.Now()
+			p.Retry = &firmware.Retry{Attempt: i, LastError: fmt.Sprintf("download from https://fw.example.com/a.img: HTTP 503 (%d)", i),
+				NextAttemptAt: time.Now().Add(time.Second)}
+			r.Observe(p)
+		}
+		if n := len(s.all()); n != 1 {
+			t.Fatalf("%d patches before the interval, want 1", n)
+		}
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		got := s.all()
+		if len(got) != 2 || got[1].milestone {
+			t.Fatalf("patches %v", got)
+		}
+		rt, ok := fw(t, got[1].patch)["retry"].(map[string]any)
+		if !ok || fmt.Sprint(rt["attempt"]) != "3" || rt["lastError"] != p.Retry.LastError ||
+			rt["nextAttemptAt"] != p.Retry.NextAttemptAt.UTC().Format(TimeFormat) {
+			t.Fatalf("retry %v, want the third attempt", fw(t, got[1].patch)["retry"])
+		}
+
+		// Another retry, held back, then a byte: null goes out, not the
+		// stale retry.
+		time.Sleep(500 * time.Millisecond)
+		p.Retry = &firmware.Retry{Attempt: 4, LastError: "x", NextAttemptAt: time.Now()}
+		r.Observe(p)
+		p.Retry, p.Bytes = nil, 11
+		r.Observe(p)
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		got = s.all()
+		if len(got) != 3 {
+			t.Fatalf("%d patches, want 3: %v", len(got), got)
+		}
+		if v, ok := fw(t, got[2].patch)["retry"]; !ok || v != nil {
+			t.Fatalf("retry %v after a byte arrived, want null", v)
+		}
+		r.Observe(firmware.Progress{UpdateID: "u1", Phase: firmware.PhaseFailed, Err: &firmware.UpdateError{Code: firmware.CodeDownload, Message: "m"}})
+		got = s.all()
+		if v, ok := fw(t, got[len(got)-1].patch)["retry"]; !ok || v != nil {
+			t.Fatalf("failed patch has retry %v, want null", v)
+		}
+		r.Close()
+	})
+}
