@@ -262,7 +262,7 @@ func TestLocalControlTrialBoot(t *testing.T) {
 			}
 			t.Logf("gwagent %s:\n%s", op, out)
 			if op == "rollback" {
-				// The record says rolledBack before the bootloader is
+				// The record says rollingBack before the bootloader is
 				// switched back; the reboot comes after the switch.
 				testutil.Eventually(t, 30*time.Second, "the reboot that finishes the rollback", func() bool { _, err := os.Stat(d.rebooted); return err == nil })
 			}
@@ -276,7 +276,9 @@ func TestLocalControlTrialBoot(t *testing.T) {
 					t.Fatalf("environment after commit:\n%s", env)
 				}
 			case "rollback":
-				if !strings.Contains(out, "update "+id+": rolledBack") {
+				// The rollback ends after the reboot it needs: until then
+				// the update is rollingBack.
+				if !strings.Contains(out, "update "+id+": rollingBack") {
 					t.Fatalf("rollback output: %s", out)
 				}
 				if !strings.Contains(env, "gw_slot=A") || !strings.Contains(env, "upgrade_available=0") {
@@ -300,7 +302,9 @@ func TestLocalControlTrialBoot(t *testing.T) {
 					t.Fatalf("status after commit: %+v", r)
 				}
 			case "rollback":
-				if r.Update.Phase != "rolledBack" || r.Error == nil || r.Error.Code != firmware.CodeHealth ||
+				// The reboot that finishes the rollback has not happened
+				// (the test's reboot command only leaves a file behind).
+				if r.Update.Phase != "rollingBack" || r.Error == nil || r.Error.Code != firmware.CodeHealth ||
 					!strings.Contains(r.Error.Message, "rollback requested by the operator") || r.CommittedSlot != "A" {
 					t.Fatalf("status after rollback: %+v (error %+v)", r, r.Error)
 				}

@@ -158,7 +158,7 @@ func printBanner(w io.Writer, h *hub.Hub, cfg hub.Config) {
 	p("Register a device, its connection string into ./%s:", csOut)
 	p("  (umask 077; set -C; gwctl %s device add %s >%s)", gwctlFlags, bannerDevice, csOut)
 	p("Run an agent as %s on this machine (simulated installer, state in ./%s.state):", bannerDevice, bannerDevice)
-	p("  gwagent run --connection-string-file %s%s --state-dir %s.state", csOut, agentFlags, bannerDevice)
+	p("  gwagent run --connection-string-file %s%s --state-dir %s.state --installer simulated", csOut, agentFlags, bannerDevice)
 	p("Call it (gwctl takes the same flags for every command):")
 	p(`  gwctl %s method invoke %s firmwareUpdate --payload '{"fwPackageUri":"test.com"}'`, gwctlFlags, bannerDevice)
 	p("Stop with Ctrl-C.")
