@@ -119,7 +119,7 @@ e2e: deps ## End-to-end test under systemd-nspawn (root): install, start, update
 VM_APT_PACKAGES := qemu-system-x86 grub-pc-bin fdisk zstd
 
 .PHONY: e2e-vm
-e2e-vm: deps build ## Full-system A/B test: Debian under QEMU, updates driven by gwhub (root; ~15 min)
+e2e-vm: deps build ## Full-system A/B test: Debian under QEMU, updates driven by gwhub (root; ~13 min, +1.5 min uncached)
 	@missing=$$(for p in $(VM_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
