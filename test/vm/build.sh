@@ -4,7 +4,9 @@
 # integrator would (docs/reference-disk.md):
 #
 #   rootfs   debootstrap of Debian bookworm: systemd, udev, the kernel, a small
-#            initramfs, grub-common (grub-editenv) and qemu-guest-agent; the
+#            initramfs, grub-common (grub-editenv), qemu-guest-agent and
+#            what the package depends on or recommends (acl, polkitd with
+#            logind's PAM module, so the agent's user may reboot); the
 #            kernel modules pruned to what a QEMU virtio machine needs.
 #   system   the rootfs with the gwagent .deb installed (dpkg -i) and the
 #            files of test/vm/guest: agent configuration, unit drop-in, fstab,
@@ -72,7 +74,7 @@ sweep() {
 }
 
 # --- rootfs ---------------------------------------------------------------------
-rootfs_include=systemd,systemd-sysv,udev,dbus,kmod,linux-image-amd64,initramfs-tools,zstd,ca-certificates,grub-common,qemu-guest-agent
+rootfs_include=systemd,systemd-sysv,udev,dbus,kmod,linux-image-amd64,initramfs-tools,zstd,ca-certificates,grub-common,qemu-guest-agent,libpam-systemd,acl,polkitd
 # Modules a QEMU virtio machine needs (their dependencies come along): the
 # disk, the file system, the network, virtio-serial (qemu-guest-agent) and rng.
 rootfs_modules="virtio_pci virtio_blk virtio_net virtio_console virtio_rng ext4 crc32c_generic crc32c_intel autofs4"

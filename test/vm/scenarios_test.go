@@ -277,7 +277,9 @@ func (g *gw) localRollback() string {
 
 // powerOff: the guest powers off cleanly and QEMU ends.
 func (g *gw) powerOff() string {
-	g.guestOK("systemctl poweroff --no-block")
+	// From a timer: a poweroff run by the guest agent itself can take the
+	// agent down before it has returned the command's status.
+	g.guestOK("systemd-run --on-active=1 systemctl poweroff")
 	q := g.m.cur
 	waitLogged(g, "QEMU to exit after poweroff", 2*time.Minute, func(ctx context.Context) (struct{}, error) {
 		return struct{}{}, q.waitExit(ctx)
