@@ -111,3 +111,21 @@ deb-check: deps ## Build the package, run lintian and systemd-analyze verify/sec
 e2e: deps ## End-to-end test under systemd-nspawn (root): install, start, update, watchdog, upgrade, purge; prints figures
 	GWAGENT_E2E=1 NFPM='$(GO) run $(NFPM)' $(GO) test -count=1 -v -timeout 30m ./test/systemd/
 # --- end packaging ---
+
+# --- full-system VM test ---
+# A Debian gateway on a GPT A/B disk booted under QEMU (software emulation),
+# driven from the host through gwhub. Disk and images are cached in
+# $(BUILD)/vm, keyed by their inputs (the .deb among them).
+VM_APT_PACKAGES := qemu-system-x86 grub-pc-bin fdisk zstd
+
+.PHONY: e2e-vm
+e2e-vm: deps build ## Full-system A/B test: Debian under QEMU, updates driven by gwhub (root; ~13 min, +1.5 min uncached)
+	@missing=$$(for p in $(VM_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		$(SUDO) apt-get -o DPkg::Lock::Timeout=600 update -qq; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	deb=$$(NFPM='$(GO) run $(NFPM)' GO='$(GO)' packaging/build-deb.sh '$(VERSION)' $(BUILD)) && \
+	GWAGENT_E2E_VM=1 GWAGENT_VM_DEB="$$(realpath "$$deb")" GWAGENT_VM_BIN='$(abspath $(BUILD))' BUILD='$(abspath $(BUILD))' \
+		$(GO) test -count=1 -v -timeout 50m ./test/vm/
