@@ -75,6 +75,7 @@ this update count (firmware.updateId), never one left by an earlier update.
 	fl.DurationVar(&f.timeout, "timeout", 30*time.Minute, "give up watching after this long (exit code 2)")
 	f.methodTimes.register(cmd, "response-timeout")
 	_ = cmd.MarkFlagRequired("uri")
+	cmd.AddCommand(a.updateCancelCommand())
 	return cmd
 }
 
