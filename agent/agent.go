@@ -146,6 +146,7 @@ func New(opts Options) (*Agent, error) {
 	a.router = router.New(log.Named("methods"), 0)
 	a.router.Handle("firmwareUpdate", a.handleFirmwareUpdate)
 	a.router.Handle("reboot", a.handleReboot)
+	a.router.Handle("cancelFirmwareUpdate", a.handleCancelFirmwareUpdate)
 
 	var err error
 	if a.session, err = a.newSession(cfg, log); err != nil {

@@ -6,7 +6,7 @@
 // bounded graceful stop that stops intake, flushes the queue, persists state
 // and disconnects), the systemd protocol (READY, STATUS, STOPPING, watchdog
 // pings gated by an internal health check), the direct methods
-// (firmwareUpdate, reboot), the writable desired properties (logLevel), the
+// (firmwareUpdate, cancelFirmwareUpdate, reboot), the writable desired properties (logLevel), the
 // health verdict that gates the commit of a trial boot (agent/health) and the
 // local control socket through which gwagent commit and rollback reach the
 // running state machine (agent/local).

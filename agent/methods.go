@@ -42,6 +42,37 @@ func (a *Agent) handleFirmwareUpdate(_ context.Context, payload []byte) router.R
 	return router.JSON(200, map[string]string{"updateId": id, "status": "accepted"})
 }
 
+// handleCancelFirmwareUpdate stops the running update (or the one the
+// payload names) if it has not been applied yet. It answers once the
+// record says cancelled and the download has stopped, so a restart right
+// after the answer does not resume it: 200 {"updateId", "status":
+// "cancelled"}; 404 for an update that is not the current one (or none);
+// 409 with the phase for one that has ended or is past the point of no
+// return; 400 for a payload that is not {} / null / {"updateId": "…"}.
+func (a *Agent) handleCancelFirmwareUpdate(ctx context.Context, payload []byte) router.Response {
+	id, err := firmware.ParseCancel(payload)
+	if err != nil {
+		return router.JSON(400, map[string]string{"error": reason(err)})
+	}
+	id, err = a.manager.Cancel(ctx, id)
+	var nc *firmware.NotCancellableError
+	switch {
+	case errors.As(err, &nc):
+		msg := "the update is past the point of no return"
+		if nc.Phase.Terminal() {
+			msg = "the update has already ended"
+		}
+		return router.JSON(409, map[string]string{"error": msg, "updateId": nc.UpdateID, "phase": string(nc.Phase)})
+	case errors.Is(err, firmware.ErrNoUpdate):
+		return router.JSON(404, map[string]string{"error": strings.TrimPrefix(err.Error(), firmware.ErrNoUpdate.Error()+": ")})
+	case err != nil:
+		a.log.Error("cannot cancel the update", zap.Error(err))
+		return router.Error(500, "cannot cancel the update: %v", err)
+	}
+	a.kickStatus()
+	return router.JSON(200, map[string]string{"updateId": id, "status": "cancelled"})
+}
+
 // reason is an error without the package prefix, for the caller.
 func reason(err error) string {
 	return strings.TrimPrefix(err.Error(), firmware.ErrInvalidRequest.Error()+": ")

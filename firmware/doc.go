@@ -13,7 +13,9 @@
 // never becomes an update loop. A state file that cannot be written (a full
 // disk) holds the update, never ends it and never stops the Manager: the
 // write is retried with backoff and Progress.Problem says why it waits
-// (hold.go says what waits for which write).
+// (hold.go says what waits for which write). Cancel ends an update that
+// has not been applied yet (cancel.go): the record says failed with code
+// cancelled before the running step is stopped and waited for.
 //
 // Downloads stream through one fixed buffer into the Installer's Sink;
 // transient HTTP failures are retried with backoff and resumed with Range

@@ -197,6 +197,13 @@ type Manager struct {
 	// retry is the download's pending retry (Progress.Retry), nil when
 	// none; reported only in the downloading phase.
 	retry *Retry
+	// stepStop and stepDone belong to the step drive is running (nil
+	// between steps): Cancel stops it and waits for it (cancel.go).
+	// cancelled is the id of the update Cancel ended in this process;
+	// persist refuses to change its record after that.
+	stepStop  context.CancelCauseFunc
+	stepDone  chan struct{}
+	cancelled string
 
 	emitMu sync.Mutex // serialises Observer calls so they arrive in order; taken before mu
 }
@@ -372,6 +379,9 @@ func (m *Manager) Run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return nil
 			}
+			if errors.Is(err, errCancelled) {
+				continue
+			}
 			return err
 		}
 	}
@@ -448,35 +458,44 @@ func (m *Manager) drive(ctx context.Context) error {
 		}
 	}
 	for {
-		m.mu.Lock()
-		rec = m.rec
-		m.mu.Unlock()
-		if !rec.busy() {
+		// Each step, with the transition after it, runs under a context
+		// Cancel can stop (cancel.go).
+		rec, sctx, end, ok := m.beginStep(ctx)
+		if !ok {
 			return nil
 		}
-		row, ok := resumeTable[rec.Phase]
-		if !ok {
-			return m.fail(ctx, rec.Phase, coded(CodeInternal, fmt.Errorf("no step for phase %q", rec.Phase)))
-		}
-		next, err := row.step(m, ctx)
-		if ctx.Err() != nil {
-			// Shutting down: leave the persisted phase as it is.
-			return ctx.Err()
-		}
-		if err != nil {
-			if ferr := m.fail(ctx, rec.Phase, err); ferr != nil {
-				return ferr
-			}
-			continue
-		}
-		if next == PhaseRolledBack && (rec.Phase == PhaseRolledBack || rec.Phase == PhaseRollingBack) {
-			// stepRollback persisted and reported the outcome itself.
-			continue
-		}
-		if err := m.transition(ctx, next); err != nil {
+		if err := m.driveStep(ctx, sctx, rec); err != nil && !m.wasCancelled(rec.UpdateID) {
+			end()
 			return err
 		}
+		end()
 	}
+}
+
+// driveStep runs the step of rec's phase under sctx and then fails the
+// update or moves it on. A step stopped because its update was cancelled
+// ends there: Cancel has already ended the record.
+func (m *Manager) driveStep(ctx, sctx context.Context, rec record) error {
+	row, ok := resumeTable[rec.Phase]
+	if !ok {
+		return m.fail(sctx, rec.Phase, coded(CodeInternal, fmt.Errorf("no step for phase %q", rec.Phase)))
+	}
+	next, err := row.step(m, sctx)
+	if ctx.Err() != nil {
+		// Shutting down: leave the persisted phase as it is.
+		return ctx.Err()
+	}
+	if m.wasCancelled(rec.UpdateID) {
+		return nil
+	}
+	if err != nil {
+		return m.fail(sctx, rec.Phase, err)
+	}
+	if next == PhaseRolledBack && (rec.Phase == PhaseRolledBack || rec.Phase == PhaseRollingBack) {
+		// stepRollback persisted and reported the outcome itself.
+		return nil
+	}
+	return m.transition(sctx, next)
 }
 
 // persist applies change to the record, bumps the transition counter and
@@ -487,10 +506,16 @@ func (m *Manager) persist(ctx context.Context, change func(r *record)) error {
 	m.mu.Lock()
 	held := fmt.Sprintf("the update waits in phase %s and retries", m.rec.Phase)
 	m.mu.Unlock()
-	return m.save(ctx, recordFile, held, func() error {
+	var cancelled bool
+	err := m.save(ctx, recordFile, held, func() error {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		rec := m.rec
+		if rec.UpdateID != "" && rec.UpdateID == m.cancelled {
+			// Cancel ended this update: its record stays as Cancel left it.
+			cancelled = true
+			return nil
+		}
 		change(&rec)
 		rec.Transitions++
 		rec.UpdatedAt = time.Now().UTC()
@@ -500,6 +525,10 @@ func (m *Manager) persist(ctx context.Context, change func(r *record)) error {
 		m.rec = rec
 		return nil
 	})
+	if err == nil && cancelled {
+		return errCancelled
+	}
+	return err
 }
 
 func (m *Manager) overLoop() bool {
@@ -863,6 +892,11 @@ func (m *Manager) emitBytes(done, total int64) {
 	m.emitMu.Lock()
 	defer m.emitMu.Unlock()
 	m.mu.Lock()
+	if !m.rec.busy() {
+		// Cancelled while the last bytes were on their way.
+		m.mu.Unlock()
+		return
+	}
 	m.rec.Bytes, m.rec.Total = done, total
 	p := m.progressOf(m.rec)
 	m.last = p

@@ -7,6 +7,7 @@
 //	gwctl twin show ID                   gwctl twin set ID --desired JSON
 //	gwctl method invoke ID NAME [--payload JSON]
 //	gwctl update ID --uri URL [--version V] [--sha256 H] [--size N] [--watch]
+//	gwctl update cancel ID [--update-id UPDATE]
 //	gwctl query SQL
 //
 // The work is done by package service; this command only parses flags,

@@ -41,6 +41,18 @@ type testDevice struct {
 	acks   map[string]chan int // rid → twin response status
 	rid    int
 	wg     sync.WaitGroup
+	// methods answers other methods than firmwareUpdate (see answer).
+	methods map[string]func(payload []byte) (int, string)
+}
+
+// answer makes the device answer method with fn's status and body.
+func (d *testDevice) answer(method string, fn func(payload []byte) (int, string)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.methods == nil {
+		d.methods = map[string]func([]byte) (int, string){}
+	}
+	d.methods[method] = fn
 }
 
 func connectDevice(t *testing.T, h *hub.Hub, connectionString string, onUpdate func(d *testDevice, req json.RawMessage)) *testDevice {
@@ -94,8 +106,14 @@ func connectDevice(t *testing.T, h *hub.Hub, connectionString string, onUpdate f
 		if tp.Method == "firmwareUpdate" {
 			status, body = 200, `{"updateId":"u-1","status":"accepted"}`
 		}
+		d.mu.Lock()
+		fn := d.methods[tp.Method]
+		d.mu.Unlock()
+		if fn != nil {
+			status, body = fn(m.Payload())
+		}
 		d.client.Publish(iothub.MethodResponseTopic(status, tp.RID), 0, false, body) // not waited on: never block the router
-		if status == 200 {
+		if status == 200 && fn == nil {
 			payload := append(json.RawMessage(nil), m.Payload()...)
 			d.wg.Go(func() { onUpdate(d, payload) })
 		}

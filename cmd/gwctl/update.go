@@ -79,6 +79,7 @@ polling (with backoff) until --timeout; its return is printed too.
 	fl.DurationVar(&f.timeout, "timeout", 30*time.Minute, "give up watching after this long (exit code 2)")
 	f.methodTimes.register(cmd, "response-timeout")
 	_ = cmd.MarkFlagRequired("uri")
+	cmd.AddCommand(a.updateCancelCommand())
 	return cmd
 }
 
