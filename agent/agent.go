@@ -253,6 +253,7 @@ func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmwar
 		StallTimeout:    cfg.Update.StallTimeout,
 		AllowedHosts:    cfg.Update.AllowedHosts,
 		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
+		Compatible:      cfg.Device.Compatible,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("agent: open the update state: %w", err)

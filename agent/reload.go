@@ -53,6 +53,7 @@ func (a *Agent) Reload(next *config.Config) (applied, needRestart []string) {
 	diff("hub.maxRetryDelay", prev.Hub.MaxRetryDelay, next.Hub.MaxRetryDelay)
 	diff("stateDir", prev.StateDir, next.StateDir)
 	diff("currentVersion", prev.CurrentVersion, next.CurrentVersion)
+	diff("device", prev.Device, next.Device)
 	diff("installer", prev.Installer, next.Installer)
 	diff("update", prev.Update, next.Update)
 	diff("signature", prev.Signature, next.Signature)

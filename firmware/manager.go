@@ -50,6 +50,14 @@ type Config struct {
 	// an image that fails is never applied. Nil means no signature is checked
 	// (a signatureUri is then ignored, with a warning).
 	Signatures *signature.Policy
+	// Compatible is the device type (device.compatible) that the signed
+	// metadata of an image (signature.Manifest, in the trusted comment)
+	// must list. The metadata is checked as soon as the signature is
+	// fetched, before the image: it must fit this device and, unless it
+	// allows a downgrade, be newer than the running version. When
+	// unsigned images are not allowed and Compatible is set, a signature
+	// without metadata is refused too.
+	Compatible string
 	// HealthCheck, when set, must pass after a trial boot before the
 	// Committer commits; an error rolls the update back.
 	HealthCheck func(ctx context.Context) error

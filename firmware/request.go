@@ -300,4 +300,12 @@ const (
 	// the download checkpoint cannot be written (a full or read-only
 	// state disk); the update is held, not ended.
 	CodeStateNotSaved = "stateNotSaved"
+	// CodeIncompatible: the image's signed metadata does not fit this
+	// device (device.compatible, minVersion, the request's version), or
+	// a required metadata is missing or malformed; nothing was downloaded.
+	CodeIncompatible = "incompatible"
+	// CodeDowngrade: the image's signed version is not newer than the
+	// running one and its metadata does not allow a downgrade; nothing
+	// was downloaded.
+	CodeDowngrade = "downgrade"
 )

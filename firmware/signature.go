@@ -58,6 +58,11 @@ func (m *Manager) startVerifier(ctx context.Context, req Request, cp *checkpoint
 	if err != nil {
 		return nil, coded(CodeVerify, err)
 	}
+	// The trusted comment is authenticated now: its metadata decides
+	// before a byte of the image is fetched.
+	if err := m.checkManifest(req, sig); err != nil {
+		return nil, err
+	}
 	cp.SigText = sig
 	return v, nil
 }
@@ -182,4 +187,42 @@ func (m *Manager) fetchSignatureOnce(ctx context.Context, uri string) ([]byte, e
 		return nil, backoff.Permanent(fmt.Errorf("the signature is larger than %d bytes", maxSignatureSize))
 	}
 	return body, nil
+}
+
+// checkManifest applies the signed update metadata of the trusted comment
+// (authenticated by the caller) to this device: compatible, minVersion,
+// downgrade, and the request's version. Failures are coded
+// CodeIncompatible or CodeDowngrade.
+func (m *Manager) checkManifest(req Request, sigText []byte) error {
+	s, err := signature.ParseSignature(sigText)
+	if err != nil {
+		return coded(CodeVerify, err)
+	}
+	man, ok, err := signature.ParseManifest(s.TrustedComment)
+	if err != nil {
+		return coded(CodeIncompatible, err)
+	}
+	if !ok {
+		if m.cfg.Compatible != "" && !m.cfg.Signatures.AllowUnsigned {
+			return coded(CodeIncompatible, fmt.Errorf("%w: image signature carries no gwagent metadata (trusted comment %q; sign with gwctl image sign or minisign -t '%s{…}')",
+				signature.ErrIncompatible, s.TrustedComment, signature.ManifestPrefix))
+		}
+		return nil
+	}
+	m.mu.Lock()
+	running := m.rec.CurrentVersion
+	m.mu.Unlock()
+	if req.Version != "" && signature.CompareVersions(req.Version, man.Version) != 0 {
+		return coded(CodeIncompatible, fmt.Errorf("%w: the request names version %s, the signed metadata %s",
+			signature.ErrIncompatible, req.Version, man.Version))
+	}
+	if err := man.Check(m.cfg.Compatible, running); err != nil {
+		if errors.Is(err, signature.ErrDowngrade) {
+			return coded(CodeDowngrade, err)
+		}
+		return coded(CodeIncompatible, err)
+	}
+	m.log.Info("image metadata fits this device", zap.String("version", man.Version),
+		zap.Strings("compatible", man.Compatible), zap.String("running", running))
+	return nil
 }

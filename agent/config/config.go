@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/viper"
 
 	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/firmware/signature"
 	"github.com/gwagent/gwagent/iothub"
 )
 
@@ -46,6 +47,9 @@ type Config struct {
 	// CurrentVersion is the running firmware version when the installer
 	// cannot tell and no update has completed since.
 	CurrentVersion string
+	// Device describes what kind of device this is, for the signed
+	// metadata of images.
+	Device Device
 
 	// File is the configuration file that was read, empty if none.
 	File string
@@ -87,6 +91,14 @@ type Hub struct {
 type X509 struct {
 	CertFile string
 	KeyFile  string
+}
+
+// Device is the device.* section.
+type Device struct {
+	// Compatible is this device's type, e.g. "acme-gw-x86": an image whose
+	// signed metadata does not list it is refused before the download
+	// (firmware.Config.Compatible). Empty: not set.
+	Compatible string
 }
 
 // Installer selects the firmware backend.
@@ -202,6 +214,16 @@ var keys = []key{
 		set: str(func(c *Config) *string { return &c.StateDir })},
 	{name: "currentVersion", def: "", usage: "running firmware version when the installer cannot tell",
 		set: str(func(c *Config) *string { return &c.CurrentVersion })},
+	{name: "device.compatible", def: "", usage: "device type that a signed image's metadata must list (empty: not set)",
+		set: func(c *Config, raw any) error {
+			if err := str(func(c *Config) *string { return &c.Device.Compatible })(c, raw); err != nil {
+				return err
+			}
+			if c.Device.Compatible == "" {
+				return nil
+			}
+			return signature.CheckCompatible(c.Device.Compatible)
+		}},
 	{name: "installer.type", def: "abpart", flag: "installer", usage: "firmware installer backend",
 		set: str(func(c *Config) *string { return &c.Installer.Type })},
 	{name: "report.minInterval", def: "2s", set: dur(func(c *Config) *time.Duration { return &c.Report.MinInterval }, 0, time.Hour)},

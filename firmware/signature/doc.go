@@ -20,6 +20,12 @@
 //     with ErrLegacy ("re-sign with minisign -H or minisign ≥ 0.10").
 //   - The trusted comment, verified like minisign does, is returned in Info
 //     for logging.
+//   - Update metadata (manifest.go): a trusted comment that starts with
+//     "gwagent-manifest:" carries a JSON Manifest (version, compatible
+//     device types, minVersion, allowDowngrade). It is authenticated with
+//     the comment, so NewVerifierFor vouches for it before the first image
+//     byte; ParseManifest reads it strictly and Manifest.Check decides
+//     (ErrIncompatible, ErrDowngrade) by semantic-version precedence.
 //   - Resume: MarshalBinary/UnmarshalBinary save and restore the running
 //     state (BLAKE2b-512 or SHA-512 state from x/crypto and the standard
 //     library, plus byte count and an up-front signature) so a download
