@@ -139,6 +139,9 @@ func (s *streamer) finish() error {
 	if err := s.sy.stop(); err != nil {
 		return err
 	}
+	// The syncer may have written (or failed to write) checkpoints since
+	// the last hand-off looked: say so before the final one is taken.
+	s.noteSaves()
 	if s.cp.Compressed && s.raw != nil {
 		s.cp.Offset = s.raw()
 	}
