@@ -62,7 +62,7 @@ unit: deps ## Unit and integration tests with the race detector
 	$(GO) test -race -count=1 -timeout 8m ./...
 
 .PHONY: test
-test: deps lint unit interop e2e ## Everything CI runs: lint, unit/integration tests, interop and systemd end-to-end tests
+test: deps lint unit interop e2e e2e-vm ## Everything CI runs: lint, unit/integration tests, interop, systemd end-to-end tests and the full-system VM test
 
 # --- interop ---
 # The official Azure IoT SDKs for Node.js (pinned in test/interop/package-lock.json) against gwhub and gwagent.

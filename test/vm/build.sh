@@ -207,6 +207,15 @@ sweep system- "$system"
 # --- images ----------------------------------------------------------------------------
 # NAME-VERSION:KIND. good: the system as it is; unhealthy: the application's
 # health probe fails; badkernel: /boot/vmlinuz is not a kernel GRUB can load.
+# The device type every image is signed for (test/vm/guest's
+# device.compatible).
+compatible=gwagent-reference-x86
+# sign FILE VERSION COMPATIBLE [SIGFILE]: a minisign signature whose trusted
+# comment is gwagent's metadata (docs/signing.md), made with the stock tool.
+sign() {
+	minisign -S -s "$keys/gw-vm.sec" -m "$1" -x "${4:-$1.minisig}" \
+		-t "gwagent-manifest:{\"version\":\"$2\",\"compatible\":[\"$3\"]}" >/dev/null </dev/null
+}
 image_list="rootA-1.0.0:good good-2.0.0:good unhealthy-3.0.0:unhealthy badkernel-4.0.0:badkernel good-5.0.0:good good-6.0.0:good good-7.0.0:good"
 stage_images() { # DIR
 	local dir=$1 spec name kind version tree mib inodes
@@ -236,17 +245,24 @@ stage_images() { # DIR
 		inodes=$(( $(find "$tree" | wc -l) + 4096 ))
 		mkfs.ext4 -q -F -T default -N "$inodes" -L "gw-$version" -d "$tree" "$dir/$name.img" "${mib}M" >/dev/null
 		rm -rf "$tree"
-		minisign -S -s "$keys/gw-vm.sec" -m "$dir/$name.img" -t "gw-vm $name" >/dev/null </dev/null
+		# Signed with gwagent's metadata in the trusted comment: the version
+		# and the device type it fits (the guest's device.compatible).
+		sign "$dir/$name.img" "$version" "$compatible"
 		# The same image compressed, as a server would rather send it (the
 		# agent decompresses while downloading; the signature covers the
 		# file as served).
 		if [ "$name" != rootA-1.0.0 ]; then
 			zstd -q -T0 "$dir/$name.img" -o "$dir/$name.img.zst"
-			minisign -S -s "$keys/gw-vm.sec" -m "$dir/$name.img.zst" -t "gw-vm $name (zstd)" >/dev/null </dev/null
+			sign "$dir/$name.img.zst" "$version" "$compatible"
+		fi
+		# One image also signed for another device type, which the device
+		# must refuse before downloading it.
+		if [ "$name" = unhealthy-3.0.0 ]; then
+			sign "$dir/$name.img.zst" "$version" other-board "$dir/$name.img.zst.other-board.minisig"
 		fi
 	done
 }
-images_key=$(key stage_images "$system_key" "$image_list" "$(tree_hash "$here/variants")")
+images_key=$(key stage_images "$system_key" "$image_list" "$compatible" "$(declare -f sign)" "$(tree_hash "$here/variants")")
 images=$cache/images-$images_key
 if [ ! -f "$images/.gw-complete" ]; then
 	log "images: $(wc -w <<<"$image_list") root file systems (mkfs.ext4 -d), signed"

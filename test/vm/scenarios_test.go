@@ -82,6 +82,80 @@ func (g *gw) healthyUpdate() string {
 	return final(s)
 }
 
+// refusedImages: images the device must not install are refused from their
+// signed metadata before any byte of the image is fetched: the factory image
+// (signed 1.0.0, older than the running 2.0.0) and an image signed for
+// another device type. The inactive slot is not touched.
+func (g *gw) refusedImages() string {
+	before := g.slotHash("A")
+	var s twinState
+	for _, tc := range []struct{ image, sig, code, says string }{
+		{"rootA-1.0.0.img", "rootA-1.0.0.img.minisig", "downgrade", "image 1.0.0 is older than running 2.0.0"},
+		{"unhealthy-3.0.0.img.zst", "unhealthy-3.0.0.img.zst.other-board.minisig", "incompatible", "other-board"},
+	} {
+		m := g.mark()
+		id, _ := g.updateSigned(tc.image, tc.sig)
+		s = g.expectStatus(m, id, "failed", 2*time.Minute)
+		if s.code() != tc.code || !strings.Contains(s.fw.Error.Message, tc.says) || s.fw.Bytes != 0 {
+			g.t.Errorf("twin: want failed/%s naming %q with no byte downloaded, got %s (%d bytes)", tc.code, tc.says, s, s.fw.Bytes)
+		}
+		g.logf("%s refused: %s: %s", tc.image, s.code(), s.fw.Error.Message)
+		g.notes = append(g.notes, fmt.Sprintf("update %.8s: %s: %s", id, s.code(), s.fw.Error.Message))
+		g.waitJournal(m, "journal: update failed "+tc.code, 30*time.Second, func(e entry) bool {
+			return e.agent() && e.says("update failed") && e.get("UPDATE_ID") == id && e.get("CODE") == tc.code
+		})
+	}
+	if after := g.slotHash("A"); after != before {
+		g.t.Errorf("the inactive slot A changed: %s before, %s after", before, after)
+	}
+	g.checkSystem("good-2.0.0", "B")
+	return final(s)
+}
+
+// cancelDownload: an update cancelled with gwctl while it downloads ends
+// failed/cancelled; the device keeps running and booting its slot, a second
+// cancel finds nothing to cancel (409), and the next update (the power cut's)
+// is accepted at once.
+func (g *gw) cancelDownload() string {
+	m := g.mark()
+	id, _ := g.update("good-5.0.0.img")
+	s := g.waitTwin(m, "download at 10% or more", downloadTimeout, func(s twinState) bool {
+		return s.fw.UpdateID == id && (s.fw.Terminal() || s.fw.Status != "downloading" && s.fw.Status != "standBy" || s.fw.Percent >= 10)
+	})
+	if s.fw.Status != "downloading" {
+		g.t.Fatalf("the download was over before the cancel: %s", s)
+	}
+	out, err := g.hub.gwctl(g.ctx, "update", "cancel", deviceID, "--update-id", id)
+	if err != nil || !strings.Contains(out, "cancelled") {
+		g.t.Fatalf("gwctl update cancel at %d%%: %v\n%s", s.fw.Percent, err, out)
+	}
+	g.logf("gwctl update cancel at %d%%: %s", s.fw.Percent, strings.TrimSpace(out))
+	s = g.expectStatus(m, id, "failed", time.Minute)
+	if s.code() != "cancelled" {
+		g.t.Errorf("twin: want failed/cancelled, got %s", s)
+	}
+	g.waitJournal(m, "journal: update cancelled", 30*time.Second, func(e entry) bool {
+		return e.agent() && e.says("update cancelled") && e.get("UPDATE_ID") == id
+	})
+	out, err = g.hub.gwctl(g.ctx, "update", "cancel", deviceID, "--update-id", id)
+	if err == nil || !strings.Contains(err.Error(), "409") {
+		g.t.Errorf("a second cancel: want 409, got %v\n%s", err, out)
+	}
+	g.checkSystem("good-2.0.0", "B")
+	return final(s)
+}
+
+// slotHash is the SHA-256 of the first 64 MiB of a slot, read in the guest
+// (an update writes the slot from its first byte).
+func (g *gw) slotHash(slot string) string {
+	g.t.Helper()
+	out := strings.Fields(g.guestOK("head -c 67108864 /dev/disk/by-partlabel/root" + slot + " | sha256sum"))
+	if len(out) == 0 {
+		g.t.Fatalf("no hash of slot %s", slot)
+	}
+	return out[0]
+}
+
 // unhealthyImage: an image whose application fails (its gw-app.service, in
 // update.healthUnits) boots on trial, is never healthy, and is rolled back.
 func (g *gw) unhealthyImage() string {
@@ -111,8 +185,9 @@ func (g *gw) unhealthyImage() string {
 	}
 	g.waitGuest(bootTimeout)
 	g.checkSystem("good-2.0.0", "B")
-	g.checkSequence("twin statuses", g.twinStatuses(m, id), []string{"rebooting", "committing", "rolledBack"})
-	g.checkSequence("journal phases", g.phases(m, id), []string{"downloading", "verifying", "applying", "rebooting", "committing"})
+	// rollingBack is on the twin for the whole reboot back to B.
+	g.checkSequence("twin statuses", g.twinStatuses(m, id), []string{"rebooting", "committing", "rollingBack", "rolledBack"})
+	g.checkSequence("journal phases", g.phases(m, id), []string{"downloading", "verifying", "applying", "rebooting", "committing", "rollingBack"})
 	g.waitJournal(m, "journal: gw-app failed on the trial boot", time.Second, func(e entry) bool {
 		return e.fields["_SYSTEMD_UNIT"] == "gw-app.service" && strings.Contains(e.msg(), "does not start")
 	})
@@ -253,10 +328,12 @@ func (g *gw) localRollback() string {
 	afterVerdict := g.mark()
 	r := g.guest("gwagent rollback")
 	g.logf("gwagent rollback: exit %d: %s", r.code, strings.TrimSpace(r.out+r.err))
-	if r.code != 0 || !strings.Contains(r.out, "rolledBack") {
+	// The rollback ends on the previous slot: until the reboot it is
+	// rollingBack.
+	if r.code != 0 || !strings.Contains(r.out, "rollingBack") {
 		g.t.Errorf("gwagent rollback: exit %d\n%s%s", r.code, r.out, r.err)
 	}
-	s := g.expectStatus(m, id, "rolledBack", time.Minute)
+	s := g.expectStatus(m, id, "rolledBack", bootTimeout)
 	if s.code() != "healthCheckFailed" || !strings.Contains(s.fw.Error.Message, "operator") {
 		g.t.Errorf("twin: want healthCheckFailed by the operator, got %s", s)
 	}
@@ -269,6 +346,7 @@ func (g *gw) localRollback() string {
 	if st.RunningSlot != "B" || st.CommittedSlot != "B" || st.TrialSlot != "" || st.RunningVersion != "6.0.0" {
 		g.t.Errorf("gwagent status after the rollback: %+v", st)
 	}
+	g.checkSequence("twin statuses", g.twinStatuses(m, id), []string{"rebooting", "committing", "rollingBack", "rolledBack"})
 	g.waitJournal(m, "journal: operator verdict rollback", time.Second, func(e entry) bool {
 		return e.agent() && e.says("operator verdict") && e.get("OP") == "rollback"
 	})

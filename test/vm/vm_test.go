@@ -106,7 +106,7 @@ func TestFullSystemAB(t *testing.T) {
 	g.images = map[string]imageFile{}
 	// Compressed images, except for the power cut: a compressed download
 	// restarts from zero after a restart, an uncompressed one resumes.
-	for _, name := range []string{"good-2.0.0.img.zst", "unhealthy-3.0.0.img.zst", "badkernel-4.0.0.img.zst",
+	for _, name := range []string{"rootA-1.0.0.img", "good-2.0.0.img.zst", "unhealthy-3.0.0.img.zst", "badkernel-4.0.0.img.zst",
 		"good-5.0.0.img", "good-6.0.0.img.zst", "good-7.0.0.img.zst"} {
 		g.images[name] = hashImage(t, g.build["images"], name)
 	}
@@ -147,6 +147,8 @@ func TestFullSystemAB(t *testing.T) {
 	}{
 		{"factory boot", (*gw).factoryBoot},
 		{"healthy update", (*gw).healthyUpdate},
+		{"refused images", (*gw).refusedImages},
+		{"cancel", (*gw).cancelDownload},
 		{"unhealthy image", (*gw).unhealthyImage},
 		{"kernel cannot boot", (*gw).badKernel},
 		{"power cut while writing", (*gw).powerCut},
@@ -313,7 +315,7 @@ func (g *gw) waitTwin(m mark, what string, timeout time.Duration, match func(twi
 }
 
 // statusOrder is the order of an update's statuses before it ends.
-var statusOrder = []string{"standBy", "downloading", "verifying", "applying", "rebooting", "committing"}
+var statusOrder = []string{"standBy", "downloading", "verifying", "applying", "rebooting", "committing", "rollingBack"}
 
 // rank places a status in statusOrder; every final status ranks last.
 func rank(status string) int {
@@ -654,12 +656,19 @@ func (g *gw) checkSequence(what string, got, want []string) {
 // files, signed, with its SHA-256 and size, and returns the update id.
 func (g *gw) update(name string) (string, imageFile) {
 	g.t.Helper()
+	return g.updateSigned(name, name+".minisig")
+}
+
+// updateSigned is update with the image's signature in the file sig.
+func (g *gw) updateSigned(name, sig string) (string, imageFile) {
+	g.t.Helper()
 	img, ok := g.images[name]
 	if !ok {
 		g.t.Fatalf("no image %s", name)
 	}
-	uri := fmt.Sprintf("https://%s:%s/files/%s", hubHost, g.hub.port(g.hub.httpsAddr), name)
-	out, err := g.hub.gwctl(g.ctx, "-o", "json", "update", deviceID, "--uri", uri, "--signature-uri", uri+".minisig",
+	files := fmt.Sprintf("https://%s:%s/files/", hubHost, g.hub.port(g.hub.httpsAddr))
+	uri := files + name
+	out, err := g.hub.gwctl(g.ctx, "-o", "json", "update", deviceID, "--uri", uri, "--signature-uri", files+sig,
 		"--version", img.version, "--sha256", img.sha256, "--size", strconv.FormatInt(img.size, 10))
 	if err != nil {
 		g.t.Fatal(err)
