@@ -316,7 +316,7 @@ type ProxyError struct {
 func (e *ProxyError) Error() string {
 	hint := ""
 	switch e.StatusCode {
-	case http.StatusProxyAuthRequired:
+	case http.StatusProxyAuthRequired, http.StatusUnauthorized:
 		hint = " (the proxy wants credentials: check the proxy URL's user and the credentials file)"
 	case http.StatusForbidden:
 		hint = " (the proxy does not allow this target: many allow CONNECT to port 443 only)"
