@@ -20,7 +20,7 @@ need-version = $(if $(VERSION),,$(error no version: packaging/version.sh failed 
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian, an HTTP proxy.
 APT_PACKAGES := mosquitto mosquitto-clients grub-common grub-emu e2fsprogs libubootenv-tool u-boot-tools minisign lintian \
-                systemd-container debootstrap time openssl ca-certificates iproute2 python3 curl tinyproxy-bin
+                systemd-container debootstrap time openssl ca-certificates iproute2 python3 curl tinyproxy-bin nftables
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help
