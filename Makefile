@@ -18,9 +18,9 @@ LDFLAGS      = -s -w -X $(PKG)/internal/buildinfo.Version=$(VERSION) -X $(PKG)/i
 need-version = $(if $(VERSION),,$(error no version: packaging/version.sh failed (its message is above); give one with make VERSION=X.Y.Z))
 # Tools are run at pinned versions through the Go module proxy.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
-# Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian.
+# Debian packages the tests use: brokers, bootloader tools on files, real systemd, lintian, an HTTP proxy.
 APT_PACKAGES := mosquitto mosquitto-clients grub-common grub-emu e2fsprogs libubootenv-tool u-boot-tools minisign lintian \
-                systemd-container debootstrap time openssl ca-certificates iproute2 python3 curl
+                systemd-container debootstrap time openssl ca-certificates iproute2 python3 curl tinyproxy-bin nftables
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help

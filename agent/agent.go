@@ -31,6 +31,8 @@ import (
 const (
 	queueDir    = "twin-queue"
 	firmwareDir = "firmware"
+	// transportFile is where hub.transport auto remembers what worked.
+	transportFile = "transport.json"
 )
 
 // reservedReported are the reported properties the agent writes itself; a
@@ -175,21 +177,25 @@ func New(opts Options) (*Agent, error) {
 // newSession is the hub session, handing direct methods to the router.
 func (a *Agent) newSession(cfg *config.Config, log *zap.Logger) (*session.Session, error) {
 	s, err := session.New(session.Config{
-		Conn:           cfg.Hub.ConnectionString,
-		Address:        cfg.Hub.Address,
-		RootCAs:        cfg.Hub.RootCAs,
-		Certificate:    cfg.Hub.Certificate,
-		KeepAlive:      cfg.Hub.KeepAlive,
-		SASTTL:         cfg.Hub.SASTTL,
-		ConnectTimeout: cfg.Hub.ConnectTimeout,
-		RequestTimeout: cfg.Hub.RequestTimeout,
-		MinRetryDelay:  cfg.Hub.MinRetryDelay,
-		MaxRetryDelay:  cfg.Hub.MaxRetryDelay,
-		ClientType:     "gwagent/" + buildinfo.Get().Version,
-		Log:            log.Named("session"),
-		Methods:        a.router,
-		OnDesired:      a.onDesired,
-		OnConnect:      a.onConnect,
+		Conn:             cfg.Hub.ConnectionString,
+		Address:          cfg.Hub.Address,
+		Transport:        cfg.Hub.Transport,
+		WebSocketAddress: cfg.Hub.WebSocketAddress,
+		Proxy:            hubProxy(cfg.Hub.Proxy),
+		TransportFile:    filepath.Join(cfg.StateDir, transportFile),
+		RootCAs:          cfg.Hub.RootCAs,
+		Certificate:      cfg.Hub.Certificate,
+		KeepAlive:        cfg.Hub.KeepAlive,
+		SASTTL:           cfg.Hub.SASTTL,
+		ConnectTimeout:   cfg.Hub.ConnectTimeout,
+		RequestTimeout:   cfg.Hub.RequestTimeout,
+		MinRetryDelay:    cfg.Hub.MinRetryDelay,
+		MaxRetryDelay:    cfg.Hub.MaxRetryDelay,
+		ClientType:       "gwagent/" + buildinfo.Get().Version,
+		Log:              log.Named("session"),
+		Methods:          a.router,
+		OnDesired:        a.onDesired,
+		OnConnect:        a.onConnect,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
@@ -237,7 +243,7 @@ func (a *Agent) newHealth(cfg *config.Config, sd health.Systemd, log *zap.Logger
 func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmware.Installer, log *zap.Logger) (*firmware.Manager, error) {
 	if client == nil {
 		var err error
-		if client, err = downloadClient(cfg.Hub.CAFile); err != nil {
+		if client, err = downloadClientVia(cfg.Hub.CAFile, cfg.Update.Proxy.Resolved()); err != nil {
 			return nil, err
 		}
 	}
@@ -320,7 +326,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.startControl(bctx, &rest)
 
 	a.log.Info("gwagent running", zap.String("version", info.Version), zap.String("device_id", cfg.Hub.ConnectionString.DeviceID),
-		zap.String("installer", cfg.Installer.Type), zap.String("state_dir", cfg.StateDir))
+		zap.String("installer", cfg.Installer.Type), zap.String("state_dir", cfg.StateDir),
+		zap.String("hub_transport", cfg.Hub.Transport), zap.Stringer("hub_proxy", cfg.Hub.Proxy), zap.Stringer("update_proxy", cfg.Update.Proxy))
 
 	var runErr error
 	select {

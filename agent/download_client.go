@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"sync"
 
@@ -15,6 +16,12 @@ import (
 // next to a local hub (same CA) download as well as those on the Internet.
 // Its transport lives for one update only (see updateTransport).
 func downloadClient(caFile string) (*http.Client, error) {
+	return downloadClientVia(caFile, nil)
+}
+
+// downloadClientVia is downloadClient through the HTTP proxy p (with its
+// credentials); nil means the proxy variables of the environment.
+func downloadClientVia(caFile string, p *url.URL) (*http.Client, error) {
 	var extra []byte
 	if caFile != "" {
 		pem, err := os.ReadFile(caFile)
@@ -23,7 +30,7 @@ func downloadClient(caFile string) (*http.Client, error) {
 		}
 		extra = pem
 	}
-	return &http.Client{Transport: &updateTransport{extra: extra}}, nil
+	return &http.Client{Transport: &updateTransport{extra: extra, proxy: p}}, nil
 }
 
 // updateTransport builds the download transports on the first request of an
@@ -35,7 +42,8 @@ func downloadClient(caFile string) (*http.Client, error) {
 // parsed system roots, some 250 KB, for the life of the process) — more
 // than an idle agent's whole heap.
 type updateTransport struct {
-	extra []byte // hub.caFile's PEM; nil: the system roots only
+	extra []byte   // hub.caFile's PEM; nil: the system roots only
+	proxy *url.URL // update.proxy with its credentials; nil: the environment's
 
 	mu     sync.Mutex      // guards plain and secure
 	plain  *http.Transport // http:// requests: no root pool of its own
@@ -43,7 +51,15 @@ type updateTransport struct {
 }
 
 func (u *updateTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	return u.transport(r.URL.Scheme == "https").RoundTrip(r)
+	t := u.transport(r.URL.Scheme == "https")
+	resp, err := t.RoundTrip(r)
+	if err != nil && t.Proxy != nil {
+		// Name the proxy, without its credentials, when one was used.
+		if p, perr := t.Proxy(r); perr == nil && p != nil {
+			return nil, fmt.Errorf("via proxy %s: %w", proxyName(p), err)
+		}
+	}
+	return resp, err
 }
 
 func (u *updateTransport) transport(secure bool) *http.Transport {
@@ -52,7 +68,7 @@ func (u *updateTransport) transport(secure bool) *http.Transport {
 	if !secure {
 		if u.plain == nil {
 			// TLS only to an https proxy, verified against the system roots.
-			u.plain = firmware.NewTransport(newTLSConfig(nil))
+			u.plain = u.withProxy(firmware.NewTransport(newTLSConfig(nil)))
 		}
 		return u.plain
 	}
@@ -65,9 +81,18 @@ func (u *updateTransport) transport(secure bool) *http.Transport {
 			}
 			roots.AppendCertsFromPEM(u.extra)
 		}
-		u.secure = firmware.NewTransport(newTLSConfig(roots))
+		u.secure = u.withProxy(firmware.NewTransport(newTLSConfig(roots)))
 	}
 	return u.secure
+}
+
+// withProxy sets update.proxy on t, which otherwise takes the proxy from
+// the environment.
+func (u *updateTransport) withProxy(t *http.Transport) *http.Transport {
+	if u.proxy != nil {
+		t.Proxy = http.ProxyURL(u.proxy)
+	}
+	return t
 }
 
 // CloseIdleConnections closes the transports' idle connections and drops

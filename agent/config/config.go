@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -70,6 +71,15 @@ type Hub struct {
 	// GatewayHostName or HostName on port 8883. TLS always verifies the
 	// gateway or hub name, never this address.
 	Address string
+	// Transport is mqtt (TLS on 8883), websocket (MQTT over WebSocket on
+	// 443) or auto (8883, falling back to 443; the default).
+	Transport string
+	// WebSocketAddress overrides where the WebSocket transport's socket
+	// goes ("host:port"); empty means the gateway or hub name on 443.
+	WebSocketAddress string
+	// Proxy is the HTTP proxy of the hub session; unset means the
+	// https_proxy / HTTPS_PROXY and NO_PROXY variables.
+	Proxy Proxy
 	// CAFile is a PEM bundle of trusted roots; empty means the system roots.
 	CAFile string
 	// RootCAs is CAFile loaded; nil means the system roots.
@@ -85,6 +95,76 @@ type Hub struct {
 	RequestTimeout time.Duration // twin GET / reported PATCH answer wait
 	MinRetryDelay  time.Duration // reconnect backoff start
 	MaxRetryDelay  time.Duration // reconnect backoff cap
+}
+
+// Proxy is an HTTP proxy: a URL (http://host:port) and, optionally, a file
+// holding "user:password" for basic authentication. The credentials are
+// never logged: String and Name leave them out.
+type Proxy struct {
+	// URL is the proxy's URL without credentials; empty: not set.
+	URL string
+	// CredentialsFile holds "user:password" on its first line.
+	CredentialsFile string
+
+	url *url.URL // URL parsed, with the credentials; nil when not set
+}
+
+// Set reports whether a proxy is configured.
+func (p Proxy) Set() bool { return p.url != nil }
+
+// Resolved is the proxy's URL with its credentials, for dialling only;
+// nil when not set.
+func (p Proxy) Resolved() *url.URL {
+	if p.url == nil {
+		return nil
+	}
+	u := *p.url
+	return &u
+}
+
+// String is the proxy's URL without credentials.
+func (p Proxy) String() string { return p.URL }
+
+// load parses the URL and reads the credentials file; key names the
+// section for errors (hub.proxy, update.proxy).
+func (p *Proxy) load(key string) error {
+	if p.URL == "" {
+		if p.CredentialsFile != "" {
+			return fmt.Errorf("%w: %sCredentialsFile: set without %s", ErrConfig, key, key)
+		}
+		return nil
+	}
+	u, err := url.Parse(p.URL)
+	if err != nil || u.Scheme != "http" || u.Hostname() == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+		return fmt.Errorf("%w: %s: %q is not an http://host:port proxy URL", ErrConfig, key, redactURL(p.URL))
+	}
+	if u.User != nil {
+		return fmt.Errorf("%w: %s: put the proxy's credentials in %sCredentialsFile, not in the URL", ErrConfig, key, key)
+	}
+	u.Path = ""
+	if p.CredentialsFile != "" {
+		b, err := os.ReadFile(p.CredentialsFile)
+		if err != nil {
+			return fmt.Errorf("%w: %sCredentialsFile: %w", ErrConfig, key, err)
+		}
+		line, _, _ := strings.Cut(string(b), "\n")
+		user, pw, ok := strings.Cut(strings.TrimRight(line, "\r"), ":")
+		if !ok || user == "" {
+			return fmt.Errorf("%w: %sCredentialsFile: %s must hold user:password on its first line", ErrConfig, key, p.CredentialsFile)
+		}
+		u.User = url.UserPassword(user, pw)
+	}
+	p.URL = (&url.URL{Scheme: u.Scheme, Host: u.Host}).String()
+	p.url = u
+	return nil
+}
+
+// redactURL hides a password in a URL that failed to parse as a proxy.
+func redactURL(raw string) string {
+	if u, err := url.Parse(raw); err == nil {
+		return u.Redacted()
+	}
+	return "(unparsable)"
 }
 
 // X509 names the client certificate files.
@@ -146,6 +226,9 @@ type Update struct {
 	HealthSystemState string
 	// HealthUnits must all be active for a trial boot to pass.
 	HealthUnits []string
+	// Proxy is the HTTP proxy of downloads; unset means the https_proxy /
+	// HTTPS_PROXY, http_proxy and NO_PROXY variables.
+	Proxy Proxy
 	// AllowedHosts, when not empty, are the only hosts images and
 	// signatures may be downloaded from, redirects included: host names,
 	// IP addresses or *.example.com patterns (firmware.Config.AllowedHosts).
@@ -198,6 +281,14 @@ var keys = []key{
 		set: str(func(c *Config) *string { return &c.Hub.ConnectionStringFile })},
 	{name: "hub.address", def: "", flag: "hub-address", usage: "host:port to dial instead of the hub's name on 8883",
 		set: str(func(c *Config) *string { return &c.Hub.Address })},
+	{name: "hub.transport", def: "auto", flag: "hub-transport", usage: "mqtt (8883), websocket (443) or auto (8883, falling back to 443)",
+		set: oneOf(func(c *Config) *string { return &c.Hub.Transport }, "auto", "mqtt", "websocket")},
+	{name: "hub.webSocketAddress", def: "", flag: "hub-ws-address", usage: "host:port to dial instead of the hub's name on 443 (websocket transport)",
+		set: str(func(c *Config) *string { return &c.Hub.WebSocketAddress })},
+	{name: "hub.proxy", def: "", flag: "hub-proxy", usage: "HTTP proxy of the hub session, http://host:port (empty: https_proxy and NO_PROXY)",
+		set: str(func(c *Config) *string { return &c.Hub.Proxy.URL })},
+	{name: "hub.proxyCredentialsFile", def: "", usage: "file holding user:password for hub.proxy",
+		set: str(func(c *Config) *string { return &c.Hub.Proxy.CredentialsFile })},
 	{name: "hub.caFile", def: "", flag: "ca-file", usage: "PEM file of trusted root CAs (empty: system roots)",
 		set: str(func(c *Config) *string { return &c.Hub.CAFile })},
 	{name: "hub.x509.certFile", def: "", usage: "client certificate (PEM) for x509=true",
@@ -238,6 +329,10 @@ var keys = []key{
 	{name: "update.healthUnits", def: []string{}, set: units(func(c *Config) *[]string { return &c.Update.HealthUnits })},
 	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
 	{name: "update.stallTimeout", def: "3m", set: dur(func(c *Config) *time.Duration { return &c.Update.StallTimeout }, time.Second, 24*time.Hour)},
+	{name: "update.proxy", def: "", usage: "HTTP proxy of downloads, http://host:port (empty: https_proxy, http_proxy and NO_PROXY)",
+		set: str(func(c *Config) *string { return &c.Update.Proxy.URL })},
+	{name: "update.proxyCredentialsFile", def: "", usage: "file holding user:password for update.proxy",
+		set: str(func(c *Config) *string { return &c.Update.Proxy.CredentialsFile })},
 	{name: "update.allowedHosts", def: []string{}, set: hosts(func(c *Config) *[]string { return &c.Update.AllowedHosts })},
 	{name: "signature.keyDir", def: "/etc/gwagent/keys", usage: "folder of trusted minisign public keys (*.pub)",
 		set: str(func(c *Config) *string { return &c.Signature.KeyDir })},
@@ -351,6 +446,12 @@ func Load(opts Options) (*Config, error) {
 			return nil, err
 		}
 	}
+	if err := c.Hub.Proxy.load("hub.proxy"); err != nil {
+		return nil, err
+	}
+	if err := c.Update.Proxy.load("update.proxy"); err != nil {
+		return nil, err
+	}
 	if c.Hub.MinRetryDelay > c.Hub.MaxRetryDelay {
 		return nil, fmt.Errorf("%w: hub.minRetryDelay: must not exceed hub.maxRetryDelay (%s)", ErrConfig, c.Hub.MaxRetryDelay)
 	}
@@ -429,6 +530,11 @@ func (c *Config) loadHub(v *viper.Viper) error {
 	if c.Hub.Address != "" {
 		if _, port, err := net.SplitHostPort(c.Hub.Address); err != nil || port == "" {
 			return fmt.Errorf("%w: hub.address: %q is not host:port", ErrConfig, c.Hub.Address)
+		}
+	}
+	if c.Hub.WebSocketAddress != "" {
+		if _, port, err := net.SplitHostPort(c.Hub.WebSocketAddress); err != nil || port == "" {
+			return fmt.Errorf("%w: hub.webSocketAddress: %q is not host:port", ErrConfig, c.Hub.WebSocketAddress)
 		}
 	}
 	if c.Hub.CAFile != "" {

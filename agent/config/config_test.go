@@ -137,6 +137,13 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"x509 without files", "hub:\n  connectionString: \"HostName=h.x;DeviceId=d;x509=true\"\n", nil, "config: hub.x509.certFile: the connection string says x509=true"},
 		{"cert without x509", csLine + "  x509:\n    certFile: /c\n", nil, "config: hub.x509.certFile: a client certificate needs a connection string with x509=true"},
 		{"bad address", csLine + "  address: nohostport\n", nil, "config: hub.address:"},
+		{"bad WebSocket address", csLine + "  webSocketAddress: nohostport\n", nil, "config: hub.webSocketAddress:"},
+		{"unknown transport", csLine + "  transport: quic\n", nil, `config: hub.transport: "quic" is not one of auto, mqtt, websocket`},
+		{"proxy not a URL", csLine + "  proxy: proxy.example:3128\n", nil, `config: hub.proxy: "proxy.example:3128" is not an http://host:port proxy URL`},
+		{"https proxy", csLine + "update:\n  proxy: https://proxy.example:3128\n", nil, `config: update.proxy: "https://proxy.example:3128" is not an http://host:port proxy URL`},
+		{"proxy credentials in the URL", csLine + "  proxy: http://u:secret@proxy.example:3128\n", nil, "config: hub.proxy: put the proxy's credentials in hub.proxyCredentialsFile, not in the URL"},
+		{"proxy credentials without proxy", csLine + "  proxyCredentialsFile: /etc/p\n", nil, "config: hub.proxyCredentialsFile: set without hub.proxy"},
+		{"missing proxy credentials", csLine + "  proxy: http://proxy.example:3128\n  proxyCredentialsFile: /nonexistent/p\n", nil, "config: hub.proxyCredentialsFile: open /nonexistent/p"},
 		{"retry order", csLine + "  minRetryDelay: 2m\n  maxRetryDelay: 1m\n", nil, "config: hub.minRetryDelay: must not exceed hub.maxRetryDelay"},
 		{"unknown installer", csLine + "installer:\n  type: rauc\n", nil, `config: installer.type: unknown installer "rauc" (known: abpart, simulated)`},
 		{"unknown installer flag", csLine, []string{"--installer=swupdate"}, `config: installer.type: unknown installer "swupdate"`},
@@ -164,6 +171,31 @@ func TestErrorsNameTheKey(t *testing.T) {
 				t.Fatalf("%v does not wrap ErrConfig", err)
 			}
 		})
+	}
+}
+
+// A proxy's credentials come from their file, reach the dialler only
+// through Resolved, and never show in the proxy's name; the error of a bad
+// URL does not show a password either.
+func TestProxy(t *testing.T) {
+	creds := write(t, "proxy-creds", "gw:s3cret\n", 0o600)
+	c, err := load(t, "hub:\n  connectionString: \""+cs+"\"\n  transport: websocket\n  proxy: http://proxy.example:3128\n  proxyCredentialsFile: "+creds+"\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Hub.Transport != "websocket" || !c.Hub.Proxy.Set() || c.Update.Proxy.Set() {
+		t.Fatalf("hub = %+v, update proxy = %+v", c.Hub, c.Update.Proxy)
+	}
+	u := c.Hub.Proxy.Resolved()
+	if pw, _ := u.User.Password(); u.Host != "proxy.example:3128" || u.User.Username() != "gw" || pw != "s3cret" {
+		t.Fatalf("resolved proxy = %v", u)
+	}
+	if s := fmt.Sprintf("%v %+v %s", c.Hub.Proxy, c.Hub, c.Hub.Proxy); strings.Contains(s, "s3cret") {
+		t.Fatalf("the password shows in %s", s)
+	}
+	_, err = load(t, "hub:\n  connectionString: \""+cs+"\"\n  proxy: \"http://u:s3cret@proxy.example/x?y\"\n")
+	if err == nil || strings.Contains(err.Error(), "s3cret") {
+		t.Fatalf("err = %v", err)
 	}
 }
 

@@ -19,12 +19,13 @@ import (
 
 // conn is one MQTT connection.
 type conn struct {
-	client   mqtt.Client
-	lost     chan struct{} // closed when paho reports the connection lost
-	lostOnce sync.Once
-	lostErr  error // set before lost is closed
-	expires  time.Time
-	lastRead atomic.Int64 // unix nanos of the last byte from the hub (liveness.go)
+	client    mqtt.Client
+	transport string        // TransportMQTT or TransportWebSocket
+	lost      chan struct{} // closed when paho reports the connection lost
+	lostOnce  sync.Once
+	lostErr   error // set before lost is closed
+	expires   time.Time
+	lastRead  atomic.Int64 // unix nanos of the last byte from the hub (liveness.go)
 }
 
 func (c *conn) markLost(err error) {
@@ -37,10 +38,19 @@ func (c *conn) markLost(err error) {
 func (s *Session) loop(ctx context.Context) {
 	b := s.newBackoff()
 	for ctx.Err() == nil {
-		c, err := s.connect(ctx)
+		tr := s.cfg.Transport
+		if s.auto != nil {
+			tr = s.auto.next(time.Now())
+		}
+		c, err := s.connect(ctx, tr)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
+			}
+			if s.auto != nil && s.auto.failed(tr, err) {
+				s.log.Warn("hub connect failed", zap.String("transport", tr), zap.String("addr", s.dialAddr(tr)), zap.Error(err))
+				b.Reset()
+				continue // the other transport, at once
 			}
 			d := retry.Next(b)
 			s.mu.Lock()
@@ -48,11 +58,14 @@ func (s *Session) loop(ctx context.Context) {
 			s.health.LastError = err.Error()
 			s.mu.Unlock()
 			s.notify()
-			s.log.Warn("hub connect failed", zap.String("addr", s.addr), zap.Duration("retry_in", d), zap.Error(err))
+			s.log.Warn("hub connect failed", zap.String("transport", tr), zap.String("addr", s.dialAddr(tr)), zap.Duration("retry_in", d), zap.Error(err))
 			if s.pause(ctx, d) != nil {
 				return
 			}
 			continue
+		}
+		if s.auto != nil {
+			s.auto.connected(tr, time.Now())
 		}
 		b.Reset()
 		planned := s.serve(ctx, c)
@@ -160,17 +173,19 @@ var subscriptions = map[string]byte{
 
 // connect opens a connection, subscribes, marks the session online and GETs
 // the twin.
-func (s *Session) connect(ctx context.Context) (*conn, error) {
+func (s *Session) connect(ctx context.Context, tr string) (*conn, error) {
 	pw, exp, err := s.password(time.Now())
 	if err != nil {
 		return nil, err
 	}
-	c := &conn{lost: make(chan struct{}), expires: exp}
+	c := &conn{lost: make(chan struct{}), expires: exp, transport: tr}
+	addr := s.dialAddr(tr)
 	s.mu.Lock()
 	s.health.RetryAt = time.Time{}
+	s.health.Transport = tr
 	s.mu.Unlock()
 	s.notify()
-	s.log.Debug("connecting", zap.String("addr", s.addr), zap.String("device_id", s.clientID))
+	s.log.Debug("connecting", zap.String("transport", tr), zap.String("addr", addr), zap.String("device_id", s.clientID))
 
 	client := mqtt.NewClient(s.clientOptions(c, pw))
 	tok := client.Connect()
@@ -182,10 +197,10 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 		case <-time.After(2 * time.Second):
 		}
 		client.Disconnect(0)
-		return nil, fmt.Errorf("connect to %s: %w", s.addr, err)
+		return nil, &networkError{fmt.Errorf("connect to %s (%s): %w", addr, tr, err)}
 	}
 	if err := tok.Error(); err != nil {
-		return nil, fmt.Errorf("connect to %s: %w%s", s.addr, err, s.connectHint(tok, err))
+		return nil, classify(tok, fmt.Errorf("connect to %s (%s): %w%s", addr, tr, err, s.connectHint(tok, err)))
 	}
 	c.client = client
 	if err := s.subscribe(ctx, c); err != nil {
@@ -202,7 +217,7 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 	s.mu.Unlock()
 	s.touch()
 	s.notify()
-	s.log.Info("connected", zap.String("addr", s.addr), zap.String("device_id", s.clientID))
+	s.log.Info("connected", zap.String("transport", tr), zap.String("addr", addr), zap.String("device_id", s.clientID))
 
 	if err := s.getTwin(ctx, c); err != nil {
 		if errors.Is(err, errLost) || ctx.Err() != nil {
@@ -220,8 +235,9 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 // clientOptions are paho's options for connection c with CONNECT password
 // pw (empty for X.509).
 func (s *Session) clientOptions(c *conn, pw string) *mqtt.ClientOptions {
+	_, broker := s.target(c.transport)
 	opts := mqtt.NewClientOptions().
-		AddBroker("tls://" + s.addr).
+		AddBroker(broker).
 		SetClientID(s.clientID).
 		SetUsername(s.username).
 		SetTLSConfig(s.tlsConfig()).

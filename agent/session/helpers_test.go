@@ -35,12 +35,20 @@ const wait = 15 * time.Second
 type localHub struct {
 	*hub.Hub
 	dir, addr string
+	ws        bool // serve MQTT over WebSocket on the HTTPS listener
 	conn      iothub.ConnectionString
 }
 
 func startHub(t *testing.T) *localHub {
 	t.Helper()
-	lh := &localHub{dir: t.TempDir(), addr: "127.0.0.1:0"}
+	return startHubWith(t, false)
+}
+
+// startHubWith starts the local hub, serving MQTT over WebSocket on its
+// HTTPS listener too when ws is set.
+func startHubWith(t *testing.T, ws bool) *localHub {
+	t.Helper()
+	lh := &localHub{dir: t.TempDir(), addr: "127.0.0.1:0", ws: ws}
 	lh.start(t)
 	s, err := lh.CreateDevice("gw-01")
 	if err != nil {
@@ -62,7 +70,7 @@ func (lh *localHub) start(t *testing.T) {
 // device can be connected), then starts listening.
 func (lh *localHub) startWith(t *testing.T, before func(*hub.Hub)) {
 	t.Helper()
-	h, err := hub.New(hub.Config{StateDir: lh.dir, MQTTAddr: lh.addr, HTTPSAddr: "127.0.0.1:0", Log: zaptest.NewLogger(t).Named("hub")})
+	h, err := hub.New(hub.Config{StateDir: lh.dir, MQTTAddr: lh.addr, HTTPSAddr: "127.0.0.1:0", WebSocket: lh.ws, Log: zaptest.NewLogger(t).Named("hub")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,6 +139,7 @@ func run(t *testing.T, s *Session) context.CancelFunc {
 func baseConfig(t *testing.T, cs iothub.ConnectionString, addr string, roots *x509.CertPool, rec *recorder) Config {
 	return Config{
 		Conn:           cs,
+		Transport:      TransportMQTT,
 		Address:        addr,
 		RootCAs:        roots,
 		KeepAlive:      30 * time.Second,

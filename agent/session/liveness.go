@@ -2,7 +2,6 @@ package session
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -61,14 +60,20 @@ func (w watchedConn) Read(b []byte) (int, error) {
 	return n, err
 }
 
-// dialer opens connection c's TLS link for paho, watched for bytes from
-// the hub.
+// dialer opens connection c's link for paho — TLS, or a WebSocket over
+// TLS, directly or through the proxy — watched for bytes from the hub.
 func (s *Session) dialer(c *conn) mqtt.OpenConnectionFunc {
 	return func(u *url.URL, o mqtt.ClientOptions) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), o.ConnectTimeout)
 		defer cancel()
-		d := tls.Dialer{NetDialer: &net.Dialer{}, Config: o.TLSConfig}
-		nc, err := d.DialContext(ctx, "tcp", u.Host)
+		addr, _ := s.target(c.transport)
+		var nc net.Conn
+		var err error
+		if c.transport == TransportWebSocket {
+			nc, err = s.dialWebSocket(ctx, u.String(), addr, o.TLSConfig)
+		} else {
+			nc, err = s.dialTLS(ctx, addr, o.TLSConfig)
+		}
 		if err != nil {
 			return nil, err
 		}

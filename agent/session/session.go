@@ -9,7 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,6 +65,26 @@ type Config struct {
 	// Address is "host:port" to dial; empty means GatewayHostName (or
 	// HostName) on DefaultPort. TLS verifies GatewayHostName or HostName.
 	Address string
+	// Transport is TransportMQTT, TransportWebSocket or TransportAuto (the
+	// default).
+	Transport string
+	// WebSocketAddress is "host:port" to dial for the WebSocket transport;
+	// empty means GatewayHostName (or HostName) on DefaultWebSocketPort.
+	// TLS verifies the name, and the upgrade asks for it, whatever this is.
+	WebSocketAddress string
+	// Proxy returns the HTTP proxy for a "host:port" target, or nil for a
+	// direct connection; nil means never a proxy. Both transports tunnel
+	// through it with CONNECT.
+	Proxy func(target string) (*url.URL, error)
+	// TransportFile is where auto remembers the transport that worked;
+	// empty means it starts with 8883 every time.
+	TransportFile string
+	// FallbackAfter is how many network-level connect failures in a row
+	// make auto try the other transport (default 2).
+	FallbackAfter int
+	// ProbeEvery is how long after falling back to the WebSocket auto tries
+	// 8883 again, at the next connect (default 24h).
+	ProbeEvery time.Duration
 	// RootCAs verifies the server; nil means the system roots.
 	RootCAs *x509.CertPool
 	// Certificate is the client certificate for x509=true identities.
@@ -102,6 +125,13 @@ func (c *Config) setDefaults() {
 	def(&c.RequestTimeout, 30*time.Second)
 	def(&c.MinRetryDelay, time.Second)
 	def(&c.MaxRetryDelay, 60*time.Second)
+	def(&c.ProbeEvery, 24*time.Hour)
+	if c.FallbackAfter <= 0 {
+		c.FallbackAfter = 2
+	}
+	if c.Transport == "" {
+		c.Transport = TransportAuto
+	}
 	if c.MaxRetryDelay < c.MinRetryDelay {
 		c.MaxRetryDelay = c.MinRetryDelay
 	}
@@ -127,6 +157,9 @@ type Health struct {
 	Connected bool
 	// Host is the hub (or gateway) name.
 	Host string
+	// Transport is the transport of the connection, or of the attempt
+	// under way when offline (TransportMQTT or TransportWebSocket).
+	Transport string
 	// Since is when the session last connected or went offline.
 	Since time.Time
 	// LastExchange is when the hub last sent anything or acknowledged a
@@ -146,6 +179,9 @@ type Health struct {
 func (h Health) Describe(now time.Time) string {
 	switch {
 	case h.Connected:
+		if h.Transport == TransportWebSocket {
+			return "connected to " + h.Host + " over WebSocket"
+		}
 		return "connected to " + h.Host
 	case !h.RetryAt.IsZero() && h.RetryAt.After(now):
 		return fmt.Sprintf("offline, retrying in %s", h.RetryAt.Sub(now).Round(time.Second))
@@ -161,8 +197,10 @@ func (h Health) Describe(now time.Time) string {
 type Session struct {
 	cfg       Config
 	log       *zap.Logger
-	addr      string // dial address
-	tlsName   string // name TLS verifies
+	addr      string     // dial address of MQTT over TLS
+	wsAddr    string     // dial address of MQTT over WebSocket
+	auto      *autoState // nil unless cfg.Transport is auto; owned by the loop
+	tlsName   string     // name TLS verifies
 	clientID  string
 	username  string
 	ridPrefix string
@@ -197,6 +235,9 @@ func New(cfg Config) (*Session, error) {
 	if cs.IsService() {
 		return nil, errors.New("session: a service connection string cannot connect as a device")
 	}
+	if !slices.Contains(Transports, cfg.Transport) {
+		return nil, fmt.Errorf("session: unknown transport %q (known: %s)", cfg.Transport, strings.Join(Transports, ", "))
+	}
 	if cs.X509 && cfg.Certificate == nil {
 		return nil, errors.New("session: x509=true needs a client certificate")
 	}
@@ -210,6 +251,10 @@ func New(cfg Config) (*Session, error) {
 	addr := cfg.Address
 	if addr == "" {
 		addr = net.JoinHostPort(host, DefaultPort)
+	}
+	wsAddr := cfg.WebSocketAddress
+	if wsAddr == "" {
+		wsAddr = net.JoinHostPort(host, DefaultWebSocketPort)
 	}
 	id := cs.DeviceID
 	if cs.ModuleID != "" {
@@ -225,6 +270,7 @@ func New(cfg Config) (*Session, error) {
 		cfg:          cfg,
 		log:          cfg.Log,
 		addr:         addr,
+		wsAddr:       wsAddr,
 		tlsName:      host,
 		clientID:     id,
 		username:     iothub.Username(cs.HostName, id, cfg.ClientType),
@@ -237,7 +283,12 @@ func New(cfg Config) (*Session, error) {
 		probeDesired: make(chan chan struct{}),
 		changed:      make(chan struct{}, 1),
 		pending:      map[string]*pending{},
-		health:       Health{Host: host, Since: time.Now()},
+		health:       Health{Host: host, Since: time.Now(), Transport: cfg.Transport},
+	}
+	switch cfg.Transport {
+	case TransportAuto:
+		s.auto = newAutoState(cfg.TransportFile, cfg.FallbackAfter, cfg.ProbeEvery, s.log)
+		s.health.Transport = s.auto.current
 	}
 	return s, nil
 }

@@ -178,6 +178,19 @@ func TestBannerCommandsWorkAsPrinted(t *testing.T) {
 		t.Fatalf("the second registration changed the file: %q, %v", again, err)
 	}
 
+	// The agent as printed, then the same over WebSocket only, as on a
+	// network that blocks 8883 (its own state: the first one's update may
+	// still run).
+	for _, variant := range []string{"", " --hub-transport websocket --state-dir ws.state"} {
+		runAgentAndCall(t, ctx, work, agent+variant, call)
+	}
+	hp.stop(t)
+}
+
+// runAgentAndCall runs the agent command, calls firmwareUpdate on it with
+// the call command until it answers 200, and stops it.
+func runAgentAndCall(t *testing.T, ctx context.Context, work, agent, call string) {
+	t.Helper()
 	// The agent, as a process of its own (exec: its pid is the agent's).
 	var agentOut syncBuffer
 	ac := shell(ctx, work, "exec "+agent)
@@ -227,7 +240,9 @@ func TestBannerCommandsWorkAsPrinted(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Errorf("agent did not stop on SIGTERM")
 	}
-	hp.stop(t)
+	if strings.Contains(agent, "websocket") && !strings.Contains(agentOut.String(), `"transport": "websocket"`) && !strings.Contains(agentOut.String(), "transport=websocket") && !strings.Contains(agentOut.String(), `"transport":"websocket"`) {
+		t.Errorf("the agent did not log a WebSocket connect:\n%s", agentOut.String())
+	}
 }
 
 // With the default ports and host name no flag is needed but the CA; an
@@ -239,19 +254,20 @@ func TestBannerAddresses(t *testing.T) {
 		ownCert    bool
 		endpoint   string
 		hubAddr    string
+		wsAddr     string
 	}{
-		{":443", "localhost", false, "", "127.0.0.1:443"},
-		{"0.0.0.0:443", "localhost", false, "", "127.0.0.1:443"},
-		{"0.0.0.0:8883", "localhost", false, "127.0.0.1:8883", ""},
-		{":8443", "localhost", false, "127.0.0.1:8443", "127.0.0.1:8443"},
-		{"127.0.0.1:8443", "localhost", false, "127.0.0.1:8443", "127.0.0.1:8443"},
-		{"[::1]:8443", "localhost", false, "[::1]:8443", "[::1]:8443"},
-		{"[::]:443", "gwhub.lab", false, "127.0.0.1", "127.0.0.1:443"},
-		{"[::1]:443", "gwhub.lab", false, "[::1]", "[::1]:443"},
-		{"192.0.2.10:8443", "gwhub.lab", false, "gwhub.lab:8443", "192.0.2.10:8443"},
-		{"192.0.2.10:443", "gwhub.lab", false, "", "192.0.2.10:443"},
-		{":443", "gwhub.lab", true, "", "127.0.0.1:443"},
-		{":8443", "gwhub.lab", true, "gwhub.lab:8443", "127.0.0.1:8443"},
+		{":443", "localhost", false, "", "127.0.0.1:443", ""},
+		{"0.0.0.0:443", "localhost", false, "", "127.0.0.1:443", ""},
+		{"0.0.0.0:8883", "localhost", false, "127.0.0.1:8883", "", "127.0.0.1:8883"},
+		{":8443", "localhost", false, "127.0.0.1:8443", "127.0.0.1:8443", "127.0.0.1:8443"},
+		{"127.0.0.1:8443", "localhost", false, "127.0.0.1:8443", "127.0.0.1:8443", "127.0.0.1:8443"},
+		{"[::1]:8443", "localhost", false, "[::1]:8443", "[::1]:8443", "[::1]:8443"},
+		{"[::]:443", "gwhub.lab", false, "127.0.0.1", "127.0.0.1:443", "127.0.0.1:443"},
+		{"[::1]:443", "gwhub.lab", false, "[::1]", "[::1]:443", "[::1]:443"},
+		{"192.0.2.10:8443", "gwhub.lab", false, "gwhub.lab:8443", "192.0.2.10:8443", "192.0.2.10:8443"},
+		{"192.0.2.10:443", "gwhub.lab", false, "", "192.0.2.10:443", "192.0.2.10:443"},
+		{":443", "gwhub.lab", true, "", "127.0.0.1:443", "127.0.0.1:443"},
+		{":8443", "gwhub.lab", true, "gwhub.lab:8443", "127.0.0.1:8443", "127.0.0.1:8443"},
 	}
 	for _, c := range cases {
 		if got := endpointAddr(c.addr, c.host, c.ownCert); got != c.endpoint {
@@ -259,6 +275,9 @@ func TestBannerAddresses(t *testing.T) {
 		}
 		if got := hubAddress(c.addr, c.host); got != c.hubAddr {
 			t.Errorf("hubAddress(%q, %q) = %q, want %q", c.addr, c.host, got, c.hubAddr)
+		}
+		if got := webSocketAddress(c.addr, c.host); got != c.wsAddr {
+			t.Errorf("webSocketAddress(%q, %q) = %q, want %q", c.addr, c.host, got, c.wsAddr)
 		}
 	}
 }

@@ -88,8 +88,8 @@ func runCommand() *cobra.Command {
 	f.StringVar(&cfg.MQTTAddr, "mqtt-addr", hub.DefaultMQTTAddr, "MQTT over TLS listen address")
 	f.StringVar(&cfg.HTTPSAddr, "https-addr", hub.DefaultHTTPSAddr, "service REST API (HTTPS) listen address")
 	f.StringVar(&cfg.HostName, "hostname", hub.DefaultHostName, "the hub's host name: in connection strings, SAS tokens, MQTT usernames and the server certificate")
-	f.BoolVar(&cfg.WebSocket, "ws", false, "also serve MQTT over WebSocket at "+hub.WebSocketPath)
-	f.StringVar(&cfg.WSAddr, "ws-addr", "", "serve MQTT over WebSocket on this address instead of the HTTPS listener (with --ws)")
+	f.BoolVar(&cfg.WebSocket, "ws", true, "also serve MQTT over WebSocket at "+hub.WebSocketPath+", as IoT Hub does on 443 (--ws=false: not)")
+	f.StringVar(&cfg.WSAddr, "ws-addr", "", "serve MQTT over WebSocket on this address instead of the HTTPS listener")
 	f.StringVar(&cfg.FilesDir, "files", "", "serve this directory read-only at https://HOST/files/ (firmware images)")
 	f.StringVar(&cfg.TLSCertFile, "tls-cert", "", "server certificate (PEM) to use instead of the hub's own CA-signed one")
 	f.StringVar(&cfg.TLSKeyFile, "tls-key", "", "private key (PEM) of --tls-cert")
@@ -152,6 +152,13 @@ func printBanner(w io.Writer, h *hub.Hub, cfg hub.Config) {
 	if a := hubAddress(h.MQTTAddr(), host); a != "" {
 		agentFlags += " --hub-address " + a
 	}
+	// The agent falls back to MQTT over WebSocket when 8883 is blocked
+	// (hub.transport auto): tell it where that listens too.
+	if u := h.WebSocketURL(); u != "" {
+		if a := webSocketAddress(strings.TrimSuffix(strings.TrimPrefix(u, "wss://"), hub.WebSocketPath), host); a != "" {
+			agentFlags += " --hub-ws-address " + a
+		}
+	}
 	csOut := bannerDevice + ".connection-string"
 	// umask: the file holds the device key; set -C: pasted again, the
 	// line must not empty the file of a device registered before.
@@ -205,6 +212,24 @@ func hubAddress(addr, hostName string) string {
 	case !ok:
 		return addr // a listener on one address: that address
 	case port == "8883" && hostName == hub.DefaultHostName:
+		return ""
+	}
+	return net.JoinHostPort(loop, port)
+}
+
+// webSocketAddress is the host:port the agent on this machine should be
+// given as --hub-ws-address for the WebSocket listener bound to addr, or ""
+// when its default, {host name}:443, reaches it.
+func webSocketAddress(addr, hostName string) string {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return ""
+	}
+	loop, ok := loopback(addr)
+	switch {
+	case !ok:
+		return addr
+	case port == "443" && hostName == hub.DefaultHostName:
 		return ""
 	}
 	return net.JoinHostPort(loop, port)
