@@ -37,7 +37,7 @@ func (c *conn) markLost(err error) {
 func (s *Session) loop(ctx context.Context) {
 	b := s.newBackoff()
 	for ctx.Err() == nil {
-		c, err := s.connect(ctx)
+		c, err := s.identifyAndConnect(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -48,6 +48,9 @@ func (s *Session) loop(ctx context.Context) {
 			s.health.LastError = err.Error()
 			s.mu.Unlock()
 			s.notify()
+			if errors.Is(err, ErrRejected) {
+				s.rejected = err
+			}
 			s.log.Warn("hub connect failed", zap.String("addr", s.addr), zap.Duration("retry_in", d), zap.Error(err))
 			if s.pause(ctx, d) != nil {
 				return
@@ -72,6 +75,14 @@ func (s *Session) loop(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// identifyAndConnect makes sure the session has an identity, then connects.
+func (s *Session) identifyAndConnect(ctx context.Context) (*conn, error) {
+	if err := s.identify(ctx); err != nil {
+		return nil, err
+	}
+	return s.connect(ctx)
 }
 
 // pause waits d, answering health probes.
@@ -185,6 +196,9 @@ func (s *Session) connect(ctx context.Context) (*conn, error) {
 		return nil, fmt.Errorf("connect to %s: %w", s.addr, err)
 	}
 	if err := tok.Error(); err != nil {
+		if ct, ok := tok.(*mqtt.ConnectToken); ok && ct.ReturnCode() >= 0x03 && ct.ReturnCode() <= 0x05 {
+			err = fmt.Errorf("%w: %w", ErrRejected, err)
+		}
 		return nil, fmt.Errorf("connect to %s: %w%s", s.addr, err, s.connectHint(tok, err))
 	}
 	c.client = client
