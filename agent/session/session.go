@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -90,6 +91,9 @@ type Config struct {
 
 	// ClientType goes into the username's DeviceClientType.
 	ClientType string
+	// ModelID is the IoT Plug and Play model id, sent as the username's
+	// model-id; empty: none.
+	ModelID string
 	// MaxMethodCalls bounds the method calls in flight (default 12); calls
 	// beyond it are answered 503 at once.
 	MaxMethodCalls int
@@ -269,6 +273,9 @@ func (s *Session) setIdentity(cs iothub.ConnectionString) error {
 	s.cfg.Conn = cs
 	s.addr, s.tlsName, s.clientID = addr, host, id
 	s.username = iothub.Username(cs.HostName, id, s.cfg.ClientType)
+	if s.cfg.ModelID != "" {
+		s.username += "&model-id=" + url.QueryEscape(s.cfg.ModelID)
+	}
 	s.mu.Lock()
 	s.health.Host = host
 	s.mu.Unlock()
