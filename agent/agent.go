@@ -176,8 +176,14 @@ func New(opts Options) (*Agent, error) {
 
 // newSession is the hub session, handing direct methods to the router.
 func (a *Agent) newSession(cfg *config.Config, log *zap.Logger) (*session.Session, error) {
+	var identity session.IdentityFunc
+	if cfg.Hub.ConnectionString.HostName == "" && cfg.Provisioning.IDScope != "" {
+		p := &provisioner{cfg: cfg, stateDir: cfg.StateDir, log: log.Named("provision")}
+		identity = p.identity
+	}
 	s, err := session.New(session.Config{
 		Conn:             cfg.Hub.ConnectionString,
+		Identity:         identity,
 		Address:          cfg.Hub.Address,
 		Transport:        cfg.Hub.Transport,
 		WebSocketAddress: cfg.Hub.WebSocketAddress,
@@ -192,6 +198,7 @@ func (a *Agent) newSession(cfg *config.Config, log *zap.Logger) (*session.Sessio
 		MinRetryDelay:    cfg.Hub.MinRetryDelay,
 		MaxRetryDelay:    cfg.Hub.MaxRetryDelay,
 		ClientType:       "gwagent/" + buildinfo.Get().Version,
+		ModelID:          cfg.Hub.ModelID,
 		Log:              log.Named("session"),
 		Methods:          a.router,
 		OnDesired:        a.onDesired,

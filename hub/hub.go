@@ -124,6 +124,7 @@ type Hub struct {
 	tls     *tlsMaterial
 	service iothub.ConnectionString
 	svcKey  []byte
+	dps     *dpsServer // the DPS side (dps.go)
 
 	gate    *gate // unauthenticated connections, capped
 	broker  *mqtt.Server
@@ -225,6 +226,9 @@ func New(cfg Config) (*Hub, error) {
 		return nil, err
 	}
 	if err := h.loadServiceConnectionString(); err != nil {
+		return nil, err
+	}
+	if h.dps, err = openDPS(cfg.StateDir, cfg.HostName); err != nil {
 		return nil, err
 	}
 	return h, nil

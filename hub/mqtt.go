@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/iothub/dps"
 )
 
 // maxSubscriptions is how many topic filters a device may hold at once.
@@ -89,6 +90,9 @@ func (k *hook) Provides(b byte) bool {
 // itself, so that the CONNACK carries IoT Hub's return codes.
 func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	h := k.h
+	if isDPSConnect(pk) {
+		return h.dpsConnect(cl, pk)
+	}
 	code, err := h.authenticate(cl, pk, time.Now())
 	if err != nil {
 		h.log.Info("device refused", zap.String("device_id", cl.ID), zap.String("remote", cl.Net.Remote),
@@ -265,6 +269,9 @@ func normalizeThumbprint(s string) string {
 // request worker and its token-expiry timer.
 func (k *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	h := k.h
+	if h.dpsConnOf(cl) != nil {
+		return // not a device session: dps.go answers its requests
+	}
 	s := &session{id: cl.ID, cl: cl, work: make(chan twinRequest, 16), done: make(chan struct{})}
 	if exp := h.tokenExpiry(pk); !exp.IsZero() {
 		// MQTT 3.1.1 cannot re-authenticate in band: at expiry the hub
@@ -293,6 +300,9 @@ func (k *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 // OnDisconnect ends the session.
 func (k *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	h := k.h
+	if h.dpsRemove(cl) {
+		return
+	}
 	h.sessMu.Lock()
 	s := h.conns[cl]
 	delete(h.conns, cl)
@@ -352,7 +362,7 @@ func (k *hook) OnACLCheck(cl *mqtt.Client, filter string, write bool) bool {
 	}
 	s := k.h.sessionOf(cl)
 	if s == nil {
-		return false
+		return k.h.dpsConnOf(cl) != nil && filter == dps.ResponseFilter
 	}
 	switch filter {
 	case iothub.MethodsFilter, iothub.TwinResponseFilter, iothub.DesiredFilter, iothub.C2DFilter(s.id):
@@ -383,6 +393,9 @@ func (k *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	h := k.h
 	s := h.sessionOf(cl)
 	if s == nil {
+		if c := h.dpsConnOf(cl); c != nil {
+			return h.dpsScreen(cl, c, pk)
+		}
 		if pk.FixedHeader.Type == packets.Connect {
 			return h.screenConnect(cl, pk) // the first packet; a second CONNECT is the broker's to refuse
 		}
@@ -488,6 +501,9 @@ func (k *hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	h := k.h
 	s := h.sessionOf(cl)
 	if s == nil {
+		if c := h.dpsConnOf(cl); c != nil {
+			h.dpsPublished(cl, c, pk)
+		}
 		return
 	}
 	h.touch(s.id, time.Now())

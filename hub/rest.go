@@ -55,6 +55,7 @@ func (h *Hub) routes(withWS bool) http.Handler {
 
 	mux := http.NewServeMux()
 	mux.Handle("/", h.authorize(api))
+	h.dpsRoutes(mux)
 	if h.cfg.FilesDir != "" {
 		// No authentication, like a storage URL that carries its own SAS:
 		// the agent downloads firmware images from here.

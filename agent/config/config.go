@@ -51,6 +51,9 @@ type Config struct {
 	// Device describes what kind of device this is, for the signed
 	// metadata of images.
 	Device Device
+	// Provisioning, when IDScope is set and no connection string is, gets
+	// the identity from the Device Provisioning Service (provisioning.go).
+	Provisioning Provisioning
 
 	// File is the configuration file that was read, empty if none.
 	File string
@@ -88,6 +91,10 @@ type Hub struct {
 	X509 X509
 	// Certificate is X509 loaded; nil for SAS authentication.
 	Certificate *tls.Certificate
+
+	// ModelID is the IoT Plug and Play model id announced in the MQTT
+	// username and the DPS registration; empty: none.
+	ModelID string
 
 	KeepAlive      time.Duration
 	SASTTL         time.Duration // lifetime of each minted token; reconnect at 80%
@@ -295,6 +302,16 @@ var keys = []key{
 		set: str(func(c *Config) *string { return &c.Hub.X509.CertFile })},
 	{name: "hub.x509.keyFile", def: "", usage: "client key (PEM) for x509=true",
 		set: str(func(c *Config) *string { return &c.Hub.X509.KeyFile })},
+	{name: "hub.modelId", def: DefaultModelID, usage: "IoT Plug and Play model id sent when connecting and provisioning (empty: none)",
+		set: func(c *Config, raw any) error {
+			if err := str(func(c *Config) *string { return &c.Hub.ModelID })(c, raw); err != nil {
+				return err
+			}
+			if c.Hub.ModelID != "" && !validModelID(c.Hub.ModelID) {
+				return fmt.Errorf("%q is not a DTMI (dtmi:<path>;<version>)", c.Hub.ModelID)
+			}
+			return nil
+		}},
 	{name: "hub.keepAlive", def: "120s", set: dur(func(c *Config) *time.Duration { return &c.Hub.KeepAlive }, 5*time.Second, 1177*time.Second)},
 	{name: "hub.sasTTL", def: "1h", set: dur(func(c *Config) *time.Duration { return &c.Hub.SASTTL }, 5*time.Second, 365*24*time.Hour)},
 	{name: "hub.connectTimeout", def: "30s", set: dur(func(c *Config) *time.Duration { return &c.Hub.ConnectTimeout }, time.Second, 5*time.Minute)},
@@ -501,6 +518,14 @@ func (c *Config) loadHub(v *viper.Viper) error {
 			c.Hub.ConnectionStringFile = ""
 		}
 		raw, from = inline, "hub.connectionString"
+	case c.Provisioning.IDScope != "" && (c.Hub.ConnectionStringFile == "" || !exists(c.Hub.ConnectionStringFile)):
+		// A factory image ships the provisioning section; a connection
+		// string written onto the device later wins.
+		c.Hub.ConnectionStringFile = ""
+		if err := c.loadCA(); err != nil {
+			return err
+		}
+		return c.loadProvisioning(v)
 	case c.Hub.ConnectionStringFile != "":
 		from = "hub.connectionStringFile"
 		b, err := os.ReadFile(c.Hub.ConnectionStringFile)
@@ -513,7 +538,7 @@ func (c *Config) loadHub(v *viper.Viper) error {
 				c.Hub.ConnectionStringFile, who))
 		}
 	default:
-		return fmt.Errorf("%w: hub.connectionString: required (or hub.connectionStringFile): the device connection string from the hub", ErrConfig)
+		return fmt.Errorf("%w: hub.connectionString: required (or hub.connectionStringFile, or provisioning.idScope to get one from DPS): the device connection string from the hub", ErrConfig)
 	}
 	cs, err := iothub.ParseConnectionString(raw)
 	if err != nil {
@@ -537,16 +562,8 @@ func (c *Config) loadHub(v *viper.Viper) error {
 			return fmt.Errorf("%w: hub.webSocketAddress: %q is not host:port", ErrConfig, c.Hub.WebSocketAddress)
 		}
 	}
-	if c.Hub.CAFile != "" {
-		pem, err := os.ReadFile(c.Hub.CAFile)
-		if err != nil {
-			return fmt.Errorf("%w: hub.caFile: %w", ErrConfig, err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("%w: hub.caFile: %s holds no PEM certificate", ErrConfig, c.Hub.CAFile)
-		}
-		c.Hub.RootCAs = pool
+	if err := c.loadCA(); err != nil {
+		return err
 	}
 	switch {
 	case cs.X509 && (c.Hub.X509.CertFile == "" || c.Hub.X509.KeyFile == ""):
@@ -564,6 +581,28 @@ func (c *Config) loadHub(v *viper.Viper) error {
 }
 
 // checkUnknown rejects keys nobody reads, which are almost always typos.
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// loadCA loads hub.caFile.
+func (c *Config) loadCA() error {
+	if c.Hub.CAFile == "" {
+		return nil
+	}
+	pem, err := os.ReadFile(c.Hub.CAFile)
+	if err != nil {
+		return fmt.Errorf("%w: hub.caFile: %w", ErrConfig, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("%w: hub.caFile: %s holds no PEM certificate", ErrConfig, c.Hub.CAFile)
+	}
+	c.Hub.RootCAs = pool
+	return nil
+}
+
 func checkUnknown(v *viper.Viper, backends map[string]Backend) error {
 	known := map[string]bool{}
 	for _, k := range keys {

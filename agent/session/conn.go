@@ -42,7 +42,7 @@ func (s *Session) loop(ctx context.Context) {
 		if s.auto != nil {
 			tr = s.auto.next(time.Now())
 		}
-		c, err := s.connect(ctx, tr)
+		c, err := s.identifyAndConnect(ctx, tr)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -58,6 +58,9 @@ func (s *Session) loop(ctx context.Context) {
 			s.health.LastError = err.Error()
 			s.mu.Unlock()
 			s.notify()
+			if errors.Is(err, ErrRejected) {
+				s.rejected = err
+			}
 			s.log.Warn("hub connect failed", zap.String("transport", tr), zap.String("addr", s.dialAddr(tr)), zap.Duration("retry_in", d), zap.Error(err))
 			if s.pause(ctx, d) != nil {
 				return
@@ -85,6 +88,14 @@ func (s *Session) loop(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// identifyAndConnect makes sure the session has an identity, then connects.
+func (s *Session) identifyAndConnect(ctx context.Context, tr string) (*conn, error) {
+	if err := s.identify(ctx); err != nil {
+		return nil, err
+	}
+	return s.connect(ctx, tr)
 }
 
 // pause waits d, answering health probes.
@@ -200,6 +211,9 @@ func (s *Session) connect(ctx context.Context, tr string) (*conn, error) {
 		return nil, &networkError{fmt.Errorf("connect to %s (%s): %w", addr, tr, err)}
 	}
 	if err := tok.Error(); err != nil {
+		if ct, ok := tok.(*mqtt.ConnectToken); ok && ct.ReturnCode() >= 0x03 && ct.ReturnCode() <= 0x05 {
+			err = fmt.Errorf("%w: %w", ErrRejected, err)
+		}
 		return nil, classify(tok, fmt.Errorf("connect to %s (%s): %w%s", addr, tr, err, s.connectHint(tok, err)))
 	}
 	c.client = client

@@ -58,10 +58,24 @@ type Desired struct {
 // goroutine.
 type DesiredFunc func(Desired)
 
-// Config configures a Session. Conn is required; zero durations take the
-// defaults noted.
+// IdentityFunc supplies the device identity before a connect: at the
+// first connect (rejected nil) and again after the hub refused the current
+// one (rejected says how). An error is retried with the session's backoff
+// and shown as the session's LastError.
+type IdentityFunc func(ctx context.Context, rejected error) (iothub.ConnectionString, error)
+
+// ErrRejected is wrapped by connect errors where the hub refused the
+// identity itself (CONNACK 3, 4 or 5: disabled, bad credentials, unknown
+// device).
+var ErrRejected = errors.New("session: the hub refused the device identity")
+
+// Config configures a Session. Conn or Identity is required; zero durations
+// take the defaults noted.
 type Config struct {
 	Conn iothub.ConnectionString
+	// Identity, when set, replaces Conn: it is asked for the identity
+	// before the first connect and after every refusal (DPS provisioning).
+	Identity IdentityFunc
 	// Address is "host:port" to dial; empty means GatewayHostName (or
 	// HostName) on DefaultPort. TLS verifies GatewayHostName or HostName.
 	Address string
@@ -99,6 +113,9 @@ type Config struct {
 
 	// ClientType goes into the username's DeviceClientType.
 	ClientType string
+	// ModelID is the IoT Plug and Play model id, sent as the username's
+	// model-id; empty: none.
+	ModelID string
 	// MaxMethodCalls bounds the method calls in flight (default 12); calls
 	// beyond it are answered 503 at once.
 	MaxMethodCalls int
@@ -219,6 +236,11 @@ type Session struct {
 	probeDesired chan chan struct{} // health probes of the desired worker
 	changed      chan struct{}      // cap 1: Health changed
 
+	// identified is false until Identity gave the identity in use (loop
+	// goroutine only); rejected is the hub's last refusal of it.
+	identified bool
+	rejected   error
+
 	mu      sync.Mutex          // guards cur, pending, health
 	cur     *conn               // the live connection; nil offline
 	pending map[string]*pending // twin requests awaiting $iothub/twin/res
@@ -228,39 +250,8 @@ type Session struct {
 // New checks cfg and prepares a session; nothing connects until Run.
 func New(cfg Config) (*Session, error) {
 	cfg.setDefaults()
-	cs := cfg.Conn
-	if cs.HostName == "" || cs.DeviceID == "" {
-		return nil, errors.New("session: the connection string needs HostName and DeviceId")
-	}
-	if cs.IsService() {
-		return nil, errors.New("session: a service connection string cannot connect as a device")
-	}
 	if !slices.Contains(Transports, cfg.Transport) {
 		return nil, fmt.Errorf("session: unknown transport %q (known: %s)", cfg.Transport, strings.Join(Transports, ", "))
-	}
-	if cs.X509 && cfg.Certificate == nil {
-		return nil, errors.New("session: x509=true needs a client certificate")
-	}
-	if !cs.X509 && cs.SharedAccessKey == "" && cs.SharedAccessSignature == "" {
-		return nil, errors.New("session: no credentials (SharedAccessKey, SharedAccessSignature or x509=true)")
-	}
-	host := cs.HostName
-	if cs.GatewayHostName != "" {
-		host = cs.GatewayHostName
-	}
-	addr := cfg.Address
-	if addr == "" {
-		addr = net.JoinHostPort(host, DefaultPort)
-	}
-	wsAddr := cfg.WebSocketAddress
-	if wsAddr == "" {
-		wsAddr = net.JoinHostPort(host, DefaultWebSocketPort)
-	}
-	id := cs.DeviceID
-	if cs.ModuleID != "" {
-		// Module identities use "{device}/{module}" as client id and in the
-		// username (ids are never URL-encoded there).
-		id += "/" + cs.ModuleID
 	}
 	var b [4]byte
 	if _, err := rand.Read(b[:]); err != nil {
@@ -269,11 +260,6 @@ func New(cfg Config) (*Session, error) {
 	s := &Session{
 		cfg:          cfg,
 		log:          cfg.Log,
-		addr:         addr,
-		wsAddr:       wsAddr,
-		tlsName:      host,
-		clientID:     id,
-		username:     iothub.Username(cs.HostName, id, cfg.ClientType),
 		ridPrefix:    hex.EncodeToString(b[:]) + "-",
 		keepAlive:    keepAliveFor(cfg.KeepAlive),
 		callSlots:    make(chan struct{}, cfg.MaxMethodCalls),
@@ -283,14 +269,86 @@ func New(cfg Config) (*Session, error) {
 		probeDesired: make(chan chan struct{}),
 		changed:      make(chan struct{}, 1),
 		pending:      map[string]*pending{},
-		health:       Health{Host: host, Since: time.Now(), Transport: cfg.Transport},
+		health:       Health{Since: time.Now(), Transport: cfg.Transport},
 	}
 	switch cfg.Transport {
 	case TransportAuto:
 		s.auto = newAutoState(cfg.TransportFile, cfg.FallbackAfter, cfg.ProbeEvery, s.log)
 		s.health.Transport = s.auto.current
 	}
+	if cfg.Identity == nil {
+		if err := s.setIdentity(cfg.Conn); err != nil {
+			return nil, err
+		}
+		s.identified = true
+	}
 	return s, nil
+}
+
+// setIdentity checks a device identity and derives what the connects use
+// from it. It runs in New or on the loop goroutine, which alone reads these
+// fields.
+func (s *Session) setIdentity(cs iothub.ConnectionString) error {
+	if cs.HostName == "" || cs.DeviceID == "" {
+		return errors.New("session: the connection string needs HostName and DeviceId")
+	}
+	if cs.IsService() {
+		return errors.New("session: a service connection string cannot connect as a device")
+	}
+	if cs.X509 && s.cfg.Certificate == nil {
+		return errors.New("session: x509=true needs a client certificate")
+	}
+	if !cs.X509 && cs.SharedAccessKey == "" && cs.SharedAccessSignature == "" {
+		return errors.New("session: no credentials (SharedAccessKey, SharedAccessSignature or x509=true)")
+	}
+	host := cs.HostName
+	if cs.GatewayHostName != "" {
+		host = cs.GatewayHostName
+	}
+	addr := s.cfg.Address
+	if addr == "" {
+		addr = net.JoinHostPort(host, DefaultPort)
+	}
+	wsAddr := s.cfg.WebSocketAddress
+	if wsAddr == "" {
+		wsAddr = net.JoinHostPort(host, DefaultWebSocketPort)
+	}
+	id := cs.DeviceID
+	if cs.ModuleID != "" {
+		// Module identities use "{device}/{module}" as client id and in the
+		// username (ids are never URL-encoded there).
+		id += "/" + cs.ModuleID
+	}
+	s.cfg.Conn = cs
+	s.addr, s.wsAddr, s.tlsName, s.clientID = addr, wsAddr, host, id
+	s.username = iothub.Username(cs.HostName, id, s.cfg.ClientType)
+	if s.cfg.ModelID != "" {
+		s.username += "&model-id=" + url.QueryEscape(s.cfg.ModelID)
+	}
+	s.mu.Lock()
+	s.health.Host = host
+	s.mu.Unlock()
+	return nil
+}
+
+// identify asks Config.Identity for the identity when the session has none
+// or the hub refused it.
+func (s *Session) identify(ctx context.Context) error {
+	if s.identified && s.rejected == nil {
+		return nil
+	}
+	if s.cfg.Identity == nil {
+		return nil // a fixed identity: a refusal is retried as it is
+	}
+	cs, err := s.cfg.Identity(ctx, s.rejected)
+	if err != nil {
+		return err
+	}
+	if err := s.setIdentity(cs); err != nil {
+		return err
+	}
+	s.identified, s.rejected = true, nil
+	return nil
 }
 
 // Health returns a snapshot of the session's state.

@@ -40,7 +40,7 @@ func run(args []string) error {
 func rootCommand() *cobra.Command {
 	root := &cobra.Command{
 		Use:           "gwhub",
-		Short:         "A local Azure IoT hub: MQTT device protocol, twins, direct methods and the service REST API",
+		Short:         "A local Azure IoT hub: MQTT device protocol, twins, direct methods, the service REST API and a Device Provisioning Service",
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -133,6 +133,10 @@ func printBanner(w io.Writer, h *hub.Hub, cfg hub.Config) {
 	}
 	csFile := absPath(h.ServiceConnectionStringFile())
 	p("  service connection string: %s", csFile)
+	// DPS shares the hub's host name and ports (hub/dps.go): devices use
+	// provisioningHost = the hub's host name.
+	p("  DPS (same host and ports): id scope %s, provisioningHost %s", h.IDScope(), host)
+	p("  DPS service connection string: %s", absPath(h.DPSConnectionStringFile()))
 
 	// gwctl and the agent reach the hub by its host name on 443 and 8883
 	// unless told otherwise; TLS checks the name in the URL (gwctl) or the

@@ -98,6 +98,7 @@ type Client struct {
 	host      string
 	base      string // https://host, no trailing slash
 	hc        *http.Client
+	apiVer    string // api-version of every call
 	tokens    *tokenSource
 	userAgent string
 	timeout   time.Duration
@@ -125,6 +126,7 @@ func New(cs iothub.ConnectionString, opts Options) (*Client, error) {
 		host:      cs.HostName,
 		base:      "https://" + cs.HostName,
 		hc:        opts.HTTPClient,
+		apiVer:    iothub.APIVersion,
 		tokens:    tokens,
 		userAgent: opts.UserAgent,
 		timeout:   opts.RequestTimeout,
@@ -339,7 +341,7 @@ func (c *Client) once(ctx context.Context, r request) (*response, error) {
 	for k, v := range r.query {
 		q[k] = v
 	}
-	q.Set("api-version", iothub.APIVersion)
+	q.Set("api-version", c.apiVer)
 	var body io.Reader
 	if r.body != nil {
 		body = bytes.NewReader(r.body)

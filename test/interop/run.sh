@@ -94,7 +94,7 @@ log "building gwhub into $BUILD"
 (cd "$root" && go build -o "$BUILD/gwhub" ./cmd/gwhub)
 
 # The gwagent scenario runs when it exists (it needs the agent binary too).
-scenarios=("$here/gwhub.test.mjs")
+scenarios=("$here/gwhub.test.mjs" "$here/dps.test.mjs")
 if [ -f "$here/gwagent.test.mjs" ]; then
 	log "building gwagent into $BUILD"
 	(cd "$root" && go build -o "$BUILD/gwagent" ./cmd/gwagent)
@@ -127,6 +127,10 @@ export NODE_EXTRA_CA_CERTS=$state/ca.pem
 IOTHUB_CONNECTION_STRING=$(tr -d '\r\n' <"$state/service-connection-string")
 export IOTHUB_CONNECTION_STRING
 export GWHUB_STATE_DIR=$state GWHUB_LOG=$hub_log
+# gwhub is also a DPS instance on the same host name and ports.
+DPS_CONNECTION_STRING=$(tr -d '\r\n' <"$state/dps-connection-string")
+DPS_ID_SCOPE=$(tr -d '\r\n' <"$state/dps-id-scope")
+export DPS_CONNECTION_STRING DPS_ID_SCOPE
 
 cd "$here"
 node --test --test-reporter=spec --test-concurrency=1 --test-timeout=300000 "${scenarios[@]}"

@@ -1,0 +1,198 @@
+package config
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+
+	"github.com/spf13/viper"
+
+	"github.com/gwagent/gwagent/iothub/dps"
+)
+
+// DefaultModelID is gwagent's IoT Plug and Play model (docs/dtdl/gateway.json).
+const DefaultModelID = "dtmi:gwagent:Gateway;1"
+
+// MachineIDFile is read for the default registration id.
+var MachineIDFile = "/etc/machine-id"
+
+// Provisioning is the provisioning.* section: how to get the identity from
+// the Device Provisioning Service.
+type Provisioning struct {
+	IDScope        string
+	GlobalEndpoint string // the DPS host name (TLS checks it)
+	Address        string // host:port to dial instead of GlobalEndpoint:8883
+	RegistrationID string
+	// Key is the device's symmetric key: provisioning.key(File), or
+	// derived from provisioning.groupKey(File) and RegistrationID. Secret.
+	Key []byte
+	// FromGroup says Key was derived from a group key.
+	FromGroup bool
+	Payload   json.RawMessage // custom payload (a JSON object), or nil
+}
+
+// String redacts the key.
+func (p Provisioning) String() string {
+	return fmt.Sprintf("{idScope:%s endpoint:%s address:%s registrationId:%s key:[redacted] group:%v}",
+		p.IDScope, p.GlobalEndpoint, p.Address, p.RegistrationID, p.FromGroup)
+}
+
+var provisioningKeys = []key{
+	{name: "provisioning.idScope", def: "", usage: "DPS id scope; with no connection string the agent provisions itself",
+		set: str(func(c *Config) *string { return &c.Provisioning.IDScope })},
+	{name: "provisioning.globalEndpoint", def: dps.DefaultGlobalEndpoint, usage: "DPS host name",
+		set: str(func(c *Config) *string { return &c.Provisioning.GlobalEndpoint })},
+	{name: "provisioning.address", def: "", usage: "host:port to dial instead of the DPS host name on 8883",
+		set: str(func(c *Config) *string { return &c.Provisioning.Address })},
+	{name: "provisioning.registrationId", def: "", usage: "DPS registration id (default: derived from /etc/machine-id)",
+		set: str(func(c *Config) *string { return &c.Provisioning.RegistrationID })},
+	{name: "provisioning.key", def: "", set: func(*Config, any) error { return nil }},          // loadProvisioning
+	{name: "provisioning.keyFile", def: "", set: func(*Config, any) error { return nil }},      // loadProvisioning
+	{name: "provisioning.groupKey", def: "", set: func(*Config, any) error { return nil }},     // loadProvisioning
+	{name: "provisioning.groupKeyFile", def: "", set: func(*Config, any) error { return nil }}, // loadProvisioning
+	{name: "provisioning.payload", def: "", usage: "custom JSON object sent with the registration",
+		set: func(c *Config, raw any) error {
+			var b []byte
+			switch x := raw.(type) {
+			case nil:
+			case string:
+				if strings.TrimSpace(x) == "" {
+					return nil
+				}
+				b = []byte(x)
+			case map[string]any:
+				var err error
+				if b, err = json.Marshal(x); err != nil {
+					return err
+				}
+			default:
+				return fmt.Errorf("must be a JSON object, not %T", raw)
+			}
+			var m map[string]any
+			if err := json.Unmarshal(b, &m); err != nil {
+				return fmt.Errorf("must be a JSON object: %w", err)
+			}
+			c.Provisioning.Payload = b
+			return nil
+		}},
+}
+
+func init() { keys = append(keys, provisioningKeys...) }
+
+// DefaultRegistrationID derives a registration id from the machine id:
+// "gw-" and the first 16 hex digits of HMAC-SHA256(machine id,
+// "gwagent-dps"), an application-specific id as systemd recommends (the
+// machine id itself is never sent).
+func DefaultRegistrationID() (string, error) {
+	b, err := os.ReadFile(MachineIDFile)
+	if err != nil {
+		return "", err
+	}
+	id := strings.TrimSpace(string(b))
+	if id == "" {
+		return "", fmt.Errorf("%s is empty", MachineIDFile)
+	}
+	m := hmac.New(sha256.New, []byte(id))
+	m.Write([]byte("gwagent-dps"))
+	return "gw-" + hex.EncodeToString(m.Sum(nil))[:16], nil
+}
+
+// secret reads an inline key or a key file (one of the two).
+func (c *Config) secret(v *viper.Viper, name string) (string, error) {
+	inline, err := toString(v.Get(name))
+	if err != nil {
+		return "", fmt.Errorf("%w: %s: %w", ErrConfig, name, err)
+	}
+	file, err := toString(v.Get(name + "File"))
+	if err != nil {
+		return "", fmt.Errorf("%w: %sFile: %w", ErrConfig, name, err)
+	}
+	inline, file = strings.TrimSpace(inline), strings.TrimSpace(file)
+	switch {
+	case inline != "" && file != "":
+		return "", fmt.Errorf("%w: %s: set %s or %sFile, not both", ErrConfig, name, name, name)
+	case file != "":
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return "", fmt.Errorf("%w: %sFile: %w", ErrConfig, name, err)
+		}
+		if who := readersBesidesAgent(file); who != "" {
+			c.Warnings = append(c.Warnings, fmt.Sprintf("%sFile: %s is readable by %s besides root and the agent; make it root:root 0600", name, file, who))
+		}
+		return strings.TrimSpace(string(b)), nil
+	}
+	return inline, nil
+}
+
+// loadProvisioning checks the provisioning section and resolves the key.
+func (c *Config) loadProvisioning(v *viper.Viper) error {
+	p := &c.Provisioning
+	if p.GlobalEndpoint == "" {
+		p.GlobalEndpoint = dps.DefaultGlobalEndpoint
+	}
+	if p.Address != "" {
+		if _, port, err := net.SplitHostPort(p.Address); err != nil || port == "" {
+			return fmt.Errorf("%w: provisioning.address: %q is not host:port", ErrConfig, p.Address)
+		}
+	}
+	if p.RegistrationID == "" {
+		id, err := DefaultRegistrationID()
+		if err != nil {
+			return fmt.Errorf("%w: provisioning.registrationId: not set and none can be derived from the machine id: %w", ErrConfig, err)
+		}
+		p.RegistrationID = id
+	}
+	if !dps.ValidRegistrationID(p.RegistrationID) {
+		return fmt.Errorf("%w: provisioning.registrationId: %q is not a registration id (lower-case letters, digits and -._:)", ErrConfig, p.RegistrationID)
+	}
+	key, err := c.secret(v, "provisioning.key")
+	if err != nil {
+		return err
+	}
+	group, err := c.secret(v, "provisioning.groupKey")
+	if err != nil {
+		return err
+	}
+	switch {
+	case key != "" && group != "":
+		return fmt.Errorf("%w: provisioning.key: set a device key or a group key, not both", ErrConfig)
+	case group != "":
+		if key, err = dps.DeriveKeyBase64(group, p.RegistrationID); err != nil {
+			return fmt.Errorf("%w: provisioning.groupKey: %w", ErrConfig, err)
+		}
+		p.FromGroup = true
+	case key == "":
+		return fmt.Errorf("%w: provisioning.key: required with provisioning.idScope (or provisioning.keyFile, provisioning.groupKey, provisioning.groupKeyFile)", ErrConfig)
+	}
+	b, err := base64.StdEncoding.DecodeString(key)
+	if err != nil || len(b) == 0 {
+		return fmt.Errorf("%w: provisioning.key: not a base64 key", ErrConfig)
+	}
+	p.Key = b
+	return nil
+}
+
+// validModelID checks the shape of a DTMI: "dtmi:" path segments separated
+// by ':', then ";" and a version number.
+func validModelID(s string) bool {
+	rest, ok := strings.CutPrefix(s, "dtmi:")
+	if !ok {
+		return false
+	}
+	path, ver, ok := strings.Cut(rest, ";")
+	if !ok || path == "" || ver == "" || strings.Trim(ver, "0123456789") != "" {
+		return false
+	}
+	for _, seg := range strings.Split(path, ":") {
+		if seg == "" || strings.Trim(seg, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") != "" {
+			return false
+		}
+	}
+	return true
+}
