@@ -152,12 +152,14 @@ func TestCancelDuringDownload(t *testing.T) {
 		// The connection delivers some bytes, then nothing: the read is
 		// stuck long before the idle timeout would notice.
 		{"mid-read", func(cfg *firmware.Config, srv *imageServer) {
-			cfg.IdleTimeout = time.Hour
+			cfg.IdleTimeout, cfg.StallTimeout = time.Hour, time.Hour
 			srv.setFault(slowServe(1 << 20))
 		}},
 		// Every attempt fails and the backoff before the next one is an hour.
 		{"mid-backoff", func(cfg *firmware.Config, srv *imageServer) {
 			cfg.RetryInitialInterval, cfg.RetryMaxInterval, cfg.RetryMaxElapsed = time.Hour, time.Hour, 2*time.Hour
+			// Else the stall timeout ends the update before the backoff.
+			cfg.StallTimeout = 3 * time.Hour
 			srv.setFault(func(n int, w http.ResponseWriter, r *http.Request, body []byte) bool {
 				if n == 1 {
 					cutAfter(w, r, body, 1<<20)

@@ -406,6 +406,11 @@ func (r *rangeReader) requestError(err, cause error) error {
 		return backoff.Permanent(r.ctx.Err())
 	}
 	if errors.Is(cause, errStalled) {
+		if r.idleFor < r.m.cfg.IdleTimeout && r.last != nil {
+			// What was left of update.stallTimeout, not the server, cut
+			// this attempt short: the failure before it says more.
+			return r.last
+		}
 		return fmt.Errorf("no response within %s", roundDuration(r.idleFor))
 	}
 	if permanentNetError(err) {

@@ -48,9 +48,11 @@ func (s *Session) loop(ctx context.Context) {
 				return
 			}
 			if s.auto != nil && s.auto.failed(tr, err) {
-				s.log.Warn("hub connect failed", zap.String("transport", tr), zap.String("addr", s.dialAddr(tr)), zap.Error(err))
-				b.Reset()
-				continue // the other transport, at once
+				// The other transport, at once. The backoff goes on
+				// growing: with the hub unreachable over both, the
+				// switches must not turn the retries into a hot loop.
+				s.log.Warn("hub connect failed; trying the other transport", zap.String("transport", tr), zap.String("addr", s.dialAddr(tr)), zap.Error(err))
+				continue
 			}
 			d := retry.Next(b)
 			s.mu.Lock()
