@@ -56,7 +56,16 @@
 //     connection closed.
 //   - Persistence: one JSON record per device in DIR/devices, written
 //     atomically on every change, so a restarted hub keeps its devices,
-//     twins and versions.
+//     twins and versions, and the model id a device names in its username
+//     (model-id) as its twin's modelId.
+//   - A Device Provisioning Service on the same host name and ports
+//     (dps.go, dpsrest.go): the DPS device protocol over MQTT for
+//     symmetric-key individual enrollments and enrollment groups,
+//     assigning every device to this hub (creating its identity), and the
+//     DPS service REST API (enrollments, enrollment groups, registration
+//     states) behind the provisioningserviceowner policy whose connection
+//     string it writes to DIR/dps-connection-string, with the id scope in
+//     DIR/dps-id-scope.
 //
 // What it must not do: route device messages to other devices (every
 // hub-to-device message is written to one connection), queue methods or

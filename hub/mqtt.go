@@ -100,6 +100,7 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		_ = h.broker.SendConnack(cl, code, false, nil)
 		return err
 	}
+	h.recordModelID(cl.ID, string(pk.Connect.Username))
 	// Wills are allowed only on the telemetry topic and the hub routes no
 	// telemetry, so a will is dropped.
 	cl.Properties.Will = mqtt.Will{}
@@ -119,6 +120,32 @@ func (k *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 		old.cl.Stop(errTakenOver)
 	}
 	return nil
+}
+
+// recordModelID keeps the model id a device names in its username
+// (&model-id=…) as its twin's modelId, as IoT Hub does for IoT Plug and
+// Play devices; a connect that names none leaves it as it was.
+func (h *Hub) recordModelID(deviceID, username string) {
+	info, err := iothub.ParseUsername(username)
+	if err != nil || info.Props["model-id"] == "" {
+		return
+	}
+	d := h.store.get(deviceID)
+	if d == nil {
+		return
+	}
+	model := info.Props["model-id"]
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.deleted || d.rec.ModelID == model {
+		return
+	}
+	d.rec.ModelID = model
+	if err := d.save(); err != nil {
+		h.log.Warn("model id not saved", zap.String("device_id", deviceID), zap.Error(err))
+		return
+	}
+	h.log.Info("device announced its model", zap.String("device_id", deviceID), zap.String("model_id", model))
 }
 
 // keepAlive is the keep-alive the hub enforces (the broker drops a client

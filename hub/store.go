@@ -36,6 +36,9 @@ type record struct {
 	StatusUpdatedTime time.Time `json:"statusUpdatedTime"`
 	Auth              authData  `json:"auth"`
 	LastActivityTime  time.Time `json:"lastActivityTime"`
+	// ModelID is the IoT Plug and Play model the device named at its last
+	// connect that named one (model-id in the MQTT username).
+	ModelID string `json:"modelId,omitempty"`
 
 	// Twin. Version counts every twin change; the section versions count
 	// changes of their own section only, as IoT Hub's $version does.

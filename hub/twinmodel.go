@@ -138,6 +138,7 @@ func (d *device) twinView(cs connState) iothub.Twin {
 		ConnectionState:    connectionState(cs.connected),
 		LastActivityTime:   formatTime(cs.lastActivity),
 		AuthenticationType: r.Auth.Type,
+		ModelID:            r.ModelID,
 		Version:            r.Version,
 		Tags:               deepCopy(r.Tags),
 		Properties: iothub.TwinProperties{

@@ -68,7 +68,7 @@ underscores (hub.keepAlive is GWAGENT_HUB_KEEPALIVE) and the common ones by flag
 		SilenceErrors: true,
 	}
 	root.AddCommand(newRunCmd(), newVersionCmd(), newStatusCmd(), newVerdictCmd(local.OpCommit), newVerdictCmd(local.OpRollback))
-	root.AddCommand(newAccessCmd())
+	root.AddCommand(newAccessCmd(), newProvisionCmd())
 	cli.Setup(root)
 	return root
 }

@@ -52,12 +52,13 @@ type app struct {
 	isTerminal     func() bool    // stdout is a terminal: draw progress bars
 	loc            *time.Location // time zone of printed times; nil = local
 
-	connectionString string
-	caFile           string
-	output           string
-	endpoint         string
-	insecure         bool
-	verbose          bool
+	connectionString    string
+	dpsConnectionString string // gwctl dps
+	caFile              string
+	output              string
+	endpoint            string
+	insecure            bool
+	verbose             bool
 
 	log *zap.Logger
 }
@@ -136,7 +137,7 @@ The connection string comes from --connection-string or ` + envConnectionString 
 	f.StringVar(&a.endpoint, "endpoint", "", "reach the hub at this URL instead of https://{HostName}, e.g. https://127.0.0.1:8443 for a local gwhub (default $"+envEndpoint+")")
 	f.BoolVar(&a.insecure, "insecure", false, "allow an http:// --endpoint, which sends the service token in clear text")
 
-	root.AddCommand(a.deviceCommand(), a.twinCommand(), a.methodCommand(), a.updateCommand(), a.queryCommand(), a.imageCommand())
+	root.AddCommand(a.deviceCommand(), a.twinCommand(), a.methodCommand(), a.updateCommand(), a.queryCommand(), a.imageCommand(), a.dpsCommand())
 	cli.Setup(root)
 	return root
 }

@@ -28,6 +28,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 type env struct {
 	srv      *servicetest.Server
 	cs       string // service connection string
+	dpsCS    string // DPS service connection string
 	ca       string
 	endpoint string
 	tty      bool
@@ -54,7 +55,7 @@ type result struct {
 func (e *env) gwctl(t *testing.T, args ...string) result {
 	t.Helper()
 	var out, errb bytes.Buffer
-	vars := map[string]string{"IOTHUB_CONNECTION_STRING": e.cs, "GWCTL_CA_FILE": e.ca}
+	vars := map[string]string{"IOTHUB_CONNECTION_STRING": e.cs, "GWCTL_CA_FILE": e.ca, "IOTHUB_DPS_CONNECTION_STRING": e.dpsCS}
 	a := &app{stdout: &out, stderr: &errb, getenv: func(k string) string { return vars[k] },
 		isTerminal: func() bool { return e.tty }, loc: time.UTC}
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)

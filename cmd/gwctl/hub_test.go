@@ -27,7 +27,7 @@ func startHub(t *testing.T) (*hub.Hub, *env) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = h.Close() })
-	return h, &env{cs: h.ServiceConnectionString(), ca: h.CAFile(), endpoint: "https://" + h.HTTPSAddr()}
+	return h, &env{cs: h.ServiceConnectionString(), dpsCS: h.DPSConnectionString(), ca: h.CAFile(), endpoint: "https://" + h.HTTPSAddr()}
 }
 
 // testDevice is a minimal device on the hub's MQTT surface: it answers

@@ -10,10 +10,15 @@
 //     $dps/registrations/PUT/iotdps-register, 202 + retry-after, GET iotdps-get-operationstatus);
 //   azure-iot-device then connects to the assigned hub with the derived key.
 // gwhub serves DPS on its own host name and ports, so provisioningHost is
-// the hub's host name (localhost).
+// the hub's host name (localhost). `gwctl dps derive-key` (GWCTL_BIN) must
+// give the key the SDKs compute, and the device SDK registers with it.
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { createHmac } from 'node:crypto';
+import { promisify } from 'node:util';
+
+import sdkAuthorization from 'azure-iot-common/dist/authorization.js';
 
 import provDevice from 'azure-iot-provisioning-device';
 import provMqtt from 'azure-iot-provisioning-device-mqtt';
@@ -91,6 +96,23 @@ describe('gwhub as a Device Provisioning Service with the official SDKs', { time
     assert.equal(st.registrationId, regId);
     assert.equal(st.assignedHub, host);
     assert.equal(st.status, 'assigned');
+  });
+
+  test('gwctl dps derive-key equals the SDK derivation and the device SDK registers with it', async (t) => {
+    const gwctl = process.env.GWCTL_BIN;
+    assert.ok(gwctl, 'GWCTL_BIN is not set: start the scenarios through test/interop/run.sh');
+    const id = uniqueId('gw-derived');
+    const { stdout } = await promisify(execFile)(gwctl, ['dps', 'derive-key', '--group-key', groupKey, id], { timeout: STEP_MS });
+    const derived = stdout.trim();
+    // azure-iot-common's hmacHash is what the SDKs sign with: HMAC-SHA256
+    // keyed by the base64-decoded key, base64 out; Microsoft's samples
+    // derive group keys with node:crypto the same way.
+    assert.equal(derived, sdkAuthorization.hmacHash(groupKey, id));
+    assert.equal(derived, deriveKey(groupKey, id));
+    const result = await registerDevice(host, scope, id, derived);
+    assert.equal(result.status, 'assigned');
+    assert.equal(result.deviceId, id);
+    t.diagnostic(`gwctl dps derive-key ${id} = ${derived}`);
   });
 
   test('a wrong group key is refused at connect', async () => {

@@ -90,8 +90,11 @@ done
 
 mkdir -p "$BUILD"
 BUILD=$(cd "$BUILD" && pwd)
-log "building gwhub into $BUILD"
+log "building gwhub and gwctl into $BUILD"
 (cd "$root" && go build -o "$BUILD/gwhub" ./cmd/gwhub)
+# The DPS scenario checks gwctl dps derive-key against the SDK's derivation.
+(cd "$root" && go build -o "$BUILD/gwctl" ./cmd/gwctl)
+export GWCTL_BIN=$BUILD/gwctl
 
 # The gwagent scenario runs when it exists (it needs the agent binary too).
 scenarios=("$here/gwhub.test.mjs" "$here/dps.test.mjs")

@@ -103,6 +103,18 @@ func (a *Acker) Register(name string, p Property) {
 	a.props[name] = p
 }
 
+// Names lists the registered writable properties, sorted.
+func (a *Acker) Names() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	names := make([]string, 0, len(a.props))
+	for n := range a.props {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
 // Overridden reports whether a property currently holds a desired value
 // rather than its configured one.
 func (a *Acker) Overridden(name string) bool {
