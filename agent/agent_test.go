@@ -318,7 +318,9 @@ func TestSystemdNotifySocket(t *testing.T) {
 	next("READY=1", func(s string) bool { return s == "READY=1" })
 	t.Logf("start to READY=1: %v (hub unreachable)", time.Since(begin))
 	next("offline status", func(s string) bool {
-		return strings.HasPrefix(s, "STATUS=offline, retrying in ") && strings.HasSuffix(s, "; idle; installer simulated (writes nothing to the device)")
+		// The cause of the failed attempt is on the line, not only in the journal.
+		return strings.HasPrefix(s, "STATUS=offline, retrying in ") && strings.Contains(s, " (connect to ") &&
+			strings.HasSuffix(s, "; idle; installer simulated (writes nothing to the device)")
 	})
 	next("watchdog ping", func(s string) bool { return s == "WATCHDOG=1" })
 	next("second watchdog ping", func(s string) bool { return s == "WATCHDOG=1" })

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"go.uber.org/zap"
 
+	"github.com/gwagent/gwagent/agent/session"
 	"github.com/gwagent/gwagent/firmware"
 )
 
@@ -84,7 +86,27 @@ func (a *Agent) statusLoop(ctx context.Context) {
 // downloading 42% of 1.2.0; installer abpart", "…; idle; cannot save
 // reported state to DIR: no space left on device; installer abpart".
 func (a *Agent) StatusLine() string {
-	return a.session.Health().Describe(time.Now()) + "; " + updateLine(a.manager.Status()) + a.queueLine() + a.installerLine()
+	return hubLine(a.session.Health(), time.Now()) + "; " + updateLine(a.manager.Status()) + a.queueLine() + a.installerLine()
+}
+
+// maxCauseLen bounds the hub error on the status line; the journal and
+// gwagent status have it whole.
+const maxCauseLen = 120
+
+// hubLine is the session's state and, while it is not connected, why the
+// last attempt failed ("offline, retrying in 8s (connect to …: connection
+// refused)"): a gateway that cannot reach its hub or DPS says why in
+// systemctl status.
+func hubLine(h session.Health, now time.Time) string {
+	line := h.Describe(now)
+	if h.Connected || h.LastError == "" {
+		return line
+	}
+	cause := h.LastError
+	if len(cause) > maxCauseLen {
+		cause = strings.ToValidUTF8(cause[:maxCauseLen], "") + "…"
+	}
+	return line + " (" + cause + ")"
 }
 
 // installerLine names the installer in use, so that a gateway running the
