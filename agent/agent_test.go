@@ -319,8 +319,12 @@ func TestSystemdNotifySocket(t *testing.T) {
 	t.Logf("start to READY=1: %v (hub unreachable)", time.Since(begin))
 	next("offline status", func(s string) bool {
 		// The cause of the failed attempt is on the line, not only in the journal.
-		return strings.HasPrefix(s, "STATUS=offline, retrying in ") && strings.Contains(s, " (connect to ") &&
+		ok := strings.HasPrefix(s, "STATUS=offline, retrying in ") && strings.Contains(s, " (connect to ") &&
 			strings.HasSuffix(s, "; idle; installer simulated (writes nothing to the device)")
+		if ok {
+			t.Log(s)
+		}
+		return ok
 	})
 	next("watchdog ping", func(s string) bool { return s == "WATCHDOG=1" })
 	next("second watchdog ping", func(s string) bool { return s == "WATCHDOG=1" })
