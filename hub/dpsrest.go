@@ -19,17 +19,19 @@ import (
 // policy.
 func (h *Hub) dpsRoutes(mux *http.ServeMux) {
 	api := http.NewServeMux()
-	api.HandleFunc("PUT /enrollments/{id}", h.handlePutEnrollment)
-	api.HandleFunc("GET /enrollments/{id}", h.handleGetEnrollment)
-	api.HandleFunc("DELETE /enrollments/{id}", h.handleDeleteEnrollment)
-	api.HandleFunc("POST /enrollments/query", h.handleQueryEnrollments)
-	api.HandleFunc("GET /enrollments/{id}/attestationmechanism", h.handleEnrollmentAttestation)
-	api.HandleFunc("POST /enrollments/{id}/attestationmechanism", h.handleEnrollmentAttestation)
-	api.HandleFunc("PUT /enrollmentGroups/{id}", h.handlePutGroup)
-	api.HandleFunc("GET /enrollmentGroups/{id}", h.handleGetGroup)
-	api.HandleFunc("DELETE /enrollmentGroups/{id}", h.handleDeleteGroup)
-	api.HandleFunc("POST /enrollmentGroups/query", h.handleQueryGroups)
-	api.HandleFunc("POST /enrollmentGroups/{id}/attestationmechanism", h.handleGroupAttestation)
+	en := enrollmentHandlers[dps.IndividualEnrollment]{h: h, k: &individualEnrollments}
+	api.HandleFunc("PUT /enrollments/{id}", en.put)
+	api.HandleFunc("GET /enrollments/{id}", en.get)
+	api.HandleFunc("DELETE /enrollments/{id}", en.delete)
+	api.HandleFunc("POST /enrollments/query", en.query)
+	api.HandleFunc("GET /enrollments/{id}/attestationmechanism", en.attestation)
+	api.HandleFunc("POST /enrollments/{id}/attestationmechanism", en.attestation)
+	gr := enrollmentHandlers[dps.EnrollmentGroup]{h: h, k: &enrollmentGroups}
+	api.HandleFunc("PUT /enrollmentGroups/{id}", gr.put)
+	api.HandleFunc("GET /enrollmentGroups/{id}", gr.get)
+	api.HandleFunc("DELETE /enrollmentGroups/{id}", gr.delete)
+	api.HandleFunc("POST /enrollmentGroups/query", gr.query)
+	api.HandleFunc("POST /enrollmentGroups/{id}/attestationmechanism", gr.attestation)
 	api.HandleFunc("GET /registrations/{id}", h.handleGetRegistration)
 	api.HandleFunc("DELETE /registrations/{id}", h.handleDeleteRegistration)
 	api.HandleFunc("POST /registrations/{id}/query", h.handleQueryGroupRegistrations)
@@ -149,56 +151,60 @@ func etagCheck(w http.ResponseWriter, r *http.Request, have string) bool {
 	return false
 }
 
-func (h *Hub) handlePutEnrollment(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	var in dps.IndividualEnrollment
-	if !decodeDPS(w, r, &in) {
-		return
-	}
-	switch {
-	case !dps.ValidRegistrationID(id):
-		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "Registration id "+strconv.Quote(id)+" is not valid")
-		return
-	case in.RegistrationID != "" && in.RegistrationID != id:
-		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "registrationId in the body does not match the path")
-		return
-	case in.DeviceID != "" && !iothub.ValidDeviceID(in.DeviceID):
-		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "Device id "+strconv.Quote(in.DeviceID)+" is not valid")
-		return
-	case !validStatus(&in.ProvisioningStatus):
-		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "provisioningStatus must be enabled or disabled")
-		return
-	}
-	if msg, ok := checkAttestation(&in.Attestation); !ok {
-		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, msg)
-		return
-	}
-	s := h.dps
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := time.Now().UTC().Format(time.RFC3339Nano)
-	in.RegistrationID, in.CreatedDateTimeUTC, in.LastUpdatedTimeUTC = id, now, now
-	prev := s.data.Enrollments[id]
-	if prev != nil {
-		if !etagCheck(w, r, prev.ETag) {
-			return
+// enrollmentKind is what the handlers of individual enrollments and of
+// enrollment groups differ in; the handlers themselves are one generic
+// implementation (enrollmentHandlers).
+type enrollmentKind[T any] struct {
+	what     string // "Enrollment", "Enrollment group": error messages
+	idName   string // "Registration id", "Enrollment group id": an invalid id in the path
+	idField  string // the JSON field of the id in the body
+	logWhat  string // "DPS enrollment", "DPS enrollment group"
+	logField string // the log field of the id
+	records  func(*dpsData) map[string]*T
+	fields   func(*T) enrollmentFields
+	// validate checks what only this kind has (an enrollment's device id);
+	// nil: nothing.
+	validate func(*T) (string, bool)
+	// strip drops from a record to store what the service computes (an
+	// enrollment's registration state); nil: nothing.
+	strip func(*T)
+	// view is the record as the API returns it, the store's s.mu held.
+	view func(s *dpsServer, rec *T) T
+}
+
+// enrollmentFields points into the fields the two record types share.
+type enrollmentFields struct {
+	id, etag, status, created, updated *string
+	attestation                        *dps.AttestationMechanism
+}
+
+var individualEnrollments = enrollmentKind[dps.IndividualEnrollment]{
+	what: "Enrollment", idName: "Registration id", idField: "registrationId",
+	logWhat: "DPS enrollment", logField: "registration_id",
+	records: func(d *dpsData) map[string]*dps.IndividualEnrollment { return d.Enrollments },
+	fields: func(e *dps.IndividualEnrollment) enrollmentFields {
+		return enrollmentFields{id: &e.RegistrationID, etag: &e.ETag, status: &e.ProvisioningStatus,
+			created: &e.CreatedDateTimeUTC, updated: &e.LastUpdatedTimeUTC, attestation: &e.Attestation}
+	},
+	validate: func(e *dps.IndividualEnrollment) (string, bool) {
+		if e.DeviceID != "" && !iothub.ValidDeviceID(e.DeviceID) {
+			return "Device id " + strconv.Quote(e.DeviceID) + " is not valid", false
 		}
-		in.CreatedDateTimeUTC = prev.CreatedDateTimeUTC
-	}
-	in.ETag = strconv.Quote(newOperationID())
-	in.RegistrationState = nil
-	s.data.Enrollments[id] = &in
-	if err := s.saveLocked(); err != nil {
-		if prev != nil {
-			s.data.Enrollments[id] = prev
-		} else {
-			delete(s.data.Enrollments, id)
-		}
-		writeDPSError(w, http.StatusInternalServerError, dps.CodeInternal, "internal error")
-		return
-	}
-	h.log.Info("DPS enrollment stored", zap.String("registration_id", id))
-	writeDPS(w, http.StatusOK, s.enrollmentViewLocked(&in))
+		return "", true
+	},
+	strip: func(e *dps.IndividualEnrollment) { e.RegistrationState = nil },
+	view:  (*dpsServer).enrollmentViewLocked,
+}
+
+var enrollmentGroups = enrollmentKind[dps.EnrollmentGroup]{
+	what: "Enrollment group", idName: "Enrollment group id", idField: "enrollmentGroupId",
+	logWhat: "DPS enrollment group", logField: "enrollment_group",
+	records: func(d *dpsData) map[string]*dps.EnrollmentGroup { return d.Groups },
+	fields: func(g *dps.EnrollmentGroup) enrollmentFields {
+		return enrollmentFields{id: &g.EnrollmentGroupID, etag: &g.ETag, status: &g.ProvisioningStatus,
+			created: &g.CreatedDateTimeUTC, updated: &g.LastUpdatedTimeUTC, attestation: &g.Attestation}
+	},
+	view: func(_ *dpsServer, g *dps.EnrollmentGroup) dps.EnrollmentGroup { return *g },
 }
 
 func (s *dpsServer) enrollmentViewLocked(e *dps.IndividualEnrollment) dps.IndividualEnrollment {
@@ -210,178 +216,139 @@ func (s *dpsServer) enrollmentViewLocked(e *dps.IndividualEnrollment) dps.Indivi
 	return out
 }
 
-func (h *Hub) handleGetEnrollment(w http.ResponseWriter, r *http.Request) {
-	s := h.dps
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e := s.data.Enrollments[r.PathValue("id")]
-	if e == nil {
-		writeDPSError(w, http.StatusNotFound, dps.CodeEnrollmentNotFound, "Enrollment "+r.PathValue("id")+" not found")
-		return
-	}
-	writeDPS(w, http.StatusOK, s.enrollmentViewLocked(e))
+// enrollmentHandlers serves one kind of enrollment: create or replace
+// (with If-Match), get, its attestation, delete (with If-Match) and query.
+type enrollmentHandlers[T any] struct {
+	h *Hub
+	k *enrollmentKind[T]
 }
 
-func (h *Hub) handleEnrollmentAttestation(w http.ResponseWriter, r *http.Request) {
-	s := h.dps
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e := s.data.Enrollments[r.PathValue("id")]
-	if e == nil {
-		writeDPSError(w, http.StatusNotFound, dps.CodeEnrollmentNotFound, "Enrollment "+r.PathValue("id")+" not found")
-		return
-	}
-	writeDPS(w, http.StatusOK, e.Attestation)
-}
-
-func (h *Hub) handleDeleteEnrollment(w http.ResponseWriter, r *http.Request) {
+func (e enrollmentHandlers[T]) put(w http.ResponseWriter, r *http.Request) {
+	k := e.k
 	id := r.PathValue("id")
-	s := h.dps
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e := s.data.Enrollments[id]
-	if e == nil {
-		writeDPSError(w, http.StatusNotFound, dps.CodeEnrollmentNotFound, "Enrollment "+id+" not found")
-		return
-	}
-	if !etagCheck(w, r, e.ETag) {
-		return
-	}
-	delete(s.data.Enrollments, id)
-	if err := s.saveLocked(); err != nil {
-		s.data.Enrollments[id] = e
-		writeDPSError(w, http.StatusInternalServerError, dps.CodeInternal, "internal error")
-		return
-	}
-	h.log.Info("DPS enrollment deleted", zap.String("registration_id", id))
-	w.WriteHeader(http.StatusNoContent)
-}
-
-func (h *Hub) handleQueryEnrollments(w http.ResponseWriter, r *http.Request) {
-	var q dps.QuerySpecification
-	if !decodeDPS(w, r, &q) {
-		return
-	}
-	s := h.dps
-	s.mu.Lock()
-	out := make([]dps.IndividualEnrollment, 0, len(s.data.Enrollments))
-	for _, e := range s.data.Enrollments {
-		out = append(out, s.enrollmentViewLocked(e))
-	}
-	s.mu.Unlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].RegistrationID < out[j].RegistrationID })
-	w.Header().Set("x-ms-item-type", "Enrollment")
-	writeDPS(w, http.StatusOK, out)
-}
-
-func (h *Hub) handlePutGroup(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
-	var in dps.EnrollmentGroup
+	var in T
 	if !decodeDPS(w, r, &in) {
 		return
 	}
+	f := k.fields(&in)
 	switch {
 	case !dps.ValidRegistrationID(id):
-		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "Enrollment group id "+strconv.Quote(id)+" is not valid")
+		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, k.idName+" "+strconv.Quote(id)+" is not valid")
 		return
-	case in.EnrollmentGroupID != "" && in.EnrollmentGroupID != id:
-		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "enrollmentGroupId in the body does not match the path")
+	case *f.id != "" && *f.id != id:
+		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, k.idField+" in the body does not match the path")
 		return
-	case !validStatus(&in.ProvisioningStatus):
+	}
+	if k.validate != nil {
+		if msg, ok := k.validate(&in); !ok {
+			writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, msg)
+			return
+		}
+	}
+	if !validStatus(f.status) {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "provisioningStatus must be enabled or disabled")
 		return
 	}
-	if msg, ok := checkAttestation(&in.Attestation); !ok {
+	if msg, ok := checkAttestation(f.attestation); !ok {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, msg)
 		return
 	}
-	s := h.dps
+	s := e.h.dps
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	records := k.records(&s.data)
 	now := time.Now().UTC().Format(time.RFC3339Nano)
-	in.EnrollmentGroupID, in.CreatedDateTimeUTC, in.LastUpdatedTimeUTC = id, now, now
-	prev := s.data.Groups[id]
+	*f.id, *f.created, *f.updated = id, now, now
+	prev := records[id]
 	if prev != nil {
-		if !etagCheck(w, r, prev.ETag) {
+		pf := k.fields(prev)
+		if !etagCheck(w, r, *pf.etag) {
 			return
 		}
-		in.CreatedDateTimeUTC = prev.CreatedDateTimeUTC
+		*f.created = *pf.created
 	}
-	in.ETag = strconv.Quote(newOperationID())
-	s.data.Groups[id] = &in
+	*f.etag = strconv.Quote(newOperationID())
+	if k.strip != nil {
+		k.strip(&in)
+	}
+	records[id] = &in
 	if err := s.saveLocked(); err != nil {
 		if prev != nil {
-			s.data.Groups[id] = prev
+			records[id] = prev
 		} else {
-			delete(s.data.Groups, id)
+			delete(records, id)
 		}
 		writeDPSError(w, http.StatusInternalServerError, dps.CodeInternal, "internal error")
 		return
 	}
-	h.log.Info("DPS enrollment group stored", zap.String("enrollment_group", id))
-	writeDPS(w, http.StatusOK, in)
+	e.h.log.Info(k.logWhat+" stored", zap.String(k.logField, id))
+	writeDPS(w, http.StatusOK, k.view(s, &in))
 }
 
-func (h *Hub) handleGetGroup(w http.ResponseWriter, r *http.Request) {
-	s := h.dps
+// found returns the record named in the path, or answers 404; s.mu held.
+func (e enrollmentHandlers[T]) found(w http.ResponseWriter, id string) *T {
+	rec := e.k.records(&e.h.dps.data)[id]
+	if rec == nil {
+		writeDPSError(w, http.StatusNotFound, dps.CodeEnrollmentNotFound, e.k.what+" "+id+" not found")
+	}
+	return rec
+}
+
+func (e enrollmentHandlers[T]) get(w http.ResponseWriter, r *http.Request) {
+	s := e.h.dps
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	g := s.data.Groups[r.PathValue("id")]
-	if g == nil {
-		writeDPSError(w, http.StatusNotFound, dps.CodeEnrollmentNotFound, "Enrollment group "+r.PathValue("id")+" not found")
-		return
+	if rec := e.found(w, r.PathValue("id")); rec != nil {
+		writeDPS(w, http.StatusOK, e.k.view(s, rec))
 	}
-	writeDPS(w, http.StatusOK, g)
 }
 
-func (h *Hub) handleGroupAttestation(w http.ResponseWriter, r *http.Request) {
-	s := h.dps
+func (e enrollmentHandlers[T]) attestation(w http.ResponseWriter, r *http.Request) {
+	s := e.h.dps
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	g := s.data.Groups[r.PathValue("id")]
-	if g == nil {
-		writeDPSError(w, http.StatusNotFound, dps.CodeEnrollmentNotFound, "Enrollment group "+r.PathValue("id")+" not found")
-		return
+	if rec := e.found(w, r.PathValue("id")); rec != nil {
+		writeDPS(w, http.StatusOK, *e.k.fields(rec).attestation)
 	}
-	writeDPS(w, http.StatusOK, g.Attestation)
 }
 
-func (h *Hub) handleDeleteGroup(w http.ResponseWriter, r *http.Request) {
+func (e enrollmentHandlers[T]) delete(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	s := h.dps
+	s := e.h.dps
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	g := s.data.Groups[id]
-	if g == nil {
-		writeDPSError(w, http.StatusNotFound, dps.CodeEnrollmentNotFound, "Enrollment group "+id+" not found")
+	rec := e.found(w, id)
+	if rec == nil {
 		return
 	}
-	if !etagCheck(w, r, g.ETag) {
+	if !etagCheck(w, r, *e.k.fields(rec).etag) {
 		return
 	}
-	delete(s.data.Groups, id)
+	records := e.k.records(&s.data)
+	delete(records, id)
 	if err := s.saveLocked(); err != nil {
-		s.data.Groups[id] = g
+		records[id] = rec
 		writeDPSError(w, http.StatusInternalServerError, dps.CodeInternal, "internal error")
 		return
 	}
-	h.log.Info("DPS enrollment group deleted", zap.String("enrollment_group", id))
+	e.h.log.Info(e.k.logWhat+" deleted", zap.String(e.k.logField, id))
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (h *Hub) handleQueryGroups(w http.ResponseWriter, r *http.Request) {
+func (e enrollmentHandlers[T]) query(w http.ResponseWriter, r *http.Request) {
 	var q dps.QuerySpecification
 	if !decodeDPS(w, r, &q) {
 		return
 	}
-	s := h.dps
+	s := e.h.dps
 	s.mu.Lock()
-	out := make([]dps.EnrollmentGroup, 0, len(s.data.Groups))
-	for _, g := range s.data.Groups {
-		out = append(out, *g)
+	records := e.k.records(&s.data)
+	out := make([]T, 0, len(records))
+	for _, rec := range records {
+		out = append(out, e.k.view(s, rec))
 	}
 	s.mu.Unlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].EnrollmentGroupID < out[j].EnrollmentGroupID })
+	sort.Slice(out, func(i, j int) bool { return *e.k.fields(&out[i]).id < *e.k.fields(&out[j]).id })
 	w.Header().Set("x-ms-item-type", "Enrollment")
 	writeDPS(w, http.StatusOK, out)
 }

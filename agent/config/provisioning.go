@@ -34,7 +34,11 @@ type Provisioning struct {
 	Key []byte
 	// FromGroup says Key was derived from a group key.
 	FromGroup bool
-	Payload   json.RawMessage // custom payload (a JSON object), or nil
+	// KeyFile is the file Key came from (provisioning.keyFile or
+	// provisioning.groupKeyFile), empty for an inline key: the agent's
+	// user must be able to read it (gwagent access).
+	KeyFile string
+	Payload json.RawMessage // custom payload (a JSON object), or nil
 }
 
 // String redacts the key.
@@ -104,30 +108,30 @@ func DefaultRegistrationID() (string, error) {
 }
 
 // secret reads an inline key or a key file (one of the two).
-func (c *Config) secret(v *viper.Viper, name string) (string, error) {
+func (c *Config) secret(v *viper.Viper, name string) (value, file string, err error) {
 	inline, err := toString(v.Get(name))
 	if err != nil {
-		return "", fmt.Errorf("%w: %s: %w", ErrConfig, name, err)
+		return "", "", fmt.Errorf("%w: %s: %w", ErrConfig, name, err)
 	}
-	file, err := toString(v.Get(name + "File"))
+	file, err = toString(v.Get(name + "File"))
 	if err != nil {
-		return "", fmt.Errorf("%w: %sFile: %w", ErrConfig, name, err)
+		return "", "", fmt.Errorf("%w: %sFile: %w", ErrConfig, name, err)
 	}
 	inline, file = strings.TrimSpace(inline), strings.TrimSpace(file)
 	switch {
 	case inline != "" && file != "":
-		return "", fmt.Errorf("%w: %s: set %s or %sFile, not both", ErrConfig, name, name, name)
+		return "", "", fmt.Errorf("%w: %s: set %s or %sFile, not both", ErrConfig, name, name, name)
 	case file != "":
 		b, err := os.ReadFile(file)
 		if err != nil {
-			return "", fmt.Errorf("%w: %sFile: %w", ErrConfig, name, err)
+			return "", "", fmt.Errorf("%w: %sFile: %w", ErrConfig, name, err)
 		}
 		if who := readersBesidesAgent(file); who != "" {
 			c.Warnings = append(c.Warnings, fmt.Sprintf("%sFile: %s is readable by %s besides root and the agent; make it root:root 0600", name, file, who))
 		}
-		return strings.TrimSpace(string(b)), nil
+		return strings.TrimSpace(string(b)), file, nil
 	}
-	return inline, nil
+	return inline, "", nil
 }
 
 // loadProvisioning checks the provisioning section and resolves the key.
@@ -151,14 +155,15 @@ func (c *Config) loadProvisioning(v *viper.Viper) error {
 	if !dps.ValidRegistrationID(p.RegistrationID) {
 		return fmt.Errorf("%w: provisioning.registrationId: %q is not a registration id (lower-case letters, digits and -._:)", ErrConfig, p.RegistrationID)
 	}
-	key, err := c.secret(v, "provisioning.key")
+	key, keyFile, err := c.secret(v, "provisioning.key")
 	if err != nil {
 		return err
 	}
-	group, err := c.secret(v, "provisioning.groupKey")
+	group, groupFile, err := c.secret(v, "provisioning.groupKey")
 	if err != nil {
 		return err
 	}
+	p.KeyFile = keyFile + groupFile // at most one is set (checked below)
 	switch {
 	case key != "" && group != "":
 		return fmt.Errorf("%w: provisioning.key: set a device key or a group key, not both", ErrConfig)

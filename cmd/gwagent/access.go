@@ -20,7 +20,7 @@ func newAccessCmd() *cobra.Command {
 		Long: `List, one per line, what the agent's own user needs for this configuration:
 
   read PATH    a secret the configuration names (connection string file, hub CA,
-               client certificate and key)
+               client certificate and key, DPS key or group key file)
   write PATH   the inactive A/B slot and the bootloader environment
   deny PATH    the running slot (both slots when the running one cannot be told)
   lock PATH    the lock file of fw_printenv/fw_setenv
@@ -53,7 +53,7 @@ grants exactly this to the user gwagent.`,
 					fmt.Fprintf(w, "%s %s\n", kind, strings.ReplaceAll(v, "\n", " "))
 				}
 			}
-			for _, f := range []string{cfg.Hub.ConnectionStringFile, cfg.Hub.CAFile, cfg.Hub.X509.CertFile, cfg.Hub.X509.KeyFile} {
+			for _, f := range []string{cfg.Hub.ConnectionStringFile, cfg.Hub.CAFile, cfg.Hub.X509.CertFile, cfg.Hub.X509.KeyFile, cfg.Provisioning.KeyFile} {
 				line("read", f)
 			}
 			for _, p := range a.Write {

@@ -59,3 +59,36 @@ installer:
 		t.Fatalf("access without the connection string = %v, want a config error naming the key", err)
 	}
 }
+
+// TestAccessProvisioningKeyFile: a gateway that provisions through DPS with
+// its (group) key in a root-only file lists that file, so that the unit's
+// start-up step lets the agent's user read it.
+func TestAccessProvisioningKeyFile(t *testing.T) {
+	for _, key := range []string{"keyFile", "groupKeyFile"} {
+		t.Run(key, func(t *testing.T) {
+			dir := t.TempDir()
+			keyFile := filepath.Join(dir, "dps-key")
+			if err := os.WriteFile(keyFile, []byte("a2V5a2V5a2V5a2V5\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cfg := filepath.Join(dir, "config.yaml")
+			if err := os.WriteFile(cfg, []byte(`provisioning:
+  idScope: 0ne00000001
+  registrationId: gw-test
+  `+key+`: `+keyFile+`
+stateDir: `+filepath.Join(dir, "state")+`
+installer:
+  type: simulated
+`), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			out, err := execute(context.Background(), "access", "--config", cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(out, "read "+keyFile+"\n") {
+				t.Fatalf("gwagent access printed\n%s\nwant a line %q", out, "read "+keyFile)
+			}
+		})
+	}
+}

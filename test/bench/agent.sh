@@ -22,9 +22,14 @@
 #      (409) during that update.
 #   5. The twin patch queue's throughput (twin's BenchmarkReport, with its
 #      interleaved baseline).
+#   6. Idle VmRSS per transport: BENCH_TRANSPORT_AGENTS agents over MQTT
+#      (the baseline) and as many over MQTT over WebSocket (gwhub's HTTPS
+#      port), connected to one local hub at once, read after
+#      BENCH_TRANSPORT_IDLE seconds; medians, WebSocket as a ratio to MQTT.
 #
 # Knobs (environment): BENCH_IDLE (60), BENCH_WINDOW (60), BENCH_CALLS (200),
 # BENCH_UPDATES (30; 0 skips the soak), BENCH_IMAGE_MIB (32), BENCH_SETTLE (5),
+# BENCH_TRANSPORT_AGENTS (3; 0 skips 6.), BENCH_TRANSPORT_IDLE (30),
 # BENCH_AGENT_ENV (extra KEY=VALUE,… for gwagent, for experiments),
 # BENCH_NO_MENDER=1 (skip the baseline daemon), GO, BUILD.
 set -euo pipefail
@@ -41,6 +46,8 @@ image_mib=${BENCH_IMAGE_MIB:-32}
 settle=${BENCH_SETTLE:-5}
 soak_at=$((idle + window > 125 ? idle + window : 125)) # seconds after the connection
 run_timeout=$((soak_at + 20 * updates + 2 * settle + 240)) # seconds; the program bounds itself too
+transport_agents=${BENCH_TRANSPORT_AGENTS:-3}
+transport_idle=${BENCH_TRANSPORT_IDLE:-30}
 
 die() { echo "bench-agent: $*" >&2; exit 1; }
 log() { echo "bench-agent: $*" >&2; }
@@ -89,3 +96,9 @@ $(grep -E '^Benchmark' <<<"$twin" | awk '{
 	printf "     %-36s %10s patches/s%s\n", name, ps, (x != "" ? "   time/patch " x " x a bare durable write (interleaved, same run)" : "")
 }')
 EOF
+
+if ((transport_agents > 0)); then
+	log "idle memory per transport: $transport_agents agents each, ${transport_idle}s idle"
+	timeout --kill-after=10 $((transport_idle + 150)) "$out/agentbench" -gwagent "$out/gwagent" \
+		-transport-agents "$transport_agents" -idle "${transport_idle}s" -agent-env "${BENCH_AGENT_ENV:-}"
+fi

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -31,6 +32,9 @@ const (
 	version1 = "0.0.1+e2e"
 	version2 = "0.0.2+e2e"
 	deviceID = "e2e-gateway"
+	// dpsGroup is the enrollment group of the gateway that provisions
+	// itself through gwhub's DPS.
+	dpsGroup = "e2e-factory"
 )
 
 // rootRunCommit is the last commit whose package ran the agent as root;
@@ -73,6 +77,10 @@ var requiredChecks = append([]string{
 	"legacy-upgrade", "legacy-user-created",
 	"legacy-upgrade-restarted", "legacy-upgrade-connected", "legacy-upgrade-runs-as-gwagent",
 	"legacy-state-handed-over", "legacy-state-kept", "legacy-secret-granted", "legacy-purge",
+	// A gateway with only a provisioning section: DPS, then the hub.
+	"dps-install", "dps-config", "dps-registration-id", "dps-start", "dps-connected", "dps-twin-connected",
+	"dps-registration-assigned", "dps-key-no-warning", "dps-assignment-private", "dps-group-key-granted", "dps-update-completed",
+	"dps-provision-kept", "dps-restart-connected", "dps-purge",
 }, privilegeChecks("a", "b")...)
 
 // probeChecks are what testdata/probe.sh tries from inside the agent's unit
@@ -161,6 +169,19 @@ func TestPackageUnderSystemd(t *testing.T) {
 		t.Fatalf("gwctl device add printed no device connection string: %q", deviceCS)
 	}
 
+	// The enrollment group the DPS gateway joins, as a factory would make it.
+	var group struct {
+		PrimaryKey string `json:"primaryKey"`
+	}
+	groupOut := hub.gwctl(ctx, t, "-o", "json", "dps", "group", "add", dpsGroup)
+	if err := json.Unmarshal([]byte(groupOut), &group); err != nil || group.PrimaryKey == "" {
+		t.Fatalf("gwctl dps group add printed no primaryKey (%v): %q", err, groupOut)
+	}
+	idScope, err := os.ReadFile(filepath.Join(dirs["hub"], "dps-id-scope"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	image := make([]byte, 512<<10)
 	if _, err := rand.Read(image); err != nil {
 		t.Fatal(err)
@@ -195,6 +216,10 @@ func TestPackageUnderSystemd(t *testing.T) {
 		"IMAGE_VERSION":             "2.0.0",
 		"IMAGE_SHA256":              hex.EncodeToString(sum[:]),
 		"IMAGE_SIZE":                strconv.Itoa(len(image)),
+		"DPS_ID_SCOPE":              strings.TrimSpace(string(idScope)),
+		"DPS_GROUP_ID":              dpsGroup,
+		"DPS_GROUP_KEY":             group.PrimaryKey,
+		"DPS_CONNECTION_STRING":     hub.dpsCS,
 	}
 	writeEnv(t, filepath.Join(dirs["in"], "env"), env)
 	copyFile(t, filepath.Join(dirs["bin"], "gwctl"), filepath.Join(dirs["in"], "gwctl"), 0o755)
@@ -289,6 +314,7 @@ type hubProcess struct {
 	mqttAddr, httpsAddr string
 	caFile              string
 	serviceCS           string
+	dpsCS               string
 	logFile             string
 	bin                 string
 }
@@ -323,12 +349,15 @@ func startHub(ctx context.Context, t *testing.T, bin, stateDir string) *hubProce
 
 	h.caFile = filepath.Join(stateDir, "ca.pem")
 	csFile := filepath.Join(stateDir, "service-connection-string")
+	dpsFile := filepath.Join(stateDir, "dps-connection-string")
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		cs, csErr := os.ReadFile(csFile)
+		dpsCS, dpsErr := os.ReadFile(dpsFile)
 		_, caErr := os.Stat(h.caFile)
-		if csErr == nil && caErr == nil && len(cs) > 0 && dialable(h.mqttAddr) && dialable(h.httpsAddr) {
+		if csErr == nil && dpsErr == nil && caErr == nil && len(cs) > 0 && len(dpsCS) > 0 && dialable(h.mqttAddr) && dialable(h.httpsAddr) {
 			h.serviceCS = strings.TrimSpace(string(cs))
+			h.dpsCS = strings.TrimSpace(string(dpsCS))
 			return h
 		}
 		select {
@@ -347,7 +376,7 @@ func startHub(ctx context.Context, t *testing.T, bin, stateDir string) *hubProce
 func (h *hubProcess) gwctl(ctx context.Context, t *testing.T, args ...string) string {
 	t.Helper()
 	args = append([]string{"--endpoint", "https://" + h.httpsAddr}, args...)
-	return run(ctx, t, ".", []string{"IOTHUB_CONNECTION_STRING=" + h.serviceCS, "GWCTL_CA_FILE=" + h.caFile},
+	return run(ctx, t, ".", []string{"IOTHUB_CONNECTION_STRING=" + h.serviceCS, "IOTHUB_DPS_CONNECTION_STRING=" + h.dpsCS, "GWCTL_CA_FILE=" + h.caFile},
 		filepath.Join(h.bin, "gwctl"), args...)
 }
 

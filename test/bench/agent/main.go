@@ -38,6 +38,9 @@ type options struct {
 	updates   int
 	imageSize int64
 	settle    time.Duration
+	// transportAgents > 0 measures only the idle memory per transport
+	// (transport.go) and exits.
+	transportAgents int
 }
 
 func main() {
@@ -55,6 +58,7 @@ func main() {
 	flag.IntVar(&o.updates, "updates", 30, "updates run one after another for the memory soak (0: none)")
 	flag.Int64Var(&o.imageSize, "image-size", 32<<20, "bytes of the soak's image")
 	flag.DurationVar(&o.settle, "settle", 5*time.Second, "wait after an update before its memory is read")
+	flag.IntVar(&o.transportAgents, "transport-agents", 0, "measure only the idle RSS over mqtt and over websocket, with this many agents each (transport.go)")
 	flag.Parse()
 	if o.gwagent == "" {
 		fmt.Fprintln(os.Stderr, "agentbench: -gwagent is required")
@@ -64,6 +68,11 @@ func main() {
 	// idle) + the soak (at most 20 s an update, two settles) + the latency
 	// series, with room for start-up and a slow machine.
 	limit := max(o.idle+o.window, steadyAfter) + 3*time.Minute + time.Duration(o.updates)*20*time.Second + 2*o.settle
+	run := run
+	if o.transportAgents > 0 {
+		run = runTransports
+		limit = o.idle + 2*time.Minute
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	if err := run(ctx, o); err != nil {
@@ -334,8 +343,9 @@ func tail(file string) string {
 // startAgent runs gwagent with the shipped defaults except what the local
 // hub needs (address, CA) and a simulated installer that starts
 // downloading at once and downloads as fast as the image server sends
-// (the default paces a declared size over 15 s).
-func startAgent(ctx context.Context, o options, dir, connString string, h *hub.Hub) (*proc, error) {
+// (the default paces a declared size over 15 s). transport are the flags
+// that choose the transport; none: MQTT to the hub's MQTT port.
+func startAgent(ctx context.Context, o options, dir, connString string, h *hub.Hub, transport ...string) (*proc, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "state"), 0o700); err != nil {
 		return nil, err
 	}
@@ -358,8 +368,12 @@ signature:
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
 		return nil, err
 	}
-	cmd := exec.CommandContext(ctx, o.gwagent, "run", "--config", cfgFile, "--connection-string-file", csFile,
-		"--ca-file", h.CAFile(), "--hub-address", h.MQTTAddr(), "--state-dir", filepath.Join(dir, "state"))
+	if len(transport) == 0 {
+		transport = []string{"--hub-address", h.MQTTAddr()}
+	}
+	args := append([]string{"run", "--config", cfgFile, "--connection-string-file", csFile,
+		"--ca-file", h.CAFile(), "--state-dir", filepath.Join(dir, "state")}, transport...)
+	cmd := exec.CommandContext(ctx, o.gwagent, args...)
 	cmd.Env = agentEnv(o.agentEnv)
 	return start("gwagent", cmd, filepath.Join(dir, "log"))
 }

@@ -53,7 +53,7 @@ devices() { prop DeviceAllow | grep -vx 'char-rtc r' | paste -sd ' '; }
 is_prop() { [ "$(prop "$1")" = "$2" ]; }
 status_matches() { prop StatusText | grep -Eiq "$1"; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
-gwctl() { IOTHUB_CONNECTION_STRING=$SERVICE_CONNECTION_STRING GWCTL_CA_FILE=/mnt/in/ca.pem /mnt/in/gwctl --endpoint "$HTTPS_ENDPOINT" "$@"; }
+gwctl() { IOTHUB_CONNECTION_STRING=$SERVICE_CONNECTION_STRING IOTHUB_DPS_CONNECTION_STRING=$DPS_CONNECTION_STRING GWCTL_CA_FILE=/mnt/in/ca.pem /mnt/in/gwctl --endpoint "$HTTPS_ENDPOINT" "$@"; }
 run() { echo "+ $*"; "$@"; }
 
 # The rootfs is minbase: no netbase, so no /etc/hosts for "localhost".
@@ -485,6 +485,87 @@ check legacy-secret-granted sh -c 'getfacl -cp /etc/gwagent/connection-string | 
 check legacy-purge dpkg -P gwagent
 }
 
+phase_dps() {
+echo "=== a gateway that provisions itself through DPS"
+# As a factory image would have it: no connection string, only the id scope
+# and the enrollment group's key (made outside with gwctl dps group add).
+# The hub address is there because gwhub does not listen on 8883 here, and
+# the DPS host name (globalEndpoint) is gwhub's --hostname.
+check dps-install dpkg -i "/mnt/pkg/$PKG2"
+systemctl stop gwagent.service
+systemctl reset-failed gwagent.service 2>/dev/null
+install -m 0600 /dev/null /etc/gwagent/dps-group-key
+printf '%s\n' "$DPS_GROUP_KEY" >/etc/gwagent/dps-group-key
+install -m 0644 /mnt/in/ca.pem /etc/gwagent/hub-ca.pem
+cat >/etc/gwagent/config.yaml <<EOT
+hub:
+  address: "$MQTT_ADDR"
+  caFile: /etc/gwagent/hub-ca.pem
+provisioning:
+  idScope: $DPS_ID_SCOPE
+  globalEndpoint: localhost
+  address: "$MQTT_ADDR"
+  groupKeyFile: /etc/gwagent/dps-group-key
+installer:
+  type: simulated
+  simulated:
+    waitBeforeDownload: 1s
+    download: 1s
+    apply: 2s
+signature:
+  allowUnsigned: true
+EOT
+check dps-config sh -c '! grep -qi connectionString /etc/gwagent/config.yaml && [ ! -e /etc/gwagent/connection-string ] && [ "$(stat -c %a:%U:%G /etc/gwagent/dps-group-key)" = 600:root:root ]'
+run cat /etc/gwagent/config.yaml
+regid=$(gwagent provision --show-registration-id 2>&1)
+echo "registration id: $regid"
+check dps-registration-id sh -c "printf '%s' '$regid' | grep -Eqx 'gw-[0-9a-f]{16}'"
+t0=$(now_ms)
+check dps-start systemctl start gwagent.service
+if wait_for 60 status_matches '^connected'; then
+	pass dps-connected
+	figure dps_start_to_connected_ms $(($(now_ms) - t0))
+else
+	fail dps-connected "not connected within 60 s: $(prop StatusText)"
+fi
+run systemctl status --no-pager gwagent.service
+run journalctl -u gwagent.service --no-pager -o cat -n 20
+# The hub knows the device DPS created: the group's registration id is its id.
+# (Functions, not sh -c: gwctl is a function of this script.)
+dps_twin_connected() { gwctl device show "$regid" | grep -Eq '^connectionState: +Connected' && gwctl twin show "$regid" >/dev/null; }
+dps_assigned() { gwctl dps registration show "$regid" | grep -Eq '^status: +assigned'; }
+check dps-twin-connected dps_twin_connected
+check dps-registration-assigned dps_assigned
+run gwctl dps registration show "$regid"
+# The agent reads its group key through the ACL the unit's start-up step
+# grants, and does not take that for a leak.
+check dps-key-no-warning sh -c '! journalctl -u gwagent.service --no-pager -o cat | grep -q "is readable by"'
+check dps-assignment-private [ "$(stat -c %a:%U:%G /var/lib/gwagent/provisioning.json)" = 600:gwagent:gwagent ]
+run ls -la /var/lib/gwagent
+check dps-group-key-granted sh -c 'getfacl -cp /etc/gwagent/dps-group-key | grep -qx "group:gwagent:r--" && [ "$(stat -c %U:%G /etc/gwagent/dps-group-key)" = root:root ]'
+dps_out=$(gwctl update "$regid" --uri "$IMAGE_URL" --version "$IMAGE_VERSION" \
+	--sha256 "$IMAGE_SHA256" --size "$IMAGE_SIZE" --watch --interval 250ms --timeout 120s 2>&1)
+dps_rc=$?
+echo "$dps_out"
+check dps-update-completed [ "$dps_rc" = 0 ]
+# Root runs gwagent provision as an operator would: the kept assignment,
+# without asking DPS.
+provision_out=$(gwagent provision 2>&1)
+echo "$provision_out"
+check dps-provision-kept sh -c "printf '%s\n' \"\$1\" | grep -Eqx 'device id: +$regid' && printf '%s\n' \"\$1\" | grep -Eq '^assigned hub: +localhost\$' && printf '%s\n' \"\$1\" | grep -q '(kept from an earlier registration)'" - "$provision_out"
+# A restart connects with the kept assignment (no DPS): the baseline of the
+# figure above.
+t0=$(now_ms)
+systemctl restart gwagent.service
+if wait_for 60 status_matches '^connected'; then
+	pass dps-restart-connected
+	figure dps_restart_kept_to_connected_ms $(($(now_ms) - t0))
+else
+	fail dps-restart-connected "not connected within 60 s: $(prop StatusText)"
+fi
+check dps-purge dpkg -P gwagent
+}
+
 finish() {
 	journalctl --no-pager -o short-monotonic >/mnt/out/journal.txt 2>&1
 	journalctl -u gwagent.service --no-pager -o short-monotonic >/mnt/out/gwagent.txt 2>&1
@@ -516,4 +597,5 @@ phase_upgrade
 phase_remove
 phase_purge
 phase_legacy_upgrade
+phase_dps
 finish
