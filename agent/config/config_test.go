@@ -13,8 +13,10 @@ import (
 	"fmt"
 	"math/big"
 	"os"
+	"os/user"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -436,5 +438,30 @@ func TestAllowedHosts(t *testing.T) {
 	}
 	if got := strings.Join(c.Update.AllowedHosts, " "); got != "fw.example.com *.example.org" {
 		t.Errorf("from the environment: %q", got)
+	}
+}
+
+// The package's account reads the secrets through the unit's ACL entry: a
+// root shell (gwagent provision, gwagent access) must not call that entry
+// another reader. The test stands in the system group daemon for gwagent.
+func TestSecretReadableByAgentAccount(t *testing.T) {
+	g, err := user.LookupGroup("daemon")
+	if err != nil {
+		t.Fatalf("the test needs the system group daemon: %v", err)
+	}
+	gid, _ := strconv.Atoi(g.Gid)
+	path := filepath.Join(t.TempDir(), "group-key")
+	if err := os.WriteFile(path, []byte("key\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	setACL(t, path, aclWith(aclGroup, aclRead, uint32(gid), aclRead))
+	defer func(a string) { agentAccount = a }(agentAccount)
+	agentAccount = "daemon"
+	if who := readersBesidesAgent(path); who != "" {
+		t.Errorf("with the agent's account %s granted: readers %q, want none", agentAccount, who)
+	}
+	agentAccount = "gwagent-test-no-such-account"
+	if who := readersBesidesAgent(path); who != "group "+g.Gid {
+		t.Errorf("with group %s not the agent's: readers %q, want group %s", g.Gid, who, g.Gid)
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/user"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -34,8 +36,14 @@ func readersBesidesAgent(path string) string {
 	if err := unix.Stat(path, &st); err != nil {
 		return ""
 	}
-	own := func(id uint32, self int) bool { return id == 0 || int(id) == self }
 	euid, egid := os.Geteuid(), os.Getegid()
+	// The agent's own user and group: the caller's, and the package's
+	// account, which the unit's start-up step grants read access (a root
+	// shell running gwagent provision or gwagent access reads as root).
+	agentUID, agentGID := accountIDs(agentAccount)
+	own := func(id uint32, self int) bool {
+		return id == 0 || int(id) == self || int(id) == agentUID || int(id) == agentGID
+	}
 	var who []string
 	add := func(kind string, id uint32) { who = append(who, fmt.Sprintf("%s %d", kind, id)) }
 
@@ -69,6 +77,26 @@ func readersBesidesAgent(path string) string {
 		}
 	}
 	return strings.Join(who, ", ")
+}
+
+// agentAccount is the user and group the package runs the agent as.
+var agentAccount = "gwagent"
+
+// accountIDs returns the uid and gid of the user and group named name, -1
+// for one that does not exist.
+func accountIDs(name string) (uid, gid int) {
+	uid, gid = -1, -1
+	if u, err := user.Lookup(name); err == nil {
+		if n, err := strconv.Atoi(u.Uid); err == nil {
+			uid = n
+		}
+	}
+	if g, err := user.LookupGroup(name); err == nil {
+		if n, err := strconv.Atoi(g.Gid); err == nil {
+			gid = n
+		}
+	}
+	return uid, gid
 }
 
 type aclEntry struct {
