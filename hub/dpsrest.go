@@ -107,15 +107,17 @@ func decodeDPS(w http.ResponseWriter, r *http.Request, v any) bool {
 	return false
 }
 
-// checkAttestation validates a symmetric-key attestation, generating the
-// keys that are missing, as DPS does.
-func checkAttestation(a *dps.AttestationMechanism) (string, bool) {
+// checkAttestation validates an attestation, generating the symmetric
+// keys that are missing, as DPS does (X.509: dpsx509.go).
+func checkAttestation(a *dps.AttestationMechanism, group bool) (string, bool) {
 	switch a.Type {
 	case dps.AttestationSymmetricKey:
+	case dps.AttestationX509:
+		return checkX509Attestation(a, group)
 	case "":
 		return "attestation.type is required", false
 	default:
-		return "attestation type " + strconv.Quote(a.Type) + " is not supported by this hub (symmetricKey only)", false
+		return "attestation type " + strconv.Quote(a.Type) + " is not supported by this hub (symmetricKey or x509)", false
 	}
 	if a.SymmetricKey == nil {
 		a.SymmetricKey = &dps.SymmetricKey{}
@@ -169,7 +171,7 @@ func (h *Hub) handlePutEnrollment(w http.ResponseWriter, r *http.Request) {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "provisioningStatus must be enabled or disabled")
 		return
 	}
-	if msg, ok := checkAttestation(&in.Attestation); !ok {
+	if msg, ok := checkAttestation(&in.Attestation, false); !ok {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, msg)
 		return
 	}
@@ -291,7 +293,7 @@ func (h *Hub) handlePutGroup(w http.ResponseWriter, r *http.Request) {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "provisioningStatus must be enabled or disabled")
 		return
 	}
-	if msg, ok := checkAttestation(&in.Attestation); !ok {
+	if msg, ok := checkAttestation(&in.Attestation, true); !ok {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, msg)
 		return
 	}

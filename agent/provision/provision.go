@@ -53,6 +53,9 @@ type Config struct {
 	RegistrationID string
 	// Key is the device's symmetric key (derived already for a group).
 	Key []byte
+	// Certificate is the device certificate of X.509 attestation, used
+	// instead of Key: TLS client authentication, no SAS token.
+	Certificate *tls.Certificate
 	// Payload is the custom payload sent with the registration (JSON
 	// object); ModelID is added to it as "modelId".
 	Payload json.RawMessage
@@ -66,18 +69,24 @@ type Config struct {
 
 // Assignment is what DPS assigned.
 type Assignment struct {
-	Format         int       `json:"format"`
-	IDScope        string    `json:"idScope"`
-	RegistrationID string    `json:"registrationId"`
-	AssignedHub    string    `json:"assignedHub"`
-	DeviceID       string    `json:"deviceId"`
-	Key            string    `json:"key"` // base64 device key
-	Substatus      string    `json:"substatus,omitempty"`
-	ProvisionedAt  time.Time `json:"provisionedAt"`
+	Format         int    `json:"format"`
+	IDScope        string `json:"idScope"`
+	RegistrationID string `json:"registrationId"`
+	AssignedHub    string `json:"assignedHub"`
+	DeviceID       string `json:"deviceId"`
+	Key            string `json:"key,omitempty"` // base64 device key; empty for X.509
+	// X509 says the device authenticates with its certificate
+	// (provisioning.x509), to DPS and to the hub alike.
+	X509          bool      `json:"x509,omitempty"`
+	Substatus     string    `json:"substatus,omitempty"`
+	ProvisionedAt time.Time `json:"provisionedAt"`
 }
 
 // ConnectionString is the device connection string of the assignment.
 func (a Assignment) ConnectionString() iothub.ConnectionString {
+	if a.X509 {
+		return iothub.ConnectionString{HostName: a.AssignedHub, DeviceID: a.DeviceID, X509: true}
+	}
 	return iothub.ConnectionString{HostName: a.AssignedHub, DeviceID: a.DeviceID, SharedAccessKey: a.Key}
 }
 
@@ -96,7 +105,7 @@ func Load(stateDir string) (Assignment, bool, error) {
 	if err := json.Unmarshal(b, &a); err != nil {
 		return Assignment{}, false, fmt.Errorf("provision: %s: %w", path, err)
 	}
-	if a.Format != assignmentFormat || a.AssignedHub == "" || a.DeviceID == "" || a.Key == "" {
+	if a.Format != assignmentFormat || a.AssignedHub == "" || a.DeviceID == "" || a.Key == "" && !a.X509 {
 		return Assignment{}, false, fmt.Errorf("provision: %s is not an assignment of format %d", path, assignmentFormat)
 	}
 	return a, true, nil
@@ -158,8 +167,8 @@ func Register(ctx context.Context, c Config) (Assignment, error) {
 	if c.Log == nil {
 		c.Log = zap.NewNop()
 	}
-	if c.IDScope == "" || c.RegistrationID == "" || len(c.Key) == 0 {
-		return Assignment{}, errors.New("provision: id scope, registration id and key are required")
+	if c.IDScope == "" || c.RegistrationID == "" || len(c.Key) == 0 && c.Certificate == nil {
+		return Assignment{}, errors.New("provision: id scope, registration id and a key or certificate are required")
 	}
 	body, err := c.body()
 	if err != nil {
@@ -169,13 +178,19 @@ func Register(ctx context.Context, c Config) (Assignment, error) {
 	defer cancel()
 
 	msgs := make(chan response, 8)
-	pw := iothub.NewSAS(dps.Resource(c.IDScope, c.RegistrationID), c.Key, dps.RegistrationKeyName, time.Now().Add(time.Hour))
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: c.GlobalEndpoint, RootCAs: c.RootCAs}
+	pw := ""
+	if c.Certificate != nil {
+		tlsCfg.Certificates = []tls.Certificate{*c.Certificate} // X.509: no password
+	} else {
+		pw = iothub.NewSAS(dps.Resource(c.IDScope, c.RegistrationID), c.Key, dps.RegistrationKeyName, time.Now().Add(time.Hour))
+	}
 	opts := mqtt.NewClientOptions().
 		AddBroker("tls://" + c.Address).
 		SetClientID(c.RegistrationID).
 		SetUsername(dps.Username(c.IDScope, c.RegistrationID, c.ClientType)).
 		SetPassword(pw).
-		SetTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12, ServerName: c.GlobalEndpoint, RootCAs: c.RootCAs}).
+		SetTLSConfig(tlsCfg).
 		SetProtocolVersion(4).
 		SetCleanSession(true).
 		SetAutoReconnect(false).
@@ -261,7 +276,7 @@ func Register(ctx context.Context, c Config) (Assignment, error) {
 				zap.String("substatus", st.Substatus))
 			return Assignment{
 				IDScope: c.IDScope, RegistrationID: c.RegistrationID, AssignedHub: st.AssignedHub, DeviceID: st.DeviceID,
-				Key: base64.StdEncoding.EncodeToString(c.Key), Substatus: st.Substatus, ProvisionedAt: time.Now().UTC(),
+				Key: base64.StdEncoding.EncodeToString(c.Key), X509: c.Certificate != nil, Substatus: st.Substatus, ProvisionedAt: time.Now().UTC(),
 			}, nil
 		case dps.StatusDisabled:
 			return Assignment{}, ErrDisabled
