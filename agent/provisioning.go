@@ -63,6 +63,8 @@ func registerConfig(cfg *config.Config, log *zap.Logger) provision.Config {
 	return provision.Config{
 		IDScope: pc.IDScope, GlobalEndpoint: pc.GlobalEndpoint, Address: pc.Address, RegistrationID: pc.RegistrationID,
 		Key: pc.Key, Certificate: pc.Certificate, Payload: pc.Payload, ModelID: cfg.Hub.ModelID, RootCAs: cfg.Hub.RootCAs,
+		// DPS is reached the way the hub is: same transport and proxy.
+		Transport: cfg.Hub.Transport, WebSocketAddress: pc.WebSocketAddress, Proxy: hubProxy(cfg.Hub.Proxy),
 		ClientType: "gwagent/" + buildinfo.Get().Version, Log: log,
 	}
 }

@@ -52,3 +52,21 @@ func TestProvisionsWithX509CertificateOnceTheGroupExists(t *testing.T) {
 		t.Fatalf("kept assignment %+v %v %v", a, ok, err)
 	}
 }
+
+// With hub.transport websocket the agent reaches DPS over MQTT on a
+// WebSocket too (8883 is never dialled: provisioning.address is closed),
+// then its hub the same way.
+func TestProvisionsOverWebSocket(t *testing.T) {
+	e := newEnvWith(t, true)
+	e.addGroup(t)
+	cfg := loadConfig(t, e.yaml(map[string]string{
+		"hub": fmt.Sprintf("hub:\n  transport: websocket\n  webSocketAddress: %q\n  caFile: %q\n  keepAlive: 30s\n  connectTimeout: 5s\n  requestTimeout: 5s\n  minRetryDelay: 50ms\n  maxRetryDelay: 500ms\n"+
+			"provisioning:\n  idScope: %q\n  globalEndpoint: localhost\n  address: 127.0.0.1:1\n  webSocketAddress: %q\n  registrationId: gw-ws-79\n  groupKey: %q\n",
+			e.HTTPSAddr(), e.CAFile(), e.IDScope(), e.HTTPSAddr(), testGroupKey),
+	}))
+	start(t, cfg)
+	testutil.Eventually(t, 20*time.Second, "provisioned over WebSocket and connected", func() bool { return e.Connected("gw-ws-79") })
+	if a, ok, err := provision.Load(e.stateDir); !ok || err != nil || a.DeviceID != "gw-ws-79" {
+		t.Fatalf("kept assignment %+v %v %v", a, ok, err)
+	}
+}

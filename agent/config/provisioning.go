@@ -31,7 +31,10 @@ type Provisioning struct {
 	IDScope        string
 	GlobalEndpoint string // the DPS host name (TLS checks it)
 	Address        string // host:port to dial instead of GlobalEndpoint:8883
-	RegistrationID string
+	// WebSocketAddress is the host:port the WebSocket transport dials
+	// instead of GlobalEndpoint:443.
+	WebSocketAddress string
+	RegistrationID   string
 	// Key is the device's symmetric key: provisioning.key(File), or
 	// derived from provisioning.groupKey(File) and RegistrationID. Secret.
 	Key []byte
@@ -62,6 +65,8 @@ var provisioningKeys = []key{
 		set: str(func(c *Config) *string { return &c.Provisioning.GlobalEndpoint })},
 	{name: "provisioning.address", def: "", usage: "host:port to dial instead of the DPS host name on 8883",
 		set: str(func(c *Config) *string { return &c.Provisioning.Address })},
+	{name: "provisioning.webSocketAddress", def: "", usage: "host:port to dial instead of the DPS host name on 443 (hub.transport websocket or auto)",
+		set: str(func(c *Config) *string { return &c.Provisioning.WebSocketAddress })},
 	{name: "provisioning.registrationId", def: "", usage: "DPS registration id (default: derived from /etc/machine-id)",
 		set: str(func(c *Config) *string { return &c.Provisioning.RegistrationID })},
 	{name: "provisioning.key", def: "", set: func(*Config, any) error { return nil }},          // loadProvisioning
@@ -155,6 +160,11 @@ func (c *Config) loadProvisioning(v *viper.Viper) error {
 	if p.Address != "" {
 		if _, port, err := net.SplitHostPort(p.Address); err != nil || port == "" {
 			return fmt.Errorf("%w: provisioning.address: %q is not host:port", ErrConfig, p.Address)
+		}
+	}
+	if p.WebSocketAddress != "" {
+		if _, port, err := net.SplitHostPort(p.WebSocketAddress); err != nil || port == "" {
+			return fmt.Errorf("%w: provisioning.webSocketAddress: %q is not host:port", ErrConfig, p.WebSocketAddress)
 		}
 	}
 	if p.X509.CertFile != "" || p.X509.KeyFile != "" {
