@@ -6,6 +6,7 @@
 //   azure-iot-provisioning-device 1.9.1 + azure-iot-provisioning-device-mqtt 1.8.1
 //     + azure-iot-security-x509 1.7.12 register over MQTT on 8883 with a TLS
 //     client certificate whose CN is the registration id (no SAS token);
+//   the same over MqttWs (MQTT on wss://{host}:443/$iothub/websocket);
 //   azure-iot-device then connects to the assigned hub with the same
 //     certificate (x509=true).
 // The certificates are made here with the openssl command (a real CA, a
@@ -66,9 +67,9 @@ async function newDevice(dir, name, cn, ca) {
   return { cert: await readFile(cert, 'utf8'), key: await readFile(key, 'utf8') };
 }
 
-function registerX509(host, scope, registrationId, pair) {
+function registerX509(host, scope, registrationId, pair, Transport = provMqtt.Mqtt) {
   const security = new x509Security.X509Security(registrationId, pair);
-  const client = provDevice.ProvisioningDeviceClient.create(host, scope, new provMqtt.Mqtt(), security);
+  const client = provDevice.ProvisioningDeviceClient.create(host, scope, new Transport(), security);
   return withTimeout(client.register(), STEP_MS, `register ${registrationId}`);
 }
 
@@ -118,6 +119,14 @@ describe('gwhub as a DPS with X.509 attestation and the official SDKs', { timeou
     await connectX509(result.assignedHub, result.deviceId, pair);
     const st = (await service.getDeviceRegistrationState(id)).responseBody;
     assert.equal(st.status, 'assigned');
+  });
+
+  test('device SDK registers over MQTT on a WebSocket (MqttWs, wss://host:443/$iothub/websocket)', async () => {
+    const id = uniqueId('gw-x509-ws');
+    const pair = await newDevice(dir, 'ws1', id, ca);
+    const result = await registerX509(host, scope, id, pair, provMqtt.MqttWs);
+    assert.equal(result.status, 'assigned');
+    assert.equal(result.deviceId, id);
   });
 
   test('a certificate from another CA, or whose CN is not the registration id, is refused', async () => {
