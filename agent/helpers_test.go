@@ -33,6 +33,7 @@ type env struct {
 	addr     string
 	conn     string
 	stateDir string
+	ws       bool // the hub serves MQTT over WebSocket on its HTTPS address
 
 	mu       sync.Mutex
 	reported []map[string]any
@@ -40,7 +41,13 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	e := &env{hubDir: t.TempDir(), addr: "127.0.0.1:0", stateDir: t.TempDir()}
+	return newEnvWith(t, false)
+}
+
+// newEnvWith is newEnv with the hub's WebSocket on or off.
+func newEnvWith(t *testing.T, ws bool) *env {
+	t.Helper()
+	e := &env{hubDir: t.TempDir(), addr: "127.0.0.1:0", stateDir: t.TempDir(), ws: ws}
 	e.startHub(t)
 	cs, err := e.CreateDevice(deviceID)
 	if err != nil {
@@ -53,7 +60,7 @@ func newEnv(t *testing.T) *env {
 func (e *env) startHub(t *testing.T) {
 	t.Helper()
 	h, err := hub.New(hub.Config{
-		StateDir: e.hubDir, MQTTAddr: e.addr, HTTPSAddr: "127.0.0.1:0",
+		StateDir: e.hubDir, MQTTAddr: e.addr, HTTPSAddr: "127.0.0.1:0", WebSocket: e.ws,
 		Log: zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)).Named("hub"),
 		OnReported: func(p hub.ReportedPatch) {
 			e.mu.Lock()

@@ -62,7 +62,9 @@ func registerConfig(cfg *config.Config, log *zap.Logger) provision.Config {
 	pc := cfg.Provisioning
 	return provision.Config{
 		IDScope: pc.IDScope, GlobalEndpoint: pc.GlobalEndpoint, Address: pc.Address, RegistrationID: pc.RegistrationID,
-		Key: pc.Key, Payload: pc.Payload, ModelID: cfg.Hub.ModelID, RootCAs: cfg.Hub.RootCAs,
+		Key: pc.Key, Certificate: pc.Certificate, Payload: pc.Payload, ModelID: cfg.Hub.ModelID, RootCAs: cfg.Hub.RootCAs,
+		// DPS is reached the way the hub is: same transport and proxy.
+		Transport: cfg.Hub.Transport, WebSocketAddress: pc.WebSocketAddress, Proxy: hubProxy(cfg.Hub.Proxy),
 		ClientType: "gwagent/" + buildinfo.Get().Version, Log: log,
 	}
 }
@@ -79,7 +81,7 @@ var ErrNotProvisioning = errors.New("agent: the configuration does not provision
 // gateway with the identity that worked. fresh says DPS was asked.
 func Provision(ctx context.Context, cfg *config.Config, log *zap.Logger, force bool) (a provision.Assignment, fresh bool, err error) {
 	pc := cfg.Provisioning
-	if pc.IDScope == "" || len(pc.Key) == 0 {
+	if pc.IDScope == "" || !pc.Attested() {
 		return provision.Assignment{}, false, ErrNotProvisioning
 	}
 	kept, ok, err := provision.Load(cfg.StateDir)

@@ -3,6 +3,8 @@ package hub
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -94,6 +96,9 @@ type dpsConn struct {
 	regID   string
 	groupID string // set when authenticated by an enrollment group
 	key     string // the device key it proved (derived for a group)
+	// thumbprint is the SHA-1 thumbprint of the certificate of an X.509
+	// registration (key is empty then).
+	thumbprint string
 }
 
 func openDPS(stateDir, hostName string) (*dpsServer, error) {
@@ -212,7 +217,19 @@ func (h *Hub) dpsAuthenticate(cl *mqtt.Client, pk packets.Packet, now time.Time)
 		return nil, packets.Err3ClientIdentifierNotValid, fmt.Errorf("hub: DPS: client id %q does not match the registration %q", cl.ID, info.RegistrationID)
 	}
 	if !pk.Connect.PasswordFlag || len(pk.Connect.Password) == 0 {
-		return nil, packets.Err3NotAuthorized, errors.New("hub: DPS: no SAS token (X.509 attestation is not supported by this hub)")
+		// X.509 attestation: the TLS client certificate proves the identity.
+		var certs []*x509.Certificate
+		if tc, ok := cl.Net.Conn.(interface{ ConnectionState() tls.ConnectionState }); ok {
+			certs = tc.ConnectionState().PeerCertificates
+		}
+		if len(certs) == 0 {
+			return nil, packets.Err3NotAuthorized, errNoClientCert
+		}
+		c, err := s.x509Match(info.RegistrationID, certs, now)
+		if err != nil {
+			return nil, packets.Err3NotAuthorized, err
+		}
+		return c, packets.CodeSuccess, nil
 	}
 	tok, err := iothub.ParseSAS(string(pk.Connect.Password))
 	if err != nil {
@@ -412,6 +429,9 @@ func (h *Hub) dpsAssign(c *dpsConn, payload json.RawMessage, now time.Time) (dps
 		st.ErrorCode, st.ErrorMessage = 403000, "The enrollment is disabled"
 	} else {
 		auth := iothub.Authentication{Type: iothub.AuthSAS, SymmetricKey: &iothub.SymmetricKey{PrimaryKey: c.key, SecondaryKey: c.key}}
+		if c.thumbprint != "" {
+			auth = c.x509Auth()
+		}
 		_, serr := h.putDevice(iothub.Device{DeviceID: deviceID, Authentication: auth}, deviceID, "")
 		sub := "initialAssignment"
 		if serr != nil && serr.code == iothub.CodeDeviceAlreadyExists {

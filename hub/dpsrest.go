@@ -109,15 +109,17 @@ func decodeDPS(w http.ResponseWriter, r *http.Request, v any) bool {
 	return false
 }
 
-// checkAttestation validates a symmetric-key attestation, generating the
-// keys that are missing, as DPS does.
-func checkAttestation(a *dps.AttestationMechanism) (string, bool) {
+// checkAttestation validates an attestation, generating the symmetric
+// keys that are missing, as DPS does (X.509: dpsx509.go).
+func checkAttestation(a *dps.AttestationMechanism, group bool) (string, bool) {
 	switch a.Type {
 	case dps.AttestationSymmetricKey:
+	case dps.AttestationX509:
+		return checkX509Attestation(a, group)
 	case "":
 		return "attestation.type is required", false
 	default:
-		return "attestation type " + strconv.Quote(a.Type) + " is not supported by this hub (symmetricKey only)", false
+		return "attestation type " + strconv.Quote(a.Type) + " is not supported by this hub (symmetricKey or x509)", false
 	}
 	if a.SymmetricKey == nil {
 		a.SymmetricKey = &dps.SymmetricKey{}
@@ -160,6 +162,7 @@ type enrollmentKind[T any] struct {
 	idField  string // the JSON field of the id in the body
 	logWhat  string // "DPS enrollment", "DPS enrollment group"
 	logField string // the log field of the id
+	group    bool   // enrollment groups: an X.509 attestation holds a CA
 	records  func(*dpsData) map[string]*T
 	fields   func(*T) enrollmentFields
 	// validate checks what only this kind has (an enrollment's device id);
@@ -198,7 +201,7 @@ var individualEnrollments = enrollmentKind[dps.IndividualEnrollment]{
 
 var enrollmentGroups = enrollmentKind[dps.EnrollmentGroup]{
 	what: "Enrollment group", idName: "Enrollment group id", idField: "enrollmentGroupId",
-	logWhat: "DPS enrollment group", logField: "enrollment_group",
+	logWhat: "DPS enrollment group", logField: "enrollment_group", group: true,
 	records: func(d *dpsData) map[string]*dps.EnrollmentGroup { return d.Groups },
 	fields: func(g *dps.EnrollmentGroup) enrollmentFields {
 		return enrollmentFields{id: &g.EnrollmentGroupID, etag: &g.ETag, status: &g.ProvisioningStatus,
@@ -249,7 +252,7 @@ func (e enrollmentHandlers[T]) put(w http.ResponseWriter, r *http.Request) {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, "provisioningStatus must be enabled or disabled")
 		return
 	}
-	if msg, ok := checkAttestation(f.attestation); !ok {
+	if msg, ok := checkAttestation(f.attestation, k.group); !ok {
 		writeDPSError(w, http.StatusBadRequest, dps.CodeBadRequest, msg)
 		return
 	}

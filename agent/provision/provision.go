@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,6 +27,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"go.uber.org/zap"
 
+	"github.com/gwagent/gwagent/agent/session"
 	"github.com/gwagent/gwagent/internal/atomicfile"
 	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/iothub/dps"
@@ -50,9 +52,21 @@ type Config struct {
 	IDScope        string
 	GlobalEndpoint string // the DPS host name TLS verifies; default dps.DefaultGlobalEndpoint
 	Address        string // host:port to dial; default GlobalEndpoint:8883
+	// Transport is how to reach DPS, as hub.transport says: mqtt (8883,
+	// the default), websocket (wss://GlobalEndpoint:443/$iothub/websocket)
+	// or auto (8883, then the WebSocket when 8883 cannot be reached).
+	Transport string
+	// WebSocketAddress is the host:port the WebSocket dials; default
+	// GlobalEndpoint:443.
+	WebSocketAddress string
+	// Proxy returns the HTTP proxy for a "host:port" target, or nil.
+	Proxy          func(target string) (*url.URL, error)
 	RegistrationID string
 	// Key is the device's symmetric key (derived already for a group).
 	Key []byte
+	// Certificate is the device certificate of X.509 attestation, used
+	// instead of Key: TLS client authentication, no SAS token.
+	Certificate *tls.Certificate
 	// Payload is the custom payload sent with the registration (JSON
 	// object); ModelID is added to it as "modelId".
 	Payload json.RawMessage
@@ -66,18 +80,24 @@ type Config struct {
 
 // Assignment is what DPS assigned.
 type Assignment struct {
-	Format         int       `json:"format"`
-	IDScope        string    `json:"idScope"`
-	RegistrationID string    `json:"registrationId"`
-	AssignedHub    string    `json:"assignedHub"`
-	DeviceID       string    `json:"deviceId"`
-	Key            string    `json:"key"` // base64 device key
-	Substatus      string    `json:"substatus,omitempty"`
-	ProvisionedAt  time.Time `json:"provisionedAt"`
+	Format         int    `json:"format"`
+	IDScope        string `json:"idScope"`
+	RegistrationID string `json:"registrationId"`
+	AssignedHub    string `json:"assignedHub"`
+	DeviceID       string `json:"deviceId"`
+	Key            string `json:"key,omitempty"` // base64 device key; empty for X.509
+	// X509 says the device authenticates with its certificate
+	// (provisioning.x509), to DPS and to the hub alike.
+	X509          bool      `json:"x509,omitempty"`
+	Substatus     string    `json:"substatus,omitempty"`
+	ProvisionedAt time.Time `json:"provisionedAt"`
 }
 
 // ConnectionString is the device connection string of the assignment.
 func (a Assignment) ConnectionString() iothub.ConnectionString {
+	if a.X509 {
+		return iothub.ConnectionString{HostName: a.AssignedHub, DeviceID: a.DeviceID, X509: true}
+	}
 	return iothub.ConnectionString{HostName: a.AssignedHub, DeviceID: a.DeviceID, SharedAccessKey: a.Key}
 }
 
@@ -96,7 +116,7 @@ func Load(stateDir string) (Assignment, bool, error) {
 	if err := json.Unmarshal(b, &a); err != nil {
 		return Assignment{}, false, fmt.Errorf("provision: %s: %w", path, err)
 	}
-	if a.Format != assignmentFormat || a.AssignedHub == "" || a.DeviceID == "" || a.Key == "" {
+	if a.Format != assignmentFormat || a.AssignedHub == "" || a.DeviceID == "" || a.Key == "" && !a.X509 {
 		return Assignment{}, false, fmt.Errorf("provision: %s is not an assignment of format %d", path, assignmentFormat)
 	}
 	return a, true, nil
@@ -152,14 +172,17 @@ func Register(ctx context.Context, c Config) (Assignment, error) {
 	if c.Address == "" {
 		c.Address = net.JoinHostPort(c.GlobalEndpoint, "8883")
 	}
+	if c.WebSocketAddress == "" {
+		c.WebSocketAddress = net.JoinHostPort(c.GlobalEndpoint, session.DefaultWebSocketPort)
+	}
 	if c.Timeout <= 0 {
 		c.Timeout = 2 * time.Minute
 	}
 	if c.Log == nil {
 		c.Log = zap.NewNop()
 	}
-	if c.IDScope == "" || c.RegistrationID == "" || len(c.Key) == 0 {
-		return Assignment{}, errors.New("provision: id scope, registration id and key are required")
+	if c.IDScope == "" || c.RegistrationID == "" || len(c.Key) == 0 && c.Certificate == nil {
+		return Assignment{}, errors.New("provision: id scope, registration id and a key or certificate are required")
 	}
 	body, err := c.body()
 	if err != nil {
@@ -168,14 +191,55 @@ func Register(ctx context.Context, c Config) (Assignment, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
 
+	transports := []string{session.TransportMQTT}
+	switch c.Transport {
+	case session.TransportWebSocket:
+		transports = []string{session.TransportWebSocket}
+	case session.TransportAuto:
+		transports = []string{session.TransportMQTT, session.TransportWebSocket}
+	}
+	for i, tr := range transports {
+		var a Assignment
+		var unreachable bool
+		a, unreachable, err = c.registerOver(ctx, tr, body)
+		if err == nil || !unreachable || i == len(transports)-1 || ctx.Err() != nil {
+			return a, err
+		}
+		c.Log.Warn("DPS unreachable on 8883; trying MQTT over WebSocket on 443", zap.Error(err))
+	}
+	return Assignment{}, err
+}
+
+// registerOver is Register over one transport. unreachable says the
+// connection itself failed (a network error, not DPS's refusal), which is
+// when auto tries the next transport.
+func (c Config) registerOver(ctx context.Context, tr string, body []byte) (Assignment, bool, error) {
+	addr, broker := c.Address, "tls://"+c.Address
+	if tr == session.TransportWebSocket {
+		addr, broker = c.WebSocketAddress, "wss://"+net.JoinHostPort(c.GlobalEndpoint, session.DefaultWebSocketPort)+session.WebSocketPath
+	}
 	msgs := make(chan response, 8)
-	pw := iothub.NewSAS(dps.Resource(c.IDScope, c.RegistrationID), c.Key, dps.RegistrationKeyName, time.Now().Add(time.Hour))
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: c.GlobalEndpoint, RootCAs: c.RootCAs}
+	pw := ""
+	if c.Certificate != nil {
+		tlsCfg.Certificates = []tls.Certificate{*c.Certificate} // X.509: no password
+	} else {
+		pw = iothub.NewSAS(dps.Resource(c.IDScope, c.RegistrationID), c.Key, dps.RegistrationKeyName, time.Now().Add(time.Hour))
+	}
 	opts := mqtt.NewClientOptions().
-		AddBroker("tls://" + c.Address).
+		AddBroker(broker).
+		SetCustomOpenConnectionFn(func(u *url.URL, o mqtt.ClientOptions) (net.Conn, error) {
+			dctx, cancel := context.WithTimeout(ctx, o.ConnectTimeout)
+			defer cancel()
+			if tr == session.TransportWebSocket {
+				return session.DialWebSocket(dctx, u.String(), addr, o.TLSConfig, c.Proxy)
+			}
+			return session.DialTLS(dctx, addr, o.TLSConfig, c.Proxy)
+		}).
 		SetClientID(c.RegistrationID).
 		SetUsername(dps.Username(c.IDScope, c.RegistrationID, c.ClientType)).
 		SetPassword(pw).
-		SetTLSConfig(&tls.Config{MinVersion: tls.VersionTLS12, ServerName: c.GlobalEndpoint, RootCAs: c.RootCAs}).
+		SetTLSConfig(tlsCfg).
 		SetProtocolVersion(4).
 		SetCleanSession(true).
 		SetAutoReconnect(false).
@@ -197,13 +261,13 @@ func Register(ctx context.Context, c Config) (Assignment, error) {
 	tok := client.Connect()
 	if err := wait(ctx, tok); err != nil {
 		if ct, ok := tok.(*mqtt.ConnectToken); ok && (ct.ReturnCode() == 0x04 || ct.ReturnCode() == 0x05 || ct.ReturnCode() == 0x02) {
-			return Assignment{}, fmt.Errorf("%w: connect to %s: %v", ErrRefused, c.Address, err)
+			return Assignment{}, false, fmt.Errorf("%w: connect to %s: %v", ErrRefused, addr, err)
 		}
-		return Assignment{}, fmt.Errorf("provision: connect to DPS at %s: %w", c.Address, err)
+		return Assignment{}, true, fmt.Errorf("provision: connect to DPS at %s (%s): %w", addr, tr, err)
 	}
 	defer client.Disconnect(250)
 	if err := wait(ctx, client.Subscribe(dps.ResponseFilter, 1, nil)); err != nil {
-		return Assignment{}, fmt.Errorf("provision: subscribe: %w", err)
+		return Assignment{}, false, fmt.Errorf("provision: subscribe: %w", err)
 	}
 
 	rid := 0
@@ -239,44 +303,44 @@ func Register(ctx context.Context, c Config) (Assignment, error) {
 			if errors.As(err, &de) && de.Status() == 429 {
 				// Throttled: wait as told (or a few seconds) and ask again.
 				if werr := sleep(ctx, max(r.topic.RetryAfter, 3*time.Second)); werr != nil {
-					return Assignment{}, err
+					return Assignment{}, false, err
 				}
 				rid++
 				r, err = request(dps.RegisterTopic(strconv.Itoa(rid)), body)
 				continue
 			}
-			return Assignment{}, fmt.Errorf("provision: DPS answered: %w", err)
+			return Assignment{}, false, fmt.Errorf("provision: DPS answered: %w", err)
 		}
 		var res dps.OperationResult
 		if err := json.Unmarshal(r.body, &res); err != nil {
-			return Assignment{}, fmt.Errorf("provision: DPS answer is not valid: %w", err)
+			return Assignment{}, false, fmt.Errorf("provision: DPS answer is not valid: %w", err)
 		}
 		switch res.Status {
 		case dps.StatusAssigned:
 			st := res.RegistrationState
 			if st == nil || st.AssignedHub == "" || st.DeviceID == "" {
-				return Assignment{}, fmt.Errorf("%w: assigned without a hub or device id", ErrFailed)
+				return Assignment{}, false, fmt.Errorf("%w: assigned without a hub or device id", ErrFailed)
 			}
 			c.Log.Info("provisioned", zap.String("assigned_hub", st.AssignedHub), zap.String("device_id", st.DeviceID),
 				zap.String("substatus", st.Substatus))
 			return Assignment{
 				IDScope: c.IDScope, RegistrationID: c.RegistrationID, AssignedHub: st.AssignedHub, DeviceID: st.DeviceID,
-				Key: base64.StdEncoding.EncodeToString(c.Key), Substatus: st.Substatus, ProvisionedAt: time.Now().UTC(),
-			}, nil
+				Key: base64.StdEncoding.EncodeToString(c.Key), X509: c.Certificate != nil, Substatus: st.Substatus, ProvisionedAt: time.Now().UTC(),
+			}, false, nil
 		case dps.StatusDisabled:
-			return Assignment{}, ErrDisabled
+			return Assignment{}, false, ErrDisabled
 		case dps.StatusFailed, dps.StatusUnassigned:
 			msg := ""
 			if st := res.RegistrationState; st != nil {
 				msg = fmt.Sprintf(": %d %s", st.ErrorCode, st.ErrorMessage)
 			}
-			return Assignment{}, fmt.Errorf("%w (status %s)%s", ErrFailed, res.Status, msg)
+			return Assignment{}, false, fmt.Errorf("%w (status %s)%s", ErrFailed, res.Status, msg)
 		}
 		if res.OperationID == "" {
-			return Assignment{}, fmt.Errorf("provision: DPS answered status %q without an operation id", res.Status)
+			return Assignment{}, false, fmt.Errorf("provision: DPS answered status %q without an operation id", res.Status)
 		}
 		if err := sleep(ctx, max(r.topic.RetryAfter, time.Second)); err != nil {
-			return Assignment{}, fmt.Errorf("provision: still %s: %w", res.Status, err)
+			return Assignment{}, false, fmt.Errorf("provision: still %s: %w", res.Status, err)
 		}
 		rid++
 		r, err = request(dps.StatusTopic(strconv.Itoa(rid), res.OperationID), []byte(" "))

@@ -199,11 +199,20 @@ func (s *Session) target(tr string) (addr, broker string) {
 	return s.addr, "tls://" + s.addr
 }
 
-// dialTCP opens a TCP connection to addr, through the proxy when one is
-// configured for it.
-func (s *Session) dialTCP(ctx context.Context, addr string) (net.Conn, error) {
-	if s.cfg.Proxy != nil {
-		p, err := s.cfg.Proxy(addr)
+// dialTLS is dialTCP and a TLS handshake bounded by ctx.
+func (s *Session) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net.Conn, error) {
+	return DialTLS(ctx, addr, cfg, s.cfg.Proxy)
+}
+
+func (s *Session) dialWebSocket(ctx context.Context, u string, addr string, cfg *tls.Config) (net.Conn, error) {
+	return DialWebSocket(ctx, u, addr, cfg, s.cfg.Proxy)
+}
+
+// DialTCP opens a TCP connection to addr, through the HTTP proxy proxy
+// returns for it (nil proxy, or a nil URL: directly).
+func DialTCP(ctx context.Context, addr string, proxy func(target string) (*url.URL, error)) (net.Conn, error) {
+	if proxy != nil {
+		p, err := proxy(addr)
 		if err != nil {
 			return nil, err
 		}
@@ -215,9 +224,9 @@ func (s *Session) dialTCP(ctx context.Context, addr string) (net.Conn, error) {
 	return d.DialContext(ctx, "tcp", addr)
 }
 
-// dialTLS is dialTCP and a TLS handshake bounded by ctx.
-func (s *Session) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (net.Conn, error) {
-	raw, err := s.dialTCP(ctx, addr)
+// DialTLS is DialTCP and a TLS handshake bounded by ctx.
+func DialTLS(ctx context.Context, addr string, cfg *tls.Config, proxy func(target string) (*url.URL, error)) (net.Conn, error) {
+	raw, err := DialTCP(ctx, addr, proxy)
 	if err != nil {
 		return nil, err
 	}
@@ -229,13 +238,13 @@ func (s *Session) dialTLS(ctx context.Context, addr string, cfg *tls.Config) (ne
 	return tc, nil
 }
 
-// dialWebSocket opens MQTT over WebSocket: TLS to addr (verifying the
-// hub's name), then the upgrade of GET /$iothub/websocket with Host the
-// hub's name and subprotocol "mqtt".
-func (s *Session) dialWebSocket(ctx context.Context, u string, addr string, cfg *tls.Config) (net.Conn, error) {
+// DialWebSocket opens MQTT over WebSocket: TLS to addr (verifying the
+// server's name in cfg), then the upgrade of GET u (wss://{host}:443/$iothub/websocket)
+// with subprotocol "mqtt". IoT Hub and DPS serve it alike.
+func DialWebSocket(ctx context.Context, u string, addr string, cfg *tls.Config, proxy func(target string) (*url.URL, error)) (net.Conn, error) {
 	d := websocket.Dialer{
 		NetDialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return s.dialTLS(ctx, addr, cfg)
+			return DialTLS(ctx, addr, cfg, proxy)
 		},
 		Subprotocols:    []string{"mqtt"},
 		ReadBufferSize:  4096,

@@ -53,7 +53,8 @@ grants exactly this to the user gwagent.`,
 					fmt.Fprintf(w, "%s %s\n", kind, strings.ReplaceAll(v, "\n", " "))
 				}
 			}
-			for _, f := range []string{cfg.Hub.ConnectionStringFile, cfg.Hub.CAFile, cfg.Hub.X509.CertFile, cfg.Hub.X509.KeyFile, cfg.Provisioning.KeyFile} {
+			for _, f := range []string{cfg.Hub.ConnectionStringFile, cfg.Hub.CAFile, cfg.Hub.X509.CertFile, cfg.Hub.X509.KeyFile, cfg.Provisioning.KeyFile,
+				cfg.Provisioning.X509.CertFile, cfg.Provisioning.X509.KeyFile} {
 				line("read", f)
 			}
 			for _, p := range a.Write {

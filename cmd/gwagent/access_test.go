@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/gwagent/gwagent/agent/config"
+	"github.com/gwagent/gwagent/internal/testutil"
 )
 
 // TestAccess: `gwagent access` lists, for the unit's start-up step, the
@@ -90,5 +91,33 @@ installer:
 				t.Fatalf("gwagent access printed\n%s\nwant a line %q", out, "read "+keyFile)
 			}
 		})
+	}
+}
+
+// TestAccessProvisioningX509: with X.509 attestation the device certificate
+// and its key are listed, for the same reason.
+func TestAccessProvisioningX509(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := testutil.NewCA(t, "factory CA").Device(t, "gw-x509").WriteFiles(t, dir, "gw-x509")
+	cfg := filepath.Join(dir, "config.yaml")
+	if err := os.WriteFile(cfg, []byte(`provisioning:
+  idScope: 0ne00000001
+  x509:
+    certFile: `+certFile+`
+    keyFile: `+keyFile+`
+stateDir: `+filepath.Join(dir, "state")+`
+installer:
+  type: simulated
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := execute(context.Background(), "access", "--config", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{certFile, keyFile} {
+		if !strings.Contains(out, "read "+f+"\n") {
+			t.Errorf("gwagent access printed\n%s\nwant a line %q", out, "read "+f)
+		}
 	}
 }

@@ -96,7 +96,7 @@ func runProvision(cmd *cobra.Command, force bool, output string, timeout time.Du
 	if cfg.Provisioning.IDScope == "" {
 		return fmt.Errorf("%w: provisioning.idScope: not set, so the gateway does not provision through DPS", config.ErrConfig)
 	}
-	if len(cfg.Provisioning.Key) == 0 {
+	if !cfg.Provisioning.Attested() {
 		return fmt.Errorf("%w: hub.connectionString or hub.connectionStringFile is set and takes precedence over provisioning; remove it to provision through DPS", config.ErrConfig)
 	}
 	log, _, err := logging.New(logging.Options{Level: cfg.Log.Level, Format: cfg.Log.Format})

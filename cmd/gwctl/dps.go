@@ -123,18 +123,63 @@ func isNotFound(err error) bool {
 	return errors.As(err, &se) && se.HTTPStatus == 404
 }
 
-// symmetricKeyFlags are the attestation flags of add.
+// symmetricKeyFlags are the attestation flags of add: symmetric keys, or
+// an X.509 certificate file (a group's CA, --ca-file, or a device's own
+// certificate, --cert-file).
 type symmetricKeyFlags struct {
 	primary, secondary string
+	certFile           string
+	group              bool // --ca-file (a CA), not --cert-file (a device certificate)
 }
 
-func (k *symmetricKeyFlags) add(cmd *cobra.Command) {
+func (k *symmetricKeyFlags) add(cmd *cobra.Command, group bool) {
+	k.group = group
 	cmd.Flags().StringVar(&k.primary, "primary-key", "", "base64 primary key (default: a new random key, printed once)")
 	cmd.Flags().StringVar(&k.secondary, "secondary-key", "", "base64 secondary key (default: a new random key, printed once)")
+	if group {
+		cmd.Flags().StringVar(&k.certFile, "ca-file", "", "X.509 attestation: the CA (or intermediate) certificate, PEM, that signs the devices' certificates")
+	} else {
+		cmd.Flags().StringVar(&k.certFile, "cert-file", "", "X.509 attestation: the device's certificate, PEM (its CN must be the registration id)")
+	}
 }
 
-// attestation checks the keys given and generates those that are not.
-func (k *symmetricKeyFlags) attestation() (dps.AttestationMechanism, error) {
+// x509Attestation reads the certificate of --ca-file or --cert-file; for a
+// device certificate the CN must be regID.
+func (k *symmetricKeyFlags) x509Attestation(regID string) (dps.AttestationMechanism, error) {
+	flag := "--cert-file"
+	if k.group {
+		flag = "--ca-file"
+	}
+	if k.primary != "" || k.secondary != "" {
+		return dps.AttestationMechanism{}, usageErr("%s: X.509 attestation takes no --primary-key or --secondary-key", flag)
+	}
+	b, err := os.ReadFile(k.certFile)
+	if err != nil {
+		return dps.AttestationMechanism{}, usageErr("%s: %v", flag, err)
+	}
+	cert, err := dps.ParseCertificate(string(b))
+	if err != nil {
+		return dps.AttestationMechanism{}, usageErr("%s %s: %v", flag, k.certFile, err)
+	}
+	one := &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: string(b)}}
+	if k.group {
+		if !cert.IsCA {
+			return dps.AttestationMechanism{}, usageErr("--ca-file %s: %q is not a CA certificate (basicConstraints CA:TRUE)", k.certFile, cert.Subject.String())
+		}
+		return dps.AttestationMechanism{Type: dps.AttestationX509, X509: &dps.X509Attestation{SigningCertificates: one}}, nil
+	}
+	if cert.Subject.CommonName != regID {
+		return dps.AttestationMechanism{}, usageErr("--cert-file %s: the certificate's CN %q is not the registration id %q", k.certFile, cert.Subject.CommonName, regID)
+	}
+	return dps.AttestationMechanism{Type: dps.AttestationX509, X509: &dps.X509Attestation{ClientCertificates: one}}, nil
+}
+
+// attestation checks the keys given and generates those that are not, or
+// reads the certificate file.
+func (k *symmetricKeyFlags) attestation(regID string) (dps.AttestationMechanism, error) {
+	if k.certFile != "" {
+		return k.x509Attestation(regID)
+	}
 	keys := [2]string{k.primary, k.secondary}
 	for i, name := range []string{"--primary-key", "--secondary-key"} {
 		if keys[i] == "" {
@@ -186,18 +231,22 @@ func (a *app) dpsGroupCommand() *cobra.Command {
 	var hubHost string
 	add := &cobra.Command{
 		Use:   "add ID",
-		Short: "Create a symmetric-key enrollment group and print its keys",
+		Short: "Create an enrollment group (symmetric key, or X.509 CA with --ca-file)",
 		Long: `Create a symmetric-key enrollment group. Each gateway of the group proves
 itself with base64(HMAC-SHA256(group key, registration id)), see derive-key.
 Without --primary-key and --secondary-key new random keys are generated; they
-are printed here, once: keep them in the factory's secret store.`,
+are printed here, once: keep them in the factory's secret store.
+
+With --ca-file CA.pem the group is an X.509 one instead: every gateway whose
+certificate is signed by that CA (or an intermediate of it) and whose CN is
+its registration id is admitted.`,
 		Args: exactArgs("ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id := args[0]
 			if err := checkID("enrollment group id", id); err != nil {
 				return err
 			}
-			att, err := keys.attestation()
+			att, err := keys.attestation(id)
 			if err != nil {
 				return err
 			}
@@ -216,12 +265,16 @@ are printed here, once: keep them in the factory's secret store.`,
 				if err != nil {
 					return dpsFailure(err, subject)
 				}
+				if att.X509 != nil {
+					return a.printCreatedX509(subject, out.ProvisioningStatus, out.Attestation, map[string]any{"enrollmentGroupId": out.EnrollmentGroupID,
+						"provisioningStatus": out.ProvisioningStatus, "etag": out.ETag, "attestation": out.Attestation})
+				}
 				return a.printCreated(subject, out.ProvisioningStatus, att.SymmetricKey, "gwctl dps derive-key --group-key PRIMARY_KEY REGISTRATION_ID", map[string]any{"enrollmentGroupId": out.EnrollmentGroupID,
 					"provisioningStatus": out.ProvisioningStatus, "etag": out.ETag, "primaryKey": att.SymmetricKey.PrimaryKey, "secondaryKey": att.SymmetricKey.SecondaryKey})
 			})
 		},
 	}
-	keys.add(add)
+	keys.add(add, true)
 	add.Flags().BoolVar(&disabled, "disabled", false, "create the group disabled (its devices are refused until it is enabled)")
 	add.Flags().BoolVar(&edge, "iot-edge", false, "the group's devices are IoT Edge devices")
 	add.Flags().StringVar(&hubHost, "iot-hub", "", "host name of the IoT hub to assign the devices to (default: the service's allocation)")
@@ -253,6 +306,7 @@ are printed here, once: keep them in the factory's secret store.`,
 				fmt.Fprintf(w, "lastUpdated:\t%s\n", g.LastUpdatedTimeUTC)
 				fmt.Fprintf(w, "etag:\t%s\n", g.ETag)
 				printKeys(w, g.Attestation.SymmetricKey)
+				printX509(w, g.Attestation.X509)
 				return w.Flush()
 			})
 		},
@@ -340,19 +394,23 @@ func (a *app) dpsEnrollmentCommand() *cobra.Command {
 	var deviceID, hubHost string
 	add := &cobra.Command{
 		Use:   "add REGISTRATION_ID",
-		Short: "Create a symmetric-key individual enrollment and print its keys",
+		Short: "Create an individual enrollment (symmetric key, or X.509 with --cert-file)",
 		Long: `Create a symmetric-key individual enrollment for one device. The device
 registers with REGISTRATION_ID and the primary (or secondary) key; it is
 assigned as --device-id, or as REGISTRATION_ID when none is given. Without
 --primary-key and --secondary-key new random keys are generated and printed
-here, once.`,
+here, once.
+
+With --cert-file DEVICE.pem the enrollment is an X.509 one instead: the device
+registers with that certificate (matched by thumbprint; its CN must be
+REGISTRATION_ID).`,
 		Args: exactArgs("REGISTRATION_ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id := args[0]
 			if err := checkID("registration id", id); err != nil {
 				return err
 			}
-			att, err := keys.attestation()
+			att, err := keys.attestation(id)
 			if err != nil {
 				return err
 			}
@@ -372,13 +430,17 @@ here, once.`,
 				if err != nil {
 					return dpsFailure(err, subject)
 				}
+				if att.X509 != nil {
+					return a.printCreatedX509(subject, out.ProvisioningStatus, out.Attestation, map[string]any{"registrationId": out.RegistrationID,
+						"deviceId": out.DeviceID, "provisioningStatus": out.ProvisioningStatus, "etag": out.ETag, "attestation": out.Attestation})
+				}
 				return a.printCreated(subject, out.ProvisioningStatus, att.SymmetricKey, "", map[string]any{"registrationId": out.RegistrationID,
 					"deviceId": out.DeviceID, "provisioningStatus": out.ProvisioningStatus, "etag": out.ETag,
 					"primaryKey": att.SymmetricKey.PrimaryKey, "secondaryKey": att.SymmetricKey.SecondaryKey})
 			})
 		},
 	}
-	keys.add(add)
+	keys.add(add, false)
 	add.Flags().StringVar(&deviceID, "device-id", "", "device id to assign (default: the registration id)")
 	add.Flags().BoolVar(&disabled, "disabled", false, "create the enrollment disabled")
 	add.Flags().BoolVar(&edge, "iot-edge", false, "the device is an IoT Edge device")
@@ -416,6 +478,7 @@ here, once.`,
 					fmt.Fprintf(w, "registration:\tnone yet\n")
 				}
 				printKeys(w, e.Attestation.SymmetricKey)
+				printX509(w, e.Attestation.X509)
 				return w.Flush()
 			})
 		},
@@ -582,6 +645,38 @@ func (a *app) printCreated(subject, status string, k *dps.SymmetricKey, deriveHi
 		fmt.Fprintf(a.stderr, "gwctl: a gateway's own key: %s\n", deriveHint)
 	}
 	return nil
+}
+
+// printCreatedX509 confirms an X.509 enrollment with the certificate's
+// subject and thumbprints (there is no secret to keep).
+func (a *app) printCreatedX509(subject, status string, att dps.AttestationMechanism, jsonOut map[string]any) error {
+	if a.output == "json" {
+		return a.printJSON(jsonOut)
+	}
+	w := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(w, "created %s (%s)\n", subject, status)
+	printX509(w, att.X509)
+	return w.Flush()
+}
+
+// printX509 shows the certificates of an X.509 attestation.
+func printX509(w *tabwriter.Writer, x *dps.X509Attestation) {
+	if x == nil {
+		return
+	}
+	for _, set := range []struct {
+		name  string
+		certs *dps.X509Certificates
+	}{{"clientCertificate", x.ClientCertificates}, {"signingCertificate", x.SigningCertificates}} {
+		set.certs.Each(func(c *dps.X509CertificateWithInfo) {
+			if c.Info == nil {
+				return
+			}
+			fmt.Fprintf(w, "%s:\t%s (issuer %s)\n", set.name, c.Info.SubjectName, c.Info.IssuerName)
+			fmt.Fprintf(w, "  sha1Thumbprint:\t%s\n", c.Info.SHA1Thumbprint)
+			fmt.Fprintf(w, "  validUntil:\t%s\n", c.Info.NotAfterUTC)
+		})
+	}
 }
 
 func (a *app) printDeleted(what, field, id string) error {

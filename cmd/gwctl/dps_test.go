@@ -30,17 +30,28 @@ func registerDPS(t *testing.T, h *hub.Hub, regID, key string) (dps.RegistrationS
 	if err != nil {
 		t.Fatal(err)
 	}
+	return registerDPSAs(t, h, regID, iothub.NewSAS(dps.Resource(h.IDScope(), regID), k, dps.RegistrationKeyName, time.Now().Add(time.Hour)), nil)
+}
+
+// registerDPSAs is registerDPS with a password (SAS token) or a client
+// certificate (X.509).
+func registerDPSAs(t *testing.T, h *hub.Hub, regID, password string, cert *tls.Certificate) (dps.RegistrationState, error) {
+	t.Helper()
+	tc := &tls.Config{RootCAs: h.RootCAs(), ServerName: h.HostName(), MinVersion: tls.VersionTLS12}
+	if cert != nil {
+		tc.Certificates = []tls.Certificate{*cert}
+	}
 	msgs := make(chan paho.Message, 4)
 	opts := paho.NewClientOptions().
 		AddBroker("tls://" + h.MQTTAddr()).
 		SetClientID(regID).
 		SetUsername(dps.Username(h.IDScope(), regID, "gwctl-test/1")).
-		SetPassword(iothub.NewSAS(dps.Resource(h.IDScope(), regID), k, dps.RegistrationKeyName, time.Now().Add(time.Hour))).
+		SetPassword(password).
 		SetProtocolVersion(4).
 		SetCleanSession(true).
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
-		SetTLSConfig(&tls.Config{RootCAs: h.RootCAs(), ServerName: h.HostName(), MinVersion: tls.VersionTLS12})
+		SetTLSConfig(tc)
 	c := paho.NewClient(opts)
 	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		return dps.RegistrationState{}, fmt.Errorf("connect: %v", tok.Error())

@@ -17,10 +17,10 @@ type SymmetricKey struct {
 
 // AttestationMechanism is how an enrollment's devices prove who they are.
 type AttestationMechanism struct {
-	Type         string          `json:"type"`
-	SymmetricKey *SymmetricKey   `json:"symmetricKey,omitempty"`
-	X509         json.RawMessage `json:"x509,omitempty"`
-	TPM          json.RawMessage `json:"tpm,omitempty"`
+	Type         string           `json:"type"`
+	SymmetricKey *SymmetricKey    `json:"symmetricKey,omitempty"`
+	X509         *X509Attestation `json:"x509,omitempty"`
+	TPM          json.RawMessage  `json:"tpm,omitempty"`
 }
 
 // DeviceCapabilities of an enrollment.
