@@ -33,7 +33,8 @@ type env struct {
 	addr     string
 	conn     string
 	stateDir string
-	ws       bool // the hub serves MQTT over WebSocket on its HTTPS address
+	ws       bool   // the hub serves MQTT over WebSocket on its HTTPS address
+	hostName string // the hub's name; empty: hub.DefaultHostName
 
 	mu       sync.Mutex
 	reported []map[string]any
@@ -60,7 +61,7 @@ func newEnvWith(t *testing.T, ws bool) *env {
 func (e *env) startHub(t *testing.T) {
 	t.Helper()
 	h, err := hub.New(hub.Config{
-		StateDir: e.hubDir, MQTTAddr: e.addr, HTTPSAddr: "127.0.0.1:0", WebSocket: e.ws,
+		StateDir: e.hubDir, MQTTAddr: e.addr, HTTPSAddr: "127.0.0.1:0", WebSocket: e.ws, HostName: e.hostName,
 		Log: zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)).Named("hub"),
 		OnReported: func(p hub.ReportedPatch) {
 			e.mu.Lock()

@@ -87,3 +87,45 @@ func TestProvisioningUnreachableStaysReadyAndSaysWhy(t *testing.T) {
 		t.Fatal("an assignment was kept without DPS")
 	}
 }
+
+// TestAssignedHubDoesNotResolve: DPS assigns a hub whose name does not
+// resolve (here gwhub.invalid, the hub's own name, with no hub.address to
+// say where it is). The agent keeps the assignment, stays READY, says which
+// name failed, and retries with a growing delay instead of spinning.
+func TestAssignedHubDoesNotResolve(t *testing.T) {
+	const name = "gwhub.invalid"
+	e := &env{hubDir: t.TempDir(), addr: "127.0.0.1:0", stateDir: t.TempDir(), hostName: name}
+	e.startHub(t)
+	e.addGroup(t)
+	yaml := fmt.Sprintf("hub:\n  caFile: %q\n  transport: mqtt\n  connectTimeout: 5s\n  minRetryDelay: 50ms\n  maxRetryDelay: 400ms\n"+
+		"provisioning:\n  idScope: %q\n  globalEndpoint: %s\n  address: %q\n  registrationId: gw-79\n  groupKey: %q\n",
+		e.CAFile(), e.IDScope(), name, e.addr, testGroupKey)
+	r := start(t, loadConfig(t, e.yaml(map[string]string{"hub": yaml})))
+	testutil.Eventually(t, 20*time.Second, "an assignment kept and the hub's name named as the cause", func() bool {
+		a, ok, _ := provision.Load(e.stateDir)
+		h := r.session.Health()
+		return ok && a.AssignedHub == name && r.notifier.has("READY=1") && strings.Contains(h.LastError, name) && !h.RetryAt.IsZero()
+	})
+	// The retries back off: from 50 ms, doubling, towards 400 ms.
+	var last time.Time
+	var gaps []time.Duration
+	testutil.Eventually(t, 20*time.Second, "five retries", func() bool {
+		h := r.session.Health()
+		if !h.RetryAt.IsZero() && !h.RetryAt.Equal(last) {
+			if !last.IsZero() {
+				gaps = append(gaps, h.RetryAt.Sub(last))
+			}
+			last = h.RetryAt
+		}
+		return len(gaps) >= 5
+	})
+	t.Logf("last error %q; retry gaps %v", r.session.Health().LastError, gaps)
+	for _, g := range gaps[3:] {
+		if g < 150*time.Millisecond {
+			t.Errorf("retries %v apart: no backoff (gaps %v)", g, gaps)
+		}
+	}
+	if e.Connected("gw-79") {
+		t.Error("connected to a hub whose name does not resolve")
+	}
+}
