@@ -90,7 +90,8 @@ type Agent struct {
 	probeStatus   chan chan struct{}
 	probeReboot   chan chan struct{}
 	managerAlive  atomic.Bool
-	held          *heldSink // firmware.error while the update is held (held.go)
+	held          *heldSink    // firmware.error while the update is held (held.go)
+	desired       desiredState // the desired firmware (desired.go)
 
 	onlineOnce sync.Once
 	online     chan struct{} // closed at the first connect
@@ -170,6 +171,7 @@ func New(opts Options) (*Agent, error) {
 		return nil, err
 	}
 	a.acker = writable.New(a.queue, reservedReported, log.Named("desired"))
+	a.loadDesired()
 	a.acker.Register("logLevel", a.logLevelProperty())
 	return a, nil
 }
@@ -330,6 +332,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	rest.Go(func() { a.statusLoop(bctx) })
 	rest.Go(func() { a.saveHealthLoop(bctx) })
 	rest.Go(func() { a.watchdog(bctx) })
+	rest.Go(func() { a.desiredLoop(bctx) })
 	a.startControl(bctx, &rest)
 
 	a.log.Info("gwagent running", zap.String("version", info.Version), zap.String("device_id", cfg.Hub.ConnectionString.DeviceID),
@@ -463,8 +466,21 @@ func (a *Agent) onConnect() {
 	a.kickStatus()
 }
 
+// onDesired hands the desired firmware to the converger (desired.go) and
+// the rest to the writable properties.
 func (a *Agent) onDesired(d session.Desired) {
-	a.acker.OnDesired(d.Doc, d.Version, d.Full, d.Reported)
+	fw, present := d.Doc[desiredKey]
+	doc := d.Doc
+	if present {
+		doc = make(map[string]any, len(d.Doc))
+		for k, v := range d.Doc {
+			if k != desiredKey {
+				doc[k] = v
+			}
+		}
+	}
+	a.onDesiredFirmware(fw, present, d.Full, d.Version)
+	a.acker.OnDesired(doc, d.Version, d.Full, d.Reported)
 }
 
 // healthCheck gates the commit of a trial boot (package health): within

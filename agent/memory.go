@@ -11,6 +11,9 @@ import (
 // about to reboot the device, the memory it used goes back to the OS.
 func (a *Agent) observeUpdate(p firmware.Progress) {
 	a.observeFirmware(p)
+	if p.Phase.Terminal() {
+		a.kickDesired() // a desired update may be waiting for this one
+	}
 	if updateEnded(p) {
 		// An update allocates a few hundred KB to a few MB (download and
 		// decode buffers, TLS, hashing, patches) that become garbage when
