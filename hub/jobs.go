@@ -531,6 +531,9 @@ func (h *Hub) runDeviceJob(ctx context.Context, j *jobRecord, i int) {
 	if d.Status != deviceJobRunning {
 		return // the job ended meanwhile
 	}
+	if h.ctx.Err() != nil {
+		return // the hub is closing: resumeJobs settles this device at the next start
+	}
 	now := time.Now()
 	d.End, d.LastUpdated, d.Response = now, now, res
 	if serr != nil {
