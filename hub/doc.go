@@ -39,7 +39,10 @@
 //     of the iothubowner policy whose connection string the hub creates in
 //     DIR/service-connection-string: /devices (registry, with etags),
 //     /twins/{id} (GET/PATCH/PUT with If-Match), /twins/{id}/methods and
-//     /devices/query (ParseQuery). Optionally /files/ (Config.FilesDir:
+//     /devices/query (ParseQuery, FROM devices and FROM devices.jobs), and
+//     jobs v2 at /jobs/v2 (jobs.go: scheduled method calls and twin updates
+//     over a query condition, paced at Config.JobDeviceRate, kept in
+//     DIR/jobs.json and resumed at start). Optionally /files/ (Config.FilesDir:
 //     unauthenticated, so regular files inside the folder only, resolved
 //     through os.Root so no symlink leads out, no listings, no dotfiles)
 //     and MQTT over WebSocket at /$iothub/websocket.

@@ -102,6 +102,9 @@ type Config struct {
 	// gets its 204. It must not block for long; it runs on the device's
 	// request goroutine.
 	OnReported func(ReportedPatch)
+	// JobDeviceRate is how many device operations per second a job starts
+	// (method calls or twin updates). Default DefaultJobDeviceRate.
+	JobDeviceRate float64
 }
 
 // ReportedPatch is an accepted reported-properties patch.
@@ -125,6 +128,7 @@ type Hub struct {
 	service iothub.ConnectionString
 	svcKey  []byte
 	dps     *dpsServer // the DPS side (dps.go)
+	jobs    *jobs      // jobs v2 (jobs.go)
 
 	gate    *gate // unauthenticated connections, capped
 	broker  *mqtt.Server
@@ -192,6 +196,9 @@ func New(cfg Config) (*Hub, error) {
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
 	}
+	if cfg.JobDeviceRate <= 0 {
+		cfg.JobDeviceRate = DefaultJobDeviceRate
+	}
 	if strings.ContainsAny(cfg.HostName, "/;= ") {
 		return nil, fmt.Errorf("hub: HostName %q is not a host name", cfg.HostName)
 	}
@@ -229,6 +236,9 @@ func New(cfg Config) (*Hub, error) {
 		return nil, err
 	}
 	if h.dps, err = openDPS(cfg.StateDir, cfg.HostName); err != nil {
+		return nil, err
+	}
+	if h.jobs, err = openJobs(cfg.StateDir, cfg.JobDeviceRate); err != nil {
 		return nil, err
 	}
 	return h, nil
@@ -362,6 +372,7 @@ func (h *Hub) start() (err error) {
 		h.serveHTTP(h.wsSrv, h.wsNetLn)
 	}
 	h.started.Store(true)
+	h.resumeJobs()
 	h.log.Info("hub started",
 		zap.String("host", h.cfg.HostName),
 		zap.String("mqtt_addr", h.MQTTAddr()),

@@ -19,13 +19,16 @@ const (
 	maxQueryDepth  = 32
 )
 
-// Query is a parsed device query: SELECT [TOP n] * FROM devices [WHERE …].
+// Query is a parsed device query: SELECT [TOP n] * FROM devices [WHERE …],
+// or FROM devices.jobs for the per-device results of jobs (whose paths may
+// be written devices.jobs.jobId or jobId).
 // The WHERE clause supports comparisons (=, !=, <>, <, <=, >, >=) of a
 // property path with a literal (string, number, true, false, null),
 // is_defined(path), AND, OR, NOT and parentheses, as IoT Hub's query
 // language does for these shapes.
 type Query struct {
 	Top   int  // 0: no TOP clause
+	Jobs  bool // FROM devices.jobs
 	Where Expr // nil: every device
 }
 
@@ -39,7 +42,19 @@ type Expr interface {
 
 // Match reports whether a twin matches the query's WHERE clause.
 func (q *Query) Match(doc map[string]any) bool {
-	return q.Where == nil || q.Where.Match(doc)
+	if q.Where == nil {
+		return true
+	}
+	if q.Jobs {
+		// devices.jobs.x and x name the same member of a job row.
+		row := make(map[string]any, len(doc)+1)
+		for k, v := range doc {
+			row[k] = v
+		}
+		row["devices"] = map[string]any{"jobs": doc}
+		doc = row
+	}
+	return q.Where.Match(doc)
 }
 
 // String formats the query canonically; parsing it again gives the same
@@ -51,6 +66,9 @@ func (q *Query) String() string {
 		b.WriteString("TOP " + strconv.Itoa(q.Top) + " ")
 	}
 	b.WriteString("* FROM devices")
+	if q.Jobs {
+		b.WriteString(".jobs")
+	}
 	if q.Where != nil {
 		b.WriteString(" WHERE " + q.Where.String())
 	}
@@ -390,8 +408,11 @@ func (p *parser) query() (*Query, error) {
 	if !p.keyword("devices") {
 		return nil, p.errorf("only FROM devices is supported")
 	}
-	if p.peek().kind == tPunct && p.peek().text == "." {
-		return nil, p.errorf("only FROM devices is supported")
+	if p.punct(".") {
+		if !p.keyword("jobs") {
+			return nil, p.errorf("only FROM devices and FROM devices.jobs are supported")
+		}
+		q.Jobs = true
 	}
 	if p.keyword("WHERE") {
 		e, err := p.or()

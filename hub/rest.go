@@ -49,6 +49,10 @@ func (h *Hub) routes(withWS bool) http.Handler {
 	api.HandleFunc("PATCH /twins/{id}", h.handleUpdateTwin)
 	api.HandleFunc("PUT /twins/{id}", h.handleUpdateTwin)
 	api.HandleFunc("POST /twins/{id}/methods", h.handleInvoke)
+	api.HandleFunc("PUT /jobs/v2/{id}", h.handlePutJob)
+	api.HandleFunc("GET /jobs/v2/query", h.handleListJobs)
+	api.HandleFunc("GET /jobs/v2/{id}", h.handleGetJob)
+	api.HandleFunc("POST /jobs/v2/{id}/cancel", h.handleCancelJob)
 	api.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errf(http.StatusNotFound, 404000, "%s %s is not part of this hub's API", r.Method, r.URL.Path))
 	})
@@ -282,7 +286,17 @@ func (h *Hub) handleQuery(w http.ResponseWriter, r *http.Request) {
 		}
 		offset = n
 	}
-	matches, err := h.query(q)
+	var matches []json.RawMessage
+	itemType := "Twin"
+	if q.Jobs {
+		matches, err = h.deviceJobDocs()
+		if err == nil && q.Where != nil {
+			matches, err = filterDocs(q, matches)
+		}
+		itemType = "DeviceJob"
+	} else {
+		matches, err = h.query(q)
+	}
 	if err != nil {
 		writeError(w, errf(http.StatusInternalServerError, iothub.CodeServerError, "internal error"))
 		return
@@ -295,8 +309,23 @@ func (h *Hub) handleQuery(w http.ResponseWriter, r *http.Request) {
 	if end < len(matches) {
 		w.Header().Set("x-ms-continuation", base64.StdEncoding.EncodeToString([]byte(strconv.Itoa(end))))
 	}
-	w.Header().Set("x-ms-item-type", "Twin")
+	w.Header().Set("x-ms-item-type", itemType)
 	writeJSON(w, http.StatusOK, matches[offset:end])
+}
+
+// filterDocs keeps the documents that match q.
+func filterDocs(q *Query, docs []json.RawMessage) ([]json.RawMessage, error) {
+	out := []json.RawMessage{}
+	for _, b := range docs {
+		doc, err := decodeAny(b)
+		if err != nil {
+			return nil, err
+		}
+		if q.Match(doc) {
+			out = append(out, b)
+		}
+	}
+	return out, nil
 }
 
 // query evaluates q over every twin, ordered by device id.
@@ -328,4 +357,73 @@ func (h *Hub) query(q *Query) ([]json.RawMessage, error) {
 		}
 	}
 	return out, nil
+}
+
+func (h *Hub) handlePutJob(w http.ResponseWriter, r *http.Request) {
+	b, serr := readBody(w, r)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	v, serr := h.scheduleJob(r.PathValue("id"), b)
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (h *Hub) handleGetJob(w http.ResponseWriter, r *http.Request) {
+	v, serr := h.getJob(r.PathValue("id"))
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (h *Hub) handleCancelJob(w http.ResponseWriter, r *http.Request) {
+	v, serr := h.cancelJob(r.PathValue("id"))
+	if serr != nil {
+		writeError(w, serr)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+// handleListJobs answers GET /jobs/v2/query?jobType=&jobStatus=, paged like
+// the device query.
+func (h *Hub) handleListJobs(w http.ResponseWriter, r *http.Request) {
+	jobType, status := r.URL.Query().Get("jobType"), r.URL.Query().Get("jobStatus")
+	if jobType != "" && jobType != JobTypeDeviceMethod && jobType != JobTypeUpdateTwin {
+		writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "jobType %q is not a job type", jobType))
+		return
+	}
+	all := h.listJobs(jobType, status)
+	pageSize := 100
+	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 1000 {
+			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-max-item-count must be 1..1000"))
+			return
+		}
+		pageSize = n
+	}
+	offset := 0
+	if v := r.Header.Get("x-ms-continuation"); v != "" {
+		raw, err := base64.StdEncoding.DecodeString(v)
+		n, err2 := strconv.Atoi(string(raw))
+		if err != nil || err2 != nil || n < 0 {
+			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-continuation is not valid"))
+			return
+		}
+		offset = n
+	}
+	offset = min(offset, len(all))
+	end := min(offset+pageSize, len(all))
+	if end < len(all) {
+		w.Header().Set("x-ms-continuation", base64.StdEncoding.EncodeToString([]byte(strconv.Itoa(end))))
+	}
+	w.Header().Set("x-ms-item-type", "JobResponse")
+	writeJSON(w, http.StatusOK, all[offset:end])
 }

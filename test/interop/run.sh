@@ -97,7 +97,7 @@ log "building gwhub and gwctl into $BUILD"
 export GWCTL_BIN=$BUILD/gwctl
 
 # The gwagent scenario runs when it exists (it needs the agent binary too).
-scenarios=("$here/gwhub.test.mjs" "$here/dps.test.mjs" "$here/dps-x509.test.mjs")
+scenarios=("$here/gwhub.test.mjs" "$here/jobs.test.mjs" "$here/dps.test.mjs" "$here/dps-x509.test.mjs")
 if [ -f "$here/gwagent.test.mjs" ]; then
 	log "building gwagent into $BUILD"
 	(cd "$root" && go build -o "$BUILD/gwagent" ./cmd/gwagent)

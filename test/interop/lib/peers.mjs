@@ -16,7 +16,7 @@ import serviceSdk from 'azure-iothub';
 export const { Client: DeviceClient, SharedAccessSignature: DeviceSAS } = deviceSdk;
 export const { NoRetry } = commonSdk;
 export const { Mqtt, MqttWs } = mqttSdk;
-export const { Registry, Client: ServiceClient } = serviceSdk;
+export const { Registry, Client: ServiceClient, JobClient } = serviceSdk;
 
 // serviceConnectionString returns the service connection string run.sh
 // exported, failing loudly when a scenario is started without it.
