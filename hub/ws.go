@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"sync"
 	"time"
@@ -13,6 +12,8 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/iothub/wsstream"
 )
 
 // wsListener lets the broker accept MQTT-over-WebSocket connections that
@@ -104,7 +105,7 @@ func (h *Hub) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	// The HTTP server bounded the handshake and the upgrade request; this
 	// bounds the CONNECT. The broker sets the keep-alive deadline after it.
 	_ = raw.SetDeadline(time.Now().Add(h.cfg.ConnectTimeout))
-	conn := &wsConn{Conn: raw, ws: c, release: release}
+	conn := &wsConn{Conn: wsstream.New(c, raw), release: release}
 	if tc, ok := raw.(*tls.Conn); ok {
 		conn.tls = tc
 	}
@@ -114,51 +115,12 @@ func (h *Hub) serveWebSocket(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// wsConn carries MQTT bytes in binary WebSocket messages; the MQTT packet
-// boundaries need not match the message boundaries.
+// wsConn is a WebSocket client of the broker: the MQTT byte stream
+// (wsstream), its TLS state and its place in the pre-auth gate.
 type wsConn struct {
-	net.Conn
-	ws      *websocket.Conn
+	*wsstream.Conn
 	tls     *tls.Conn // for the client certificate; nil without TLS
 	release func()    // gives back the connection's place in the gate
-
-	r  io.Reader  // current message; owned by the reading goroutine
-	wm sync.Mutex // serialises whole-message writes
-}
-
-var errNotBinary = errors.New("hub: WebSocket message is not binary")
-
-func (c *wsConn) Read(p []byte) (int, error) {
-	for {
-		if c.r == nil {
-			op, r, err := c.ws.NextReader()
-			if err != nil {
-				return 0, err
-			}
-			if op != websocket.BinaryMessage {
-				return 0, errNotBinary
-			}
-			c.r = r
-		}
-		n, err := c.r.Read(p)
-		if errors.Is(err, io.EOF) {
-			c.r = nil
-			if n == 0 {
-				continue
-			}
-			return n, nil
-		}
-		return n, err
-	}
-}
-
-func (c *wsConn) Write(p []byte) (int, error) {
-	c.wm.Lock()
-	defer c.wm.Unlock()
-	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
-		return 0, err
-	}
-	return len(p), nil
 }
 
 func (c *wsConn) authenticated() { c.release() }

@@ -8,12 +8,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
-	"sync"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
@@ -21,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/gwagent/gwagent/internal/atomicfile"
+	"github.com/gwagent/gwagent/iothub/wsstream"
 )
 
 // The transports of Config.Transport.
@@ -264,55 +263,8 @@ func DialWebSocket(ctx context.Context, u string, addr string, cfg *tls.Config, 
 		_ = ws.Close()
 		return nil, fmt.Errorf("WebSocket upgrade at %s: the server did not accept subprotocol mqtt", u)
 	}
-	return &wsConn{Conn: ws.NetConn(), ws: ws}, nil
+	return wsstream.New(ws, ws.NetConn()), nil
 }
-
-// wsConn carries MQTT bytes in binary WebSocket messages; MQTT packets
-// need not line up with messages.
-type wsConn struct {
-	net.Conn // the underlying TLS connection: addresses, deadlines, Close
-	ws       *websocket.Conn
-
-	r  io.Reader  // the message being read; owned by paho's reader
-	wm sync.Mutex // whole-message writes
-}
-
-var errNotBinary = errors.New("session: WebSocket message is not binary")
-
-func (c *wsConn) Read(p []byte) (int, error) {
-	for {
-		if c.r == nil {
-			op, r, err := c.ws.NextReader()
-			if err != nil {
-				return 0, err
-			}
-			if op != websocket.BinaryMessage {
-				return 0, errNotBinary
-			}
-			c.r = r
-		}
-		n, err := c.r.Read(p)
-		if errors.Is(err, io.EOF) {
-			c.r = nil
-			if n == 0 {
-				continue
-			}
-			return n, nil
-		}
-		return n, err
-	}
-}
-
-func (c *wsConn) Write(p []byte) (int, error) {
-	c.wm.Lock()
-	defer c.wm.Unlock()
-	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-func (c *wsConn) Close() error { return c.ws.Close() }
 
 // ProxyError is a proxy's refusal of a CONNECT.
 type ProxyError struct {

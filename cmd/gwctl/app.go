@@ -167,6 +167,20 @@ func (a *app) client() (*service.Client, error) {
 	if !cs.IsService() {
 		return nil, usageErr("that is a device connection string; gwctl needs a service one (HostName=…;SharedAccessKeyName=…;SharedAccessKey=…)")
 	}
+	opts, err := a.serviceOptions("service")
+	if err != nil {
+		return nil, err
+	}
+	c, err := service.New(cs, opts)
+	if err != nil {
+		return nil, usageErr("%v", err)
+	}
+	return c, nil
+}
+
+// serviceOptions are the options of a service client (the hub's or DPS's)
+// from the global flags and environment: CA file and endpoint.
+func (a *app) serviceOptions(logName string) (service.Options, error) {
 	ca := a.caFile
 	if ca == "" {
 		ca = a.getenv(envCAFile)
@@ -176,13 +190,9 @@ func (a *app) client() (*service.Client, error) {
 		endpoint = a.getenv(envEndpoint)
 	}
 	if err := a.checkEndpoint(endpoint); err != nil {
-		return nil, err
+		return service.Options{}, err
 	}
-	c, err := service.New(cs, service.Options{CAFile: ca, BaseURL: endpoint, UserAgent: "gwctl/1", Log: a.log.Named("service")})
-	if err != nil {
-		return nil, usageErr("%v", err)
-	}
-	return c, nil
+	return service.Options{CAFile: ca, BaseURL: endpoint, UserAgent: "gwctl/1", Log: a.log.Named(logName)}, nil
 }
 
 // checkEndpoint refuses a plain-HTTP endpoint unless --insecure is given,

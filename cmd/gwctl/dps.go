@@ -59,18 +59,11 @@ func (a *app) dpsClient() (*service.Client, error) {
 	if !cs.IsService() {
 		return nil, usageErr("that is a device connection string; gwctl dps needs a DPS service one (HostName=…;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=…)")
 	}
-	ca := a.caFile
-	if ca == "" {
-		ca = a.getenv(envCAFile)
-	}
-	endpoint := a.endpoint
-	if endpoint == "" {
-		endpoint = a.getenv(envEndpoint)
-	}
-	if err := a.checkEndpoint(endpoint); err != nil {
+	opts, err := a.serviceOptions("dps")
+	if err != nil {
 		return nil, err
 	}
-	c, err := service.NewDPS(cs, service.Options{CAFile: ca, BaseURL: endpoint, UserAgent: "gwctl/1", Log: a.log.Named("dps")})
+	c, err := service.NewDPS(cs, opts)
 	if err != nil {
 		return nil, usageErr("%v", err)
 	}
