@@ -98,7 +98,7 @@ func TestStallTimeoutEndsDownload(t *testing.T) {
 			if took > stall+2*time.Second {
 				t.Errorf("failed after %s, want about %s (StallTimeout)", took, stall)
 			}
-			want := `^download from ` + regexp.QuoteMeta(tc.url) + `: no new byte for 1\.5s \(received ` + regexp.QuoteMeta(tc.received) +
+			want := `^download from ` + regexp.QuoteMeta(tc.url) + `: no new byte for [0-9.]+m?s \(update\.stallTimeout 1\.5s; received ` + regexp.QuoteMeta(tc.received) +
 				`\); last failure: ` + tc.last + attempts + `$`
 			if !regexp.MustCompile(want).MatchString(last.Err.Message) {
 				t.Errorf("message %q\nwant it to match %s", last.Err.Message, want)

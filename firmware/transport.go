@@ -284,7 +284,7 @@ func (r *rangeReader) giveUp(err error) error {
 		e.cause, e.timeout, e.received = r.last, r.m.cfg.DownloadTimeout, r.received()
 	case r.stallBound && !r.lastPerm:
 		// update.stallTimeout ran out before the next attempt.
-		e.stall, e.received = r.m.cfg.StallTimeout, r.received()
+		e.stall, e.idle, e.received = r.m.cfg.StallTimeout, time.Since(r.lastByte), r.received()
 	}
 	return e
 }
@@ -301,6 +301,7 @@ type giveUpError struct {
 	over     time.Duration
 	timeout  time.Duration // the download's budget, when it ran out
 	stall    time.Duration // the stall timeout, when it ran out
+	idle     time.Duration // how long no new byte had arrived then
 	received string        // how much had arrived then
 }
 
@@ -313,7 +314,9 @@ func (e *giveUpError) Error() string {
 			b.WriteString("; last failure: ")
 		}
 	} else if e.stall > 0 {
-		fmt.Fprintf(&b, "no new byte for %s (received %s); last failure: ", e.stall, e.received)
+		// The retries stop when the next attempt would start past the
+		// stall timeout, so what passed may be a little less than it.
+		fmt.Fprintf(&b, "no new byte for %s (update.stallTimeout %s; received %s); last failure: ", roundDuration(e.idle), e.stall, e.received)
 	}
 	if e.cause != nil {
 		b.WriteString(e.cause.Error())
