@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gwagent/gwagent/firmware"
 	"github.com/gwagent/gwagent/internal/testutil"
 )
 
@@ -108,5 +109,15 @@ func TestWindowConfigDefaultDesiredChangeWhileWaiting(t *testing.T) {
 	}
 	if !cancelled || e.countStatus(0, "completed") != 1 {
 		t.Fatalf("want the first cancelled while waiting and one completed: %v", e.statuses())
+	}
+}
+
+// systemctl status says an update waits for its window, and until when.
+func TestUpdateStageWaitingForWindow(t *testing.T) {
+	st := firmware.Status{Busy: true, Progress: firmware.Progress{UpdateID: "u1", Phase: firmware.PhaseWaitingForWindow, TargetVersion: "2.0.0",
+		Window: &firmware.WindowStatus{Window: firmware.Window{Start: "02:00", Duration: "2h0m0s", TimeZone: "Europe/Berlin"},
+			OpensAt: time.Date(2026, 12, 4, 1, 0, 0, 0, time.UTC)}}}
+	if got, want := updateStage(st), "2.0.0 waits for its maintenance window, opening 2026-12-04 01:00 UTC"; got != want {
+		t.Fatalf("status line %q, want %q", got, want)
 	}
 }
