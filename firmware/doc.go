@@ -6,11 +6,11 @@
 // Manager.Start, which validates, persists the "accepted" phase and returns at
 // once. Manager.Run drives the update through accepted → downloading →
 // verifying → [waitingForWindow] → applying → [rebooting → committing] →
-// completed, or to failed /
-// rolledBack. Each phase is written to StateDir (atomically, fsynced) before
-// its side effect, and a restarted agent resumes from the last persisted
-// phase through a table whose rows say why resuming there is right. A
-// transition counter ends an update that keeps restarting, so a boot loop
+// completed, or to failed / rolledBack. Each phase is written to StateDir
+// (atomically, fsynced) before its side effect, and a restarted agent
+// resumes from the last persisted phase through a table whose rows say why
+// resuming there is right. A transition counter ends an update that keeps
+// restarting, so a boot loop
 // never becomes an update loop. A state file that cannot be written (a full
 // disk) holds the update, never ends it and never stops the Manager: the
 // write is retried with backoff and Progress.Problem says why it waits
