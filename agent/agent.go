@@ -267,6 +267,7 @@ func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmwar
 		DownloadTimeout: cfg.Update.DownloadTimeout,
 		StallTimeout:    cfg.Update.StallTimeout,
 		AllowedHosts:    cfg.Update.AllowedHosts,
+		Window:          cfg.Update.Window,
 		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
 		Compatible:      cfg.Device.Compatible,
 	})

@@ -139,6 +139,11 @@ func updateStage(st firmware.Status) string {
 			return fmt.Sprintf("downloading %d%% of %s", p.Percent, what)
 		}
 		return fmt.Sprintf("downloading %s (%s)", what, bytesText(p.Bytes))
+	case firmware.PhaseWaitingForWindow:
+		if p.Window != nil && !p.Window.OpensAt.IsZero() {
+			return fmt.Sprintf("%s waits for its maintenance window, opening %s", what, p.Window.OpensAt.UTC().Format("2006-01-02 15:04 UTC"))
+		}
+		return what + " waits for its maintenance window"
 	case firmware.PhaseRebooting:
 		return "rebooting into " + what
 	}

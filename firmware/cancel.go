@@ -15,7 +15,8 @@ import (
 // Cancelling an update. Until the image is applied nothing the device boots
 // has changed: the download went to the inactive slot (or the simulated
 // backend's nowhere), and the bootloader still points at the running slot.
-// An update in accepted (the twin's standBy), downloading or verifying can
+// An update in accepted (the twin's standBy), downloading, verifying or
+// waitingForWindow can
 // therefore be stopped: the record says failed with CodeCancelled before
 // Cancel returns (persist, then act), the running step is stopped and
 // waited for, and the download checkpoint is removed. A restart after that
@@ -53,7 +54,7 @@ func (e *NotCancellableError) Is(target error) bool { return target == ErrNotCan
 // Cancellable reports whether an update in phase p can still be cancelled:
 // nothing the device boots has been changed yet.
 func (p Phase) Cancellable() bool {
-	return p == PhaseAccepted || p == PhaseDownloading || p == PhaseVerifying
+	return p == PhaseAccepted || p == PhaseDownloading || p == PhaseVerifying || p == PhaseWaitingForWindow
 }
 
 // errCancelled is the cause given to the context of a step whose update was

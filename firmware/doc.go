@@ -5,11 +5,12 @@
 // Data flow: the firmwareUpdate method handler calls ParseRequest and
 // Manager.Start, which validates, persists the "accepted" phase and returns at
 // once. Manager.Run drives the update through accepted → downloading →
-// verifying → applying → [rebooting → committing] → completed, or to failed /
-// rolledBack. Each phase is written to StateDir (atomically, fsynced) before
-// its side effect, and a restarted agent resumes from the last persisted
-// phase through a table whose rows say why resuming there is right. A
-// transition counter ends an update that keeps restarting, so a boot loop
+// verifying → [waitingForWindow] → applying → [rebooting → committing] →
+// completed, or to failed / rolledBack. Each phase is written to StateDir
+// (atomically, fsynced) before its side effect, and a restarted agent
+// resumes from the last persisted phase through a table whose rows say why
+// resuming there is right. A transition counter ends an update that keeps
+// restarting, so a boot loop
 // never becomes an update loop. A state file that cannot be written (a full
 // disk) holds the update, never ends it and never stops the Manager: the
 // write is retried with backoff and Progress.Problem says why it waits
@@ -67,6 +68,7 @@
 //     and the syncer that makes checkpoints durable beside the stream;
 //   - verify.go: the verifying step (size, SHA-256, signature, read-back)
 //     and the read-back that runs behind the download;
+//   - window.go: maintenance windows and the waitingForWindow step;
 //   - hold.go: what a state file that cannot be written holds, and the
 //     retry of the write;
 //   - signature.go, request.go, store.go, installer.go: the signature check,

@@ -113,6 +113,9 @@ type Config struct {
 	// redirect to one. Whatever the list, a redirect from https to http is
 	// refused.
 	AllowedHosts []string
+	// Window, when set, is the device's maintenance window (ParseWindow):
+	// the window of every request that does not carry its own.
+	Window *Window
 
 	// writeFile replaces a state file (atomicfile.WriteFile when nil);
 	// the package's tests set it to make the disk look full.
@@ -239,6 +242,13 @@ func NewManager(cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("firmware: Config.AllowedHosts: %w", err)
 	}
 	m.hosts = hosts
+	if cfg.Window != nil {
+		w, err := ParseWindow("update.window", *cfg.Window)
+		if err != nil {
+			return nil, fmt.Errorf("firmware: Config.Window: %w", err)
+		}
+		m.cfg.Window = &w
+	}
 	// A copy of the client with the redirect policy: the caller's stays as
 	// it is (the transport is shared).
 	hc := *cfg.HTTPClient
@@ -285,6 +295,12 @@ func (m *Manager) Start(req Request) (string, error) {
 	req, err := req.normalize()
 	if err != nil {
 		return "", err
+	}
+	if req.Window == nil && m.cfg.Window != nil {
+		// The device's window, fixed with the request: a config change
+		// later does not move the window of an accepted update.
+		w := *m.cfg.Window
+		req.Window = &w
 	}
 	inst := m.cfg.Installer
 	if !isHTTP(req.URI) {
@@ -429,13 +445,14 @@ var resumeTable = map[Phase]struct {
 	why  string
 	step step
 }{
-	PhaseAccepted:    {"nothing was downloaded yet: prepare and start the download", (*Manager).stepAccepted},
-	PhaseDownloading: {"the download was interrupted: continue from the last durable checkpoint", (*Manager).stepDownloading},
-	PhaseVerifying:   {"verification only reads: verify again from the finished download", (*Manager).stepVerifying},
-	PhaseApplying:    {"Apply is idempotent: apply the verified image again", (*Manager).stepApplying},
-	PhaseRebooting:   {"the reboot happened or was cut short: committing checks which", (*Manager).stepRebooting},
-	PhaseCommitting:  {"verify the boot and commit again (both idempotent)", (*Manager).stepCommitting},
-	PhaseRollingBack: {"the rollback was interrupted or needed a reboot: roll back again (idempotent)", (*Manager).stepRollback},
+	PhaseAccepted:         {"nothing was downloaded yet: prepare and start the download", (*Manager).stepAccepted},
+	PhaseDownloading:      {"the download was interrupted: continue from the last durable checkpoint", (*Manager).stepDownloading},
+	PhaseVerifying:        {"verification only reads: verify again from the finished download", (*Manager).stepVerifying},
+	PhaseWaitingForWindow: {"the image is verified and kept: wait for the window again", (*Manager).stepWaitingForWindow},
+	PhaseApplying:         {"Apply is idempotent: apply the verified image again", (*Manager).stepApplying},
+	PhaseRebooting:        {"the reboot happened or was cut short: committing checks which", (*Manager).stepRebooting},
+	PhaseCommitting:       {"verify the boot and commit again (both idempotent)", (*Manager).stepCommitting},
+	PhaseRollingBack:      {"the rollback was interrupted or needed a reboot: roll back again (idempotent)", (*Manager).stepRollback},
 	// Records of agents before rollingBack existed: rolledBack with
 	// RollbackPending set.
 	PhaseRolledBack: {"the rollback was interrupted: roll back again (idempotent)", (*Manager).stepRollback},
@@ -941,7 +958,13 @@ func (m *Manager) progressOf(r record) Progress {
 	if r.Total > 0 {
 		p.Percent = int(r.Bytes * 100 / r.Total)
 	}
-	if r.Phase == PhaseCompleted || r.Phase == PhaseVerifying || r.Phase == PhaseApplying ||
+	if w := r.Request.Window; w != nil && r.UpdateID != "" {
+		p.Window = &WindowStatus{Window: *w}
+		if r.Phase == PhaseWaitingForWindow {
+			p.Window.OpensAt, _ = w.Next(p.Time)
+		}
+	}
+	if r.Phase == PhaseCompleted || r.Phase == PhaseVerifying || r.Phase == PhaseWaitingForWindow || r.Phase == PhaseApplying ||
 		r.Phase == PhaseRebooting || r.Phase == PhaseCommitting {
 		p.Percent = 100
 	}

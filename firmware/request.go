@@ -21,6 +21,9 @@ type Request struct {
 	SHA256       string `json:"sha256,omitempty"`
 	Size         int64  `json:"size,omitempty"`
 	SignatureURI string `json:"signatureUri,omitempty"`
+	// Window, when set, is the maintenance window the image is applied in
+	// (window.go); nil takes the device's (Config.Window), if any.
+	Window *Window `json:"window,omitempty"`
 }
 
 // Limits on request fields: generous for real use, small enough that a
@@ -70,6 +73,7 @@ func ParseRequest(payload []byte) (Request, error) {
 		SHA256       *string         `json:"sha256"`
 		Size         json.RawMessage `json:"size"`
 		SignatureURI *string         `json:"signatureUri"`
+		Window       json.RawMessage `json:"window"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(trimmed))
 	if err := dec.Decode(&raw); err != nil {
@@ -102,6 +106,23 @@ func ParseRequest(payload []byte) (Request, error) {
 	}
 	if raw.SignatureURI != nil {
 		r.SignatureURI = *raw.SignatureURI
+	}
+	if len(raw.Window) > 0 && string(raw.Window) != "null" {
+		var w struct {
+			Start    *string `json:"start"`
+			Duration *string `json:"duration"`
+			TimeZone *string `json:"timeZone"`
+		}
+		if raw.Window[0] != '{' || json.Unmarshal(raw.Window, &w) != nil {
+			return Request{}, invalid(`window must be an object like {"start":"02:00","duration":"2h","timeZone":"Europe/Berlin"}`)
+		}
+		if w.Start == nil || w.Duration == nil {
+			return Request{}, invalid("window.start and window.duration are required")
+		}
+		r.Window = &Window{Start: *w.Start, Duration: *w.Duration}
+		if w.TimeZone != nil {
+			r.Window.TimeZone = *w.TimeZone
+		}
 	}
 	return r.normalize()
 }
@@ -139,6 +160,13 @@ func (r Request) normalize() (Request, error) {
 		if err := checkURI("signatureUri", r.SignatureURI); err != nil {
 			return Request{}, err
 		}
+	}
+	if r.Window != nil {
+		w, err := ParseWindow("window", *r.Window)
+		if err != nil {
+			return Request{}, err
+		}
+		r.Window = &w
 	}
 	return r, nil
 }
@@ -219,6 +247,10 @@ const (
 	PhaseApplying    Phase = "applying"
 	PhaseRebooting   Phase = "rebooting"
 	PhaseCommitting  Phase = "committing"
+	// PhaseWaitingForWindow: the image is downloaded and verified and
+	// waits for the update's maintenance window to open (window.go);
+	// applying follows inside the window.
+	PhaseWaitingForWindow Phase = "waitingForWindow"
 	// PhaseRollingBack: the update failed after the new image was
 	// applied and the previous one is being made the boot image again
 	// (persisted and reported before the rollback acts, and before the
@@ -254,7 +286,10 @@ type Progress struct {
 	// try again after a failed attempt, nil otherwise: it is cleared by the
 	// first new byte and by any phase change.
 	Retry *Retry
-	Time  time.Time
+	// Window is the update's maintenance window, nil when it has none;
+	// its OpensAt is set in the waitingForWindow phase.
+	Window *WindowStatus
+	Time   time.Time
 }
 
 // Retry describes a download that failed and will be tried again.

@@ -74,7 +74,7 @@ func (m *Manager) stepVerifying(ctx context.Context) (Phase, error) {
 	}
 	m.log.Info("image verified", zap.String("update_id", rec.UpdateID), zap.Int64("bytes", u.ImageSize),
 		zap.String("sha256", u.ImageSHA256))
-	return PhaseApplying, nil
+	return m.windowPhase(), nil
 }
 
 // finishedDownload returns the final checkpoint of rec's download. ok is

@@ -61,6 +61,8 @@ type Config struct {
 	// (a world-readable secrets file). The caller logs them once a logger
 	// exists.
 	Warnings []string
+
+	window firmware.Window // update.window.* as read, for loadWindow
 }
 
 // Hub is how to reach and authenticate to the IoT hub.
@@ -240,6 +242,10 @@ type Update struct {
 	// signatures may be downloaded from, redirects included: host names,
 	// IP addresses or *.example.com patterns (firmware.Config.AllowedHosts).
 	AllowedHosts []string
+	// Window, when set (update.window.start and .duration), is the
+	// device's maintenance window: updates that do not carry their own
+	// apply only inside it (firmware.Config.Window). Nil: none.
+	Window *firmware.Window
 }
 
 // Log configures logging.
@@ -351,6 +357,12 @@ var keys = []key{
 	{name: "update.proxyCredentialsFile", def: "", usage: "file holding user:password for update.proxy",
 		set: str(func(c *Config) *string { return &c.Update.Proxy.CredentialsFile })},
 	{name: "update.allowedHosts", def: []string{}, set: hosts(func(c *Config) *[]string { return &c.Update.AllowedHosts })},
+	{name: "update.window.start", def: "", usage: "daily maintenance window: local time HH:MM it opens (empty: no window)",
+		set: str(func(c *Config) *string { return &c.window.Start })},
+	{name: "update.window.duration", def: "", usage: "how long the maintenance window stays open (e.g. 2h, at most 24h)",
+		set: str(func(c *Config) *string { return &c.window.Duration })},
+	{name: "update.window.timeZone", def: "UTC", usage: "IANA time zone of update.window.start (e.g. Europe/Berlin)",
+		set: str(func(c *Config) *string { return &c.window.TimeZone })},
 	{name: "signature.keyDir", def: "/etc/gwagent/keys", usage: "folder of trusted minisign public keys (*.pub)",
 		set: str(func(c *Config) *string { return &c.Signature.KeyDir })},
 	{name: "signature.allowUnsigned", def: "auto", usage: "accept firmware images without a signature: true, false, or auto (only for the simulated installer)",
@@ -392,6 +404,26 @@ func RegisterFlags(fs *pflag.FlagSet) {
 		}
 		fs.String(k.flag, fmt.Sprint(k.def), k.usage+" (key "+k.name+")")
 	}
+}
+
+// loadWindow validates update.window.*: unset start and duration mean no
+// window; one without the other is an error naming the missing key.
+func (c *Config) loadWindow() error {
+	w := c.window
+	switch {
+	case w.Start == "" && w.Duration == "":
+		return nil
+	case w.Start == "":
+		return fmt.Errorf("%w: update.window.start: required with update.window.duration", ErrConfig)
+	case w.Duration == "":
+		return fmt.Errorf("%w: update.window.duration: required with update.window.start", ErrConfig)
+	}
+	pw, err := firmware.ParseWindow("update.window", w)
+	if err != nil {
+		return fmt.Errorf("%w: %s", ErrConfig, strings.TrimPrefix(err.Error(), firmware.ErrInvalidRequest.Error()+": "))
+	}
+	c.Update.Window = &pw
+	return nil
 }
 
 // Load reads, merges and validates the configuration. Precedence, highest
@@ -467,6 +499,9 @@ func Load(opts Options) (*Config, error) {
 		return nil, err
 	}
 	if err := c.Update.Proxy.load("update.proxy"); err != nil {
+		return nil, err
+	}
+	if err := c.loadWindow(); err != nil {
 		return nil, err
 	}
 	if c.Hub.MinRetryDelay > c.Hub.MaxRetryDelay {

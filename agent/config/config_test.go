@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+
+	"github.com/gwagent/gwagent/firmware"
 	"golang.org/x/sys/unix"
 )
 
@@ -161,6 +163,10 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"not yaml", "hub: [", nil, "config: reading"},
 		{"allowed host with a port", csLine + "update:\n  allowedHosts: [fw.example.com:443]\n", nil, `config: update.allowedHosts: "fw.example.com:443": a host name without a port`},
 		{"allowed host as a URL", csLine + "update:\n  allowedHosts: [\"https://fw.example.com\"]\n", nil, `config: update.allowedHosts: "https://fw.example.com": a host name, not a URL`},
+		{"window start", csLine + "update:\n  window:\n    start: \"26:00\"\n    duration: 2h\n", nil, `config: update.window.start "26:00": must be a time of day HH:MM`},
+		{"window duration", csLine + "update:\n  window:\n    start: \"02:00\"\n    duration: 0s\n", nil, "config: update.window.duration 0s: must be more than 0 and at most 24h"},
+		{"window zone", csLine + "update:\n  window:\n    start: \"02:00\"\n    duration: 2h\n    timeZone: Europe/Nowhere\n", nil, `config: update.window.timeZone "Europe/Nowhere": unknown time zone`},
+		{"window without duration", csLine + "update:\n  window:\n    start: \"02:00\"\n", nil, "config: update.window.duration: required with update.window.start"},
 		{"allowed host wildcard inside", csLine + "update:\n  allowedHosts: [\"fw.*.example.com\"]\n", nil, `config: update.allowedHosts: "fw.*.example.com": "*" only as the first label`},
 	}
 	for _, tc := range tests {
@@ -438,6 +444,33 @@ func TestAllowedHosts(t *testing.T) {
 	}
 	if got := strings.Join(c.Update.AllowedHosts, " "); got != "fw.example.com *.example.org" {
 		t.Errorf("from the environment: %q", got)
+	}
+}
+
+func TestWindow(t *testing.T) {
+	csLine := "hub:\n  connectionString: \"" + cs + "\"\n"
+	c, err := load(t, csLine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Update.Window != nil {
+		t.Errorf("default window %+v, want none", c.Update.Window)
+	}
+	c, err = load(t, csLine+"update:\n  window:\n    start: \"2:00\"\n    duration: 90m\n    timeZone: Europe/Berlin\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := c.Update.Window; w == nil || *w != (firmware.Window{Start: "02:00", Duration: "1h30m0s", TimeZone: "Europe/Berlin"}) {
+		t.Errorf("from the file: %+v", w)
+	}
+	t.Setenv("GWAGENT_UPDATE_WINDOW_START", "23:30")
+	t.Setenv("GWAGENT_UPDATE_WINDOW_DURATION", "3h")
+	c, err = load(t, csLine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := c.Update.Window; w == nil || *w != (firmware.Window{Start: "23:30", Duration: "3h0m0s", TimeZone: "UTC"}) {
+		t.Errorf("from the environment: %+v", w)
 	}
 }
 

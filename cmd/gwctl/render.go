@@ -74,7 +74,26 @@ func (p *watchPrinter) event(e service.WatchEvent) {
 		return
 	}
 	p.finish()
-	fmt.Fprintf(p.w, "%s %s\n", p.clock(e.Time), transitionText(e.State))
+	text := transitionText(e.State)
+	if e.State.Status == service.StatusWaitingForWindow {
+		text = windowText(e.State, p.loc)
+	}
+	fmt.Fprintf(p.w, "%s %s\n", p.clock(e.Time), text)
+}
+
+// windowText: "waitingForWindow: window 02:00 for 2h0m0s (Europe/Berlin),
+// opens 2026-12-04 02:00 CET (2026-12-04 01:00 UTC)", the opening in loc
+// and in UTC.
+func windowText(s service.FirmwareState, loc *time.Location) string {
+	w := s.Window
+	if w == nil {
+		return s.Status
+	}
+	text := fmt.Sprintf("%s: window %s for %s (%s)", s.Status, w.Start, w.Duration, w.TimeZone)
+	if !w.OpensAt.IsZero() {
+		text += fmt.Sprintf(", opens %s (%s UTC)", w.OpensAt.In(loc).Format("2006-01-02 15:04 MST"), w.OpensAt.UTC().Format("2006-01-02 15:04"))
+	}
+	return text
 }
 
 // progressBar draws the download on the terminal; false when the state has

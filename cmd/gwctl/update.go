@@ -17,11 +17,19 @@ import (
 // fwRequest is the firmwareUpdate payload: the tutorial's fwPackageUri plus
 // gwagent's optional fields.
 type fwRequest struct {
-	URI          string `json:"fwPackageUri"`
-	Version      string `json:"version,omitempty"`
-	SHA256       string `json:"sha256,omitempty"`
-	Size         int64  `json:"size,omitempty"`
-	SignatureURI string `json:"signatureUri,omitempty"`
+	URI          string    `json:"fwPackageUri"`
+	Version      string    `json:"version,omitempty"`
+	SHA256       string    `json:"sha256,omitempty"`
+	Size         int64     `json:"size,omitempty"`
+	SignatureURI string    `json:"signatureUri,omitempty"`
+	Window       *fwWindow `json:"window,omitempty"`
+}
+
+// fwWindow is the request's maintenance window (docs/twin.md).
+type fwWindow struct {
+	Start    string `json:"start"`
+	Duration string `json:"duration"`
+	TimeZone string `json:"timeZone,omitempty"`
 }
 
 // fwAnswer is gwagent's answer to firmwareUpdate (200 accepted, 409 busy,
@@ -34,6 +42,7 @@ type fwAnswer struct {
 
 type updateFlags struct {
 	req         fwRequest
+	window      fwWindow
 	watch       bool
 	interval    time.Duration
 	timeout     time.Duration
@@ -59,6 +68,13 @@ While the device retries its download, each failed attempt is printed
 cannot be reached, that is printed once with the cause and the watch keeps
 polling (with backoff) until --timeout; its return is printed too.
 
+With --window-start and --window-duration (and --window-tz, default UTC) the
+update carries a daily maintenance window: the device downloads and verifies
+at once, then waits (waitingForWindow, printed with the window and its next
+opening in local time and UTC) and applies and reboots only inside the
+window. Without them the device's own update.window applies, if set. A watch
+of an update that waits for a window needs a --timeout that reaches it.
+
 ` + exitCodesHelp,
 		Args: exactArgs("ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -74,6 +90,9 @@ polling (with backoff) until --timeout; its return is printed too.
 	fl.StringVar(&f.req.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
 	fl.Int64Var(&f.req.Size, "size", 0, "size of the image in bytes")
 	fl.StringVar(&f.req.SignatureURI, "signature-uri", "", "URL of the image's signature")
+	fl.StringVar(&f.window.Start, "window-start", "", "maintenance window: local time HH:MM it opens")
+	fl.StringVar(&f.window.Duration, "window-duration", "", "maintenance window: how long it stays open (e.g. 2h)")
+	fl.StringVar(&f.window.TimeZone, "window-tz", "", "maintenance window: IANA time zone of --window-start (default UTC)")
 	fl.BoolVar(&f.watch, "watch", false, "follow the update until it completes or fails")
 	fl.DurationVar(&f.interval, "interval", time.Second, "twin polling interval with --watch")
 	fl.DurationVar(&f.timeout, "timeout", 30*time.Minute, "give up watching after this long (exit code 2)")
@@ -95,6 +114,12 @@ func (f *updateFlags) validate() error {
 	}
 	if f.req.Size < 0 {
 		return usageErr("--size must not be negative")
+	}
+	switch w := f.window; {
+	case w.Start != "" && w.Duration != "":
+		f.req.Window = &w
+	case w.Start != "" || w.Duration != "" || w.TimeZone != "":
+		return usageErr("--window-start and --window-duration go together (--window-tz is optional)")
 	}
 	if f.interval < 100*time.Millisecond {
 		return usageErr("--interval must be at least 100ms (twin reads are throttled per hub)")

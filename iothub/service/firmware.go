@@ -14,12 +14,15 @@ const (
 	StatusStandBy     = "standBy"
 	StatusDownloading = "downloading"
 	StatusVerifying   = "verifying"
-	StatusApplying    = "applying"
-	StatusRebooting   = "rebooting"
-	StatusCommitting  = "committing"
-	StatusCompleted   = "completed"
-	StatusFailed      = "failed"
-	StatusRolledBack  = "rolledBack"
+	// StatusWaitingForWindow: downloaded and verified, waiting for the
+	// update's maintenance window (FirmwareState.Window) to open.
+	StatusWaitingForWindow = "waitingForWindow"
+	StatusApplying         = "applying"
+	StatusRebooting        = "rebooting"
+	StatusCommitting       = "committing"
+	StatusCompleted        = "completed"
+	StatusFailed           = "failed"
+	StatusRolledBack       = "rolledBack"
 	// StatusRollingBack: going back to the previous image (not final).
 	StatusRollingBack = "rollingBack"
 )
@@ -32,6 +35,16 @@ type FirmwareRetry struct {
 	NextAttemptAt time.Time `json:"nextAttemptAt,omitzero"`
 }
 
+// FirmwareWindow is the reported firmware.window: the update's daily
+// maintenance window (Start is local time HH:MM in TimeZone) and, while
+// the update waits for it, its next opening.
+type FirmwareWindow struct {
+	Start    string    `json:"start"`
+	Duration string    `json:"duration"`
+	TimeZone string    `json:"timeZone"`
+	OpensAt  time.Time `json:"opensAt,omitzero"`
+}
+
 // FirmwareError is the reported firmware.error.
 type FirmwareError struct {
 	Code    string `json:"code"`
@@ -41,16 +54,17 @@ type FirmwareError struct {
 // FirmwareState is what a device reports about its firmware update: the
 // tutorial's top-level fields and gwagent's "firmware" detail object.
 type FirmwareState struct {
-	Status         string         `json:"status"` // firmwareStatus, else firmware.status
-	UpdateID       string         `json:"updateId,omitempty"`
-	TargetVersion  string         `json:"targetVersion,omitempty"`
-	CurrentVersion string         `json:"currentVersion,omitempty"`
-	Bytes          int64          `json:"bytes,omitempty"`
-	TotalBytes     int64          `json:"totalBytes,omitempty"`
-	Percent        int            `json:"percent"` // -1 when unknown
-	Slot           string         `json:"slot,omitempty"`
-	Error          *FirmwareError `json:"error,omitempty"`
-	Retry          *FirmwareRetry `json:"retry,omitempty"` // while a download retries
+	Status         string          `json:"status"` // firmwareStatus, else firmware.status
+	UpdateID       string          `json:"updateId,omitempty"`
+	TargetVersion  string          `json:"targetVersion,omitempty"`
+	CurrentVersion string          `json:"currentVersion,omitempty"`
+	Bytes          int64           `json:"bytes,omitempty"`
+	TotalBytes     int64           `json:"totalBytes,omitempty"`
+	Percent        int             `json:"percent"` // -1 when unknown
+	Slot           string          `json:"slot,omitempty"`
+	Error          *FirmwareError  `json:"error,omitempty"`
+	Retry          *FirmwareRetry  `json:"retry,omitempty"` // while a download retries
+	Window         *FirmwareWindow `json:"window,omitempty"`
 	// Timestamps: the tutorial's and firmware.updatedAt. Zero when absent.
 	LogTime              time.Time `json:"logTime,omitzero"`
 	DownloadComplete     time.Time `json:"downloadComplete,omitzero"`
@@ -103,6 +117,9 @@ func ParseFirmwareState(reported map[string]any) FirmwareState {
 	if r, ok := fw["retry"].(map[string]any); ok {
 		n, _ := integer(r["attempt"])
 		s.Retry = &FirmwareRetry{Attempt: int(n), LastError: str(r["lastError"]), NextAttemptAt: timestamp(r["nextAttemptAt"])}
+	}
+	if w, ok := fw["window"].(map[string]any); ok {
+		s.Window = &FirmwareWindow{Start: str(w["start"]), Duration: str(w["duration"]), TimeZone: str(w["timeZone"]), OpensAt: timestamp(w["opensAt"])}
 	}
 	return s
 }

@@ -59,3 +59,21 @@ func TestParseFirmwareState(t *testing.T) {
 		})
 	}
 }
+
+func TestParseFirmwareWindow(t *testing.T) {
+	var rep map[string]any
+	doc := `{"firmwareStatus":"waitingForWindow","firmware":{"status":"waitingForWindow","window":{"start":"02:00","duration":"2h0m0s","timeZone":"Europe/Berlin","opensAt":"2026-12-04T01:00:00.000Z"}}}`
+	if err := json.Unmarshal([]byte(doc), &rep); err != nil {
+		t.Fatal(err)
+	}
+	s := ParseFirmwareState(rep)
+	want := FirmwareWindow{Start: "02:00", Duration: "2h0m0s", TimeZone: "Europe/Berlin", OpensAt: time.Date(2026, 12, 4, 1, 0, 0, 0, time.UTC)}
+	if s.Status != StatusWaitingForWindow || s.Window == nil || s.Window.Start != want.Start || s.Window.Duration != want.Duration ||
+		s.Window.TimeZone != want.TimeZone || !s.Window.OpensAt.Equal(want.OpensAt) || s.Terminal() {
+		t.Fatalf("parsed %+v window %+v, want %+v", s, s.Window, want)
+	}
+	rep["firmware"].(map[string]any)["window"] = nil
+	if s := ParseFirmwareState(rep); s.Window != nil {
+		t.Fatalf("window null parsed as %+v", s.Window)
+	}
+}

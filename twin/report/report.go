@@ -296,8 +296,8 @@ func sameRetry(a, b *firmware.Retry) bool {
 
 func afterDownload(p firmware.Phase) bool {
 	switch p {
-	case firmware.PhaseVerifying, firmware.PhaseApplying, firmware.PhaseRebooting,
-		firmware.PhaseCommitting, firmware.PhaseCompleted:
+	case firmware.PhaseVerifying, firmware.PhaseWaitingForWindow, firmware.PhaseApplying,
+		firmware.PhaseRebooting, firmware.PhaseCommitting, firmware.PhaseCompleted:
 		return true
 	}
 	return false
@@ -352,6 +352,8 @@ func Patch(p firmware.Progress) map[string]any {
 		if p.Retry != nil {
 			fw["retry"] = map[string]any{"attempt": p.Retry.Attempt, "lastError": p.Retry.LastError, "nextAttemptAt": ts(p.Retry.NextAttemptAt)}
 		}
+	case firmware.PhaseWaitingForWindow:
+		top["startedApplyingImage"] = nil
 	case firmware.PhaseApplying:
 		top["startedApplyingImage"] = now
 	case firmware.PhaseCompleted:
@@ -362,6 +364,20 @@ func Patch(p firmware.Progress) map[string]any {
 		} else {
 			fw["error"] = map[string]any{"code": firmware.CodeInternal, "message": "update " + string(p.Phase)}
 		}
+	}
+	// window: the update's maintenance window, with its next opening while
+	// the update waits for it; null for an update without one (set to null when
+	// an update is accepted, so the window of an earlier one does not
+	// linger).
+	switch w := p.Window; {
+	case w != nil:
+		win := map[string]any{"start": w.Start, "duration": w.Duration, "timeZone": w.TimeZone, "opensAt": nil}
+		if !w.OpensAt.IsZero() {
+			win["opensAt"] = ts(w.OpensAt)
+		}
+		fw["window"] = win
+	case p.Phase == firmware.PhaseAccepted:
+		fw["window"] = nil
 	}
 	top["firmware"] = fw
 	return top
