@@ -21,6 +21,10 @@ type Request struct {
 	SHA256       string `json:"sha256,omitempty"`
 	Size         int64  `json:"size,omitempty"`
 	SignatureURI string `json:"signatureUri,omitempty"`
+	// DesiredID is the id of the desired firmware property this request
+	// comes from (set by the agent, never read from a method payload); the
+	// update history names it.
+	DesiredID string `json:"desiredId,omitempty"`
 }
 
 // Limits on request fields: generous for real use, small enough that a
@@ -254,7 +258,10 @@ type Progress struct {
 	// try again after a failed attempt, nil otherwise: it is cleared by the
 	// first new byte and by any phase change.
 	Retry *Retry
-	Time  time.Time
+	// History is the last HistoryLen updates, oldest first, this one last
+	// (nil before any update). It is shared: do not change it.
+	History []HistoryEntry
+	Time    time.Time
 }
 
 // Retry describes a download that failed and will be tried again.
