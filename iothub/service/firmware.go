@@ -60,6 +60,10 @@ type FirmwareState struct {
 	// StatusTime is $metadata.firmwareStatus.$lastUpdated: when the hub
 	// stored the status (service reads carry it).
 	StatusTime time.Time `json:"statusTime,omitzero"`
+	// Phases are the phases this update entered so far, in order, with
+	// their times, from its entry in the reported firmwareHistory; nil
+	// when the device keeps no history.
+	Phases []FirmwarePhase `json:"phases,omitempty"`
 }
 
 // ParseFirmwareState reads the firmware fields of a twin's reported
@@ -104,6 +108,7 @@ func ParseFirmwareState(reported map[string]any) FirmwareState {
 		n, _ := integer(r["attempt"])
 		s.Retry = &FirmwareRetry{Attempt: int(n), LastError: str(r["lastError"]), NextAttemptAt: timestamp(r["nextAttemptAt"])}
 	}
+	s.Phases = historyPhases(reported, s.UpdateID)
 	return s
 }
 
