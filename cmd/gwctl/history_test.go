@@ -94,4 +94,15 @@ func TestUpdateWatchFillsPhaseGap(t *testing.T) {
 			}
 		}
 	}
+
+	// A fleet query finds the device by the outcome in its history.
+	for q, want := range map[string]bool{
+		"SELECT * FROM devices WHERE properties.reported.firmwareHistory.h1.result = 'completed'": true,
+		"SELECT * FROM devices WHERE properties.reported.firmwareHistory.h1.result = 'failed'":    false,
+	} {
+		r := e.gwctl(t, "query", q)
+		if r.code != 0 || strings.Contains(r.stdout, `"deviceId": "gw-01"`) != want {
+			t.Errorf("%s: exit %d, found %v, want %v\n%s%s", q, r.code, !want, want, r.stdout, r.stderr)
+		}
+	}
 }
