@@ -39,7 +39,7 @@ const (
 // desired property of the same name is never acknowledged over them.
 var reservedReported = []string{
 	"firmwareStatus", "logTime", "downloadComplete", "startedApplyingImage", "lastFirmwareUpdate",
-	"firmware", "iothubDM", "agent",
+	"firmware", "firmwareHistory", "iothubDM", "agent",
 }
 
 // Options build an Agent.

@@ -289,7 +289,9 @@ func (a *Agent) converge(ctx context.Context) {
 		a.log.Error("cannot save the desired firmware record", zap.Error(err))
 		return
 	}
-	id, err := a.manager.Start(w.Req)
+	req := w.Req
+	req.DesiredID = w.ID
+	id, err := a.manager.Start(req)
 	var busy *firmware.BusyError
 	switch {
 	case errors.As(err, &busy):

@@ -126,6 +126,7 @@ func (m *Manager) Cancel(ctx context.Context, id string) (string, error) {
 	next.Err = &UpdateError{Code: CodeCancelled, Message: fmt.Sprintf("cancelled on request while %s", rec.Phase)}
 	next.Transitions++
 	next.UpdatedAt = time.Now().UTC()
+	next.noteHistory(next.UpdatedAt)
 	if err := m.store.writeJSON(recordFile, next); err != nil {
 		m.mu.Unlock()
 		return "", err

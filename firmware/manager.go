@@ -353,7 +353,9 @@ func (m *Manager) Start(req Request) (string, error) {
 		CurrentVersion: m.rec.CurrentVersion,
 		StartedAt:      now,
 		UpdatedAt:      now,
+		History:        m.rec.History,
 	}
+	rec.noteHistory(now)
 	// A checkpoint of an earlier update must never be resumed into this one;
 	// it is also keyed by update id, this just frees the space early.
 	if err := m.store.remove(checkpointFile); err != nil {
@@ -544,6 +546,7 @@ func (m *Manager) persist(ctx context.Context, change func(r *record)) error {
 		change(&rec)
 		rec.Transitions++
 		rec.UpdatedAt = time.Now().UTC()
+		rec.noteHistory(rec.UpdatedAt)
 		if err := m.store.writeJSON(recordFile, rec); err != nil {
 			return err
 		}
@@ -939,6 +942,7 @@ func (m *Manager) progressOf(r record) Progress {
 		Total:          r.Total,
 		Percent:        -1,
 		Slot:           r.Slot,
+		History:        r.History,
 		Time:           time.Now().UTC(),
 	}
 	if r.UpdateID == "" {

@@ -24,6 +24,10 @@ type Request struct {
 	// Window, when set, is the maintenance window the image is applied in
 	// (window.go); nil takes the device's (Config.Window), if any.
 	Window *Window `json:"window,omitempty"`
+	// DesiredID is the id of the desired firmware property this request
+	// comes from (set by the agent, never read from a method payload); the
+	// update history names it.
+	DesiredID string `json:"desiredId,omitempty"`
 }
 
 // Limits on request fields: generous for real use, small enough that a
@@ -289,7 +293,10 @@ type Progress struct {
 	// Window is the update's maintenance window, nil when it has none;
 	// its OpensAt is set in the waitingForWindow phase.
 	Window *WindowStatus
-	Time   time.Time
+	// History is the last HistoryLen updates, oldest first, this one last
+	// (nil before any update). It is shared: do not change it.
+	History []HistoryEntry
+	Time    time.Time
 }
 
 // Retry describes a download that failed and will be tried again.

@@ -48,6 +48,9 @@ type record struct {
 	CurrentVersion string    `json:"currentVersion,omitempty"`
 	StartedAt      time.Time `json:"startedAt,omitzero"`
 	UpdatedAt      time.Time `json:"updatedAt,omitzero"`
+	// History is the last HistoryLen updates, the newest (this record's
+	// update) last; see noteHistory.
+	History []HistoryEntry `json:"history,omitempty"`
 }
 
 // busy reports whether the record holds an update that has not ended.

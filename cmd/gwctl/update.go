@@ -63,6 +63,8 @@ throttles) and print every change of properties.reported.firmwareStatus
 (standBy, downloading, applying, completed, …) with its time, and the download
 progress: a progress bar on a terminal, plain lines otherwise. Only states of
 this update count (firmware.updateId), never one left by an earlier update.
+Phases that happened between two polls are printed too, in order and with
+their own times, from the update's entry in firmwareHistory.
 While the device retries its download, each failed attempt is printed
 ("retrying: attempt 3 failed: …; next attempt at …"). When the hub itself
 cannot be reached, that is printed once with the cause and the watch keeps

@@ -74,6 +74,10 @@ type FirmwareState struct {
 	// StatusTime is $metadata.firmwareStatus.$lastUpdated: when the hub
 	// stored the status (service reads carry it).
 	StatusTime time.Time `json:"statusTime,omitzero"`
+	// Phases are the phases this update entered so far, in order, with
+	// their times, from its entry in the reported firmwareHistory; nil
+	// when the device keeps no history.
+	Phases []FirmwarePhase `json:"phases,omitempty"`
 }
 
 // ParseFirmwareState reads the firmware fields of a twin's reported
@@ -121,6 +125,7 @@ func ParseFirmwareState(reported map[string]any) FirmwareState {
 	if w, ok := fw["window"].(map[string]any); ok {
 		s.Window = &FirmwareWindow{Start: str(w["start"]), Duration: str(w["duration"]), TimeZone: str(w["timeZone"]), OpensAt: timestamp(w["opensAt"])}
 	}
+	s.Phases = historyPhases(reported, s.UpdateID)
 	return s
 }
 

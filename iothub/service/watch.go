@@ -85,8 +85,9 @@ func (c *Client) WatchFirmware(ctx context.Context, id string, opts WatchOptions
 
 	var (
 		last       FirmwareState
-		shown      string // last status reported to fn
-		sawActive  bool   // a non-terminal state of this update was seen
+		shown      string        // last status reported to fn
+		shownPhase FirmwarePhase // the history phase shown last (State.Phases)
+		sawActive  bool          // a non-terminal state of this update was seen
 		progressed = [2]int64{-1, -2}
 		retried    FirmwareRetry // the last retry reported to fn
 		down       bool          // the last twin read failed (EventHubUnreachable sent)
@@ -136,8 +137,20 @@ func (c *Client) WatchFirmware(ctx context.Context, id string, opts WatchOptions
 				at = now
 			}
 			if st.Status != shown {
+				// Phases entered between two polls, from the update's
+				// history, each with its own time, before the current one.
+				for _, ph := range missedPhases(st, shownPhase) {
+					if ph.Status == shown {
+						continue
+					}
+					shown = ph.Status
+					fn(WatchEvent{Kind: EventTransition, DeviceID: id, State: st.inPhase(ph), Time: ph.At})
+				}
 				shown = st.Status
 				fn(WatchEvent{Kind: EventTransition, DeviceID: id, State: st, Time: at})
+			}
+			if n := len(st.Phases); n > 0 && st.Phases[n-1].Status == st.Status {
+				shownPhase = st.Phases[n-1]
 			}
 			if st.Status == StatusDownloading && (st.Bytes > 0 || st.Percent >= 0) &&
 				(st.Bytes != progressed[0] || int64(st.Percent) != progressed[1]) {

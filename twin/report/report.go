@@ -131,6 +131,10 @@ func (r *Reporter) Startup(st firmware.Status, now time.Time, extra map[string]a
 		patch = r.patchLocked(p)
 		r.markSentLocked(p, now)
 	}
+	if len(st.History) > 0 {
+		// The whole history, in case the twin lost some of it.
+		patch[HistoryProperty] = HistoryPatch(st.History)
+	}
 	for k, v := range extra {
 		patch[k] = v
 	}
@@ -235,6 +239,11 @@ func (r *Reporter) dropPendingLocked() {
 
 func (r *Reporter) emitLocked(p firmware.Progress, milestone bool, now time.Time) {
 	patch := r.patchLocked(p)
+	if n := len(p.History); milestone && n > 0 && p.History[n-1].UpdateID == p.UpdateID {
+		// The history changes with the phase (persisted together): its
+		// entry goes with the milestone, never with byte progress.
+		patch[HistoryProperty] = HistoryPatch(p.History[n-1:])
+	}
 	r.markSentLocked(p, now)
 	if err := r.sink.Report(patch, milestone); err != nil {
 		// The queue is closed (the agent stops) or the patch is invalid;
