@@ -474,8 +474,13 @@ func (m *Manager) drive(ctx context.Context) error {
 	}
 	// Every (re)start of the machine counts as a transition: an agent that
 	// crashes in the same phase again and again ends the update instead of
-	// looping forever.
-	if resumed {
+	// looping forever. Waiting for a maintenance window is the exception:
+	// it does nothing that could crash, may last days, and a gateway
+	// restarted (or power-cycled) that often meanwhile still applies the
+	// update when the window opens.
+	if resumed && rec.Phase == PhaseWaitingForWindow {
+		log.Info("resuming update", zap.String("phase", string(rec.Phase)), zap.String("reason", row.why))
+	} else if resumed {
 		log.Info("resuming update", zap.String("phase", string(rec.Phase)), zap.String("reason", row.why))
 		if err := m.persist(ctx, func(r *record) {}); err != nil {
 			return err

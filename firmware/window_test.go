@@ -212,6 +212,37 @@ func TestWindowRestartWhileWaitingResumesWithoutDownloading(t *testing.T) {
 	})
 }
 
+// TestWindowManyRestartsWhileWaiting: restarts while an update waits for
+// its window do not count toward MaxTransitions, so a gateway restarted
+// more often than that during a long wait still applies the update.
+func TestWindowManyRestartsWhileWaiting(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		dir := t.TempDir()
+		inst := &windowInstaller{img: randomImage(t, 10<<10)}
+		m := runWindowManager(t, dir, inst, nil)
+		win := &firmware.Window{Start: "03:30", Duration: "30m", TimeZone: "UTC"}
+		id, err := m.Start(firmware.Request{URI: "mem:fw", SHA256: sha(inst.img), Window: win})
+		if err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		restarts := 40 // more than MaxTransitions (32)
+		for range restarts {
+			m.stop()
+			m = runWindowManager(t, dir, inst, nil)
+			synctest.Wait()
+			if st := m.Status(); st.UpdateID != id || st.Phase != firmware.PhaseWaitingForWindow {
+				t.Fatalf("after a restart: %s %s %+v, want %s still waiting", st.UpdateID, st.Phase, st.Err, id)
+			}
+		}
+		time.Sleep(4 * time.Hour)
+		synctest.Wait()
+		if st := m.Status(); st.Phase != firmware.PhaseCompleted {
+			t.Fatalf("phase %s %+v after the window opened, want completed", st.Phase, st.Err)
+		}
+	})
+}
+
 func TestWindowCancelWhileWaiting(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		inst := &windowInstaller{img: randomImage(t, 10<<10)}
