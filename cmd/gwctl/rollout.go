@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/url"
 	"os"
 	"os/user"
@@ -180,13 +181,32 @@ func (a *app) newDriver(c *service.Client, perSecond float64) *driver {
 	return &driver{a: a, c: c, lim: rate.NewLimiter(rate.Limit(perSecond), 1)}
 }
 
+// maxThrottledRounds bounds how often write starts over after the client
+// gave up on a throttled call (each round is the client's own retries).
+const maxThrottledRounds = 10
+
 // write paces and sends a twin PATCH. The client retries a 429 after the
-// hub's Retry-After (or its backoff).
+// hub's Retry-After (or its backoff); a hub that keeps throttling past the
+// client's retries is waited out here, a bounded number of times, rather
+// than leaving a wave half assigned.
 func (d *driver) write(ctx context.Context, id string, patch any, etag string) (iothub.Twin, error) {
-	if err := d.lim.Wait(ctx); err != nil {
-		return iothub.Twin{}, err
+	for round := 1; ; round++ {
+		if err := d.lim.Wait(ctx); err != nil {
+			return iothub.Twin{}, err
+		}
+		t, err := d.c.UpdateTwin(ctx, id, patch, etag)
+		if err == nil || service.HTTPStatus(err) != http.StatusTooManyRequests || round == maxThrottledRounds {
+			return t, err
+		}
+		wait := max(service.RetryAfter(err), time.Second)
+		timer := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return iothub.Twin{}, ctx.Err()
+		case <-timer.C:
+		}
 	}
-	return d.c.UpdateTwin(ctx, id, patch, etag)
 }
 
 func (a *app) rolloutStart(ctx context.Context, c *service.Client, name string, f *rolloutFlags) error {
@@ -472,6 +492,10 @@ func (d *driver) step(ctx context.Context, name string) (rolloutStatus, error) {
 		return rolloutStatus{}, err
 	}
 	st := summarize(r, ms)
+	if r.State.State == stateStarting {
+		return st, &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s did not finish starting (start was cut off while tagging its members); "+
+			"cancel it and start the update again under another name", name)}
+	}
 	if r.State.State != stateRunning {
 		return st, nil
 	}
@@ -623,6 +647,9 @@ rollout (as "run") and show it until it ends.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkInterval(interval); err != nil {
 				return err
+			}
+			if rateFlag <= 0 {
+				return usageErr("--rate must be above 0")
 			}
 			return a.withClient(func(c *service.Client) error {
 				d := a.newDriver(c, rateFlag)

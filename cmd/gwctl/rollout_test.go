@@ -546,3 +546,33 @@ func TestParseWaves(t *testing.T) {
 		}
 	}
 }
+
+// TestRolloutTwoOperators: two operators drive the same rollout at once;
+// the record's etag lets one advance each wave, and both see it complete.
+func TestRolloutTwoOperators(t *testing.T) {
+	rh := startRolloutHub(t, 6)
+	for _, id := range rh.ids {
+		rh.online(t, id, outComplete)
+	}
+	if r := rh.env.run(t, 30*time.Second, startCmd("r7", "--query", "tags.site = 'berlin'", "--waves", "1,2,4,100%", "--success", "100%")...); r.code != exitOK {
+		t.Fatalf("start exit %d\n%s", r.code, r.stderr)
+	}
+	results := make(chan result, 2)
+	for range 2 {
+		go func() { results <- rh.env.run(t, time.Minute, "rollout", "run", "r7", "--interval", "100ms") }()
+	}
+	for range 2 {
+		if r := <-results; r.code != exitOK || !strings.Contains(r.stdout, "rollout r7: completed, wave 4 of 4") {
+			t.Errorf("run exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+		}
+	}
+	st := rh.status(t, "r7")
+	if st.State != stateCompleted || st.Wave != 4 || st.Counts.Completed != 6 {
+		t.Fatalf("status %+v", st)
+	}
+	for i, want := range []int{1, 1, 2, 2} {
+		if st.Waves[i].Size != want || st.Waves[i].Counts.Completed != want {
+			t.Errorf("wave %d: %+v", i+1, st.Waves[i])
+		}
+	}
+}
