@@ -78,3 +78,54 @@ func TestTwinWriteNoThrottle(t *testing.T) {
 		t.Fatalf("stats %+v, want 20 writes, none throttled, no limit", st)
 	}
 }
+
+// TestJobTwinUpdatesWaitForThrottle: a job's twin updates over the
+// throttle wait for their turn instead of failing, and are counted.
+func TestJobTwinUpdatesWaitForThrottle(t *testing.T) {
+	const limit = 2
+	h := startHub(t, func(c *Config) { c.TwinWriteRate = limit })
+	svc := newService(t, h)
+	ids := []string{"j1", "j2", "j3", "j4", "j5", "j6"}
+	for _, id := range ids {
+		addDevice(t, h, id)
+	}
+	for _, id := range ids {
+		// Tags by REST, under the throttle too: wait out its 429s.
+		for {
+			st, b, _ := svc.do("PATCH", "/twins/"+id, map[string]any{"tags": map[string]any{"ring": "1"}})
+			if st == http.StatusOK {
+				break
+			}
+			if st != http.StatusTooManyRequests {
+				t.Fatalf("PATCH tags of %s: %d %s", id, st, b)
+			}
+			time.Sleep(time.Second)
+		}
+	}
+	before := h.TwinWriteStats()
+	started := time.Now()
+	st, b, _ := svc.do("PUT", "/jobs/v2/slow", map[string]any{
+		"jobId": "slow", "type": "scheduleUpdateTwin", "queryCondition": "tags.ring = '1'",
+		"updateTwin": map[string]any{"etag": "*", "tags": map[string]any{"wave": "1"}},
+		"startTime":  nil, "maxExecutionTimeInSeconds": 3600,
+	})
+	if st != http.StatusOK {
+		t.Fatalf("PUT job: %d %s", st, b)
+	}
+	job := waitJob(t, svc, "slow", "completed")
+	if s := job["deviceJobStatistics"].(map[string]any); num(t, s["succeededCount"]) != int64(len(ids)) {
+		t.Fatalf("statistics %v, want all %d succeeded", s, len(ids))
+	}
+	after := h.TwinWriteStats()
+	if got := after.Writes - before.Writes; got != int64(len(ids)) {
+		t.Errorf("%d writes counted for the job, want %d", got, len(ids))
+	}
+	if after.Throttled != before.Throttled {
+		t.Errorf("the job's writes were answered 429 (%d)", after.Throttled-before.Throttled)
+	}
+	// Six writes at 2/s, the bucket possibly drained by the tag writes:
+	// at least (6 - 2) / 2 s.
+	if elapsed := time.Since(started); elapsed < 1500*time.Millisecond {
+		t.Errorf("the job took %v: its writes were not paced at %d/s", elapsed, limit)
+	}
+}
