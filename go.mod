@@ -25,6 +25,7 @@ require (
 	golang.org/x/net v0.44.0
 	golang.org/x/sys v0.50.0
 	golang.org/x/term v0.44.0
+	golang.org/x/time v0.14.0
 )
 
 require (

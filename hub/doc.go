@@ -46,6 +46,10 @@
 //     unauthenticated, so regular files inside the folder only, resolved
 //     through os.Root so no symlink leads out, no listings, no dotfiles)
 //     and MQTT over WebSocket at /$iothub/websocket.
+//   - Throttling (throttle.go): with Config.TwinWriteRate, service-side twin
+//     writes over the rate (REST PATCH/PUT /twins/{id}) are answered 429
+//     ThrottlingException (429001) with Retry-After and change nothing;
+//     jobs' twin updates wait for their turn. TwinWriteStats counts them.
 //   - Hostile clients: every new connection must finish its TLS handshake
 //     and CONNECT (or WebSocket upgrade, or HTTPS request headers) within
 //     Config.ConnectTimeout; connections that have not authenticated yet

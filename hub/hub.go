@@ -105,6 +105,12 @@ type Config struct {
 	// JobDeviceRate is how many device operations per second a job starts
 	// (method calls or twin updates). Default DefaultJobDeviceRate.
 	JobDeviceRate float64
+	// TwinWriteRate, if positive, throttles service-side twin writes (PATCH
+	// and PUT of /twins/{id}, and jobs' twin updates) to this many per
+	// second, as IoT Hub's twin-update throttle does (S1: 50/s per unit):
+	// a REST write over it is answered 429 ThrottlingException (429001)
+	// with Retry-After, a job's write waits. 0 means no throttle.
+	TwinWriteRate float64
 }
 
 // ReportedPatch is an accepted reported-properties patch.
@@ -129,6 +135,8 @@ type Hub struct {
 	svcKey  []byte
 	dps     *dpsServer // the DPS side (dps.go)
 	jobs    *jobs      // jobs v2 (jobs.go)
+
+	throttle *twinThrottle // service-side twin writes (throttle.go)
 
 	gate    *gate // unauthenticated connections, capped
 	broker  *mqtt.Server
@@ -199,6 +207,9 @@ func New(cfg Config) (*Hub, error) {
 	if cfg.JobDeviceRate <= 0 {
 		cfg.JobDeviceRate = DefaultJobDeviceRate
 	}
+	if cfg.TwinWriteRate < 0 {
+		return nil, fmt.Errorf("hub: TwinWriteRate %v must not be negative", cfg.TwinWriteRate)
+	}
 	if strings.ContainsAny(cfg.HostName, "/;= ") {
 		return nil, fmt.Errorf("hub: HostName %q is not a host name", cfg.HostName)
 	}
@@ -222,6 +233,7 @@ func New(cfg Config) (*Hub, error) {
 		sessChanged: make(chan struct{}),
 		pending:     map[string]*pendingCall{},
 		faults:      map[string][]*TwinFault{},
+		throttle:    newTwinThrottle(cfg.TwinWriteRate),
 		gate:        newGate(cfg.MaxPreAuthConns, cfg.MaxPreAuthConnsPerIP, cfg.Log.Named("conns")),
 	}
 	h.ctx, h.cancel = context.WithCancel(context.Background())
@@ -464,7 +476,10 @@ func (h *Hub) Close() error {
 		}
 		h.wg.Wait()
 		h.closeErr = errors.Join(errs...)
-		h.log.Info("hub stopped")
+		st := h.throttle.stats()
+		h.log.Info("hub stopped", zap.Int64("twin_writes", st.Writes), zap.Int64("twin_writes_throttled", st.Throttled),
+			zap.Int64("twin_writes_peak_per_s", st.Peak), zap.Float64("twin_write_rate", st.Rate()),
+			zap.Float64("twin_write_limit", st.Limit))
 	})
 	return h.closeErr
 }

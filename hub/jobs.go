@@ -523,7 +523,14 @@ func (h *Hub) runDeviceJob(ctx context.Context, j *jobRecord, i int) {
 		}
 		serr = err
 	case JobTypeUpdateTwin:
+		if err := h.throttle.wait(ctx); err != nil {
+			serr = errf(http.StatusServiceUnavailable, iothub.CodeServiceUnavailable, "job stopped while throttled: %v", err)
+			break
+		}
 		_, serr = h.updateTwin(id, j.UpdateTwin, "", false)
+		if serr == nil {
+			h.throttle.done(time.Now())
+		}
 	}
 	js.mu.Lock()
 	defer js.mu.Unlock()

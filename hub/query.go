@@ -24,8 +24,8 @@ const (
 // be written devices.jobs.jobId or jobId).
 // The WHERE clause supports comparisons (=, !=, <>, <, <=, >, >=) of a
 // property path with a literal (string, number, true, false, null),
-// is_defined(path), AND, OR, NOT and parentheses, as IoT Hub's query
-// language does for these shapes.
+// is_defined(path), path IN [literals] and path NIN [literals], AND, OR,
+// NOT and parentheses, as IoT Hub's query language does for these shapes.
 type Query struct {
 	Top   int  // 0: no TOP clause
 	Jobs  bool // FROM devices.jobs
@@ -79,6 +79,15 @@ type andExpr struct{ l, r Expr }
 type orExpr struct{ l, r Expr }
 type notExpr struct{ e Expr }
 type definedExpr struct{ path []string }
+
+// inExpr is path IN [l1, l2, …] (or NIN: not in): IN matches when the value
+// equals one of the literals, NIN when the value is defined and equals
+// none.
+type inExpr struct {
+	path []string
+	lits []literal
+	not  bool
+}
 type cmpExpr struct {
 	path []string
 	op   string
@@ -111,6 +120,19 @@ func (e definedExpr) Match(d map[string]any) bool {
 	return ok
 }
 
+func (e inExpr) Match(d map[string]any) bool {
+	v, ok := lookup(d, e.path)
+	if !ok {
+		return false
+	}
+	for _, l := range e.lits {
+		if c, ok := compare(v, l); ok && c == 0 {
+			return !e.not
+		}
+	}
+	return e.not
+}
+
 func (e cmpExpr) Match(d map[string]any) bool {
 	v, ok := lookup(d, e.path)
 	if !ok {
@@ -141,6 +163,18 @@ func (e andExpr) String() string     { return "(" + e.l.String() + " AND " + e.r
 func (e orExpr) String() string      { return "(" + e.l.String() + " OR " + e.r.String() + ")" }
 func (e notExpr) String() string     { return "NOT " + e.e.String() }
 func (e definedExpr) String() string { return "is_defined(" + strings.Join(e.path, ".") + ")" }
+func (e inExpr) String() string {
+	op := " IN ["
+	if e.not {
+		op = " NIN ["
+	}
+	parts := make([]string, len(e.lits))
+	for i, l := range e.lits {
+		parts[i] = l.String()
+	}
+	return strings.Join(e.path, ".") + op + strings.Join(parts, ", ") + "]"
+}
+
 func (e cmpExpr) String() string {
 	return strings.Join(e.path, ".") + " " + e.op + " " + e.lit.String()
 }
@@ -328,7 +362,7 @@ func lex(s string) ([]token, error) {
 				toks = append(toks, token{tOp, op, i})
 			}
 			i += len(op)
-		case c == '(' || c == ')' || c == '.' || c == '*' || c == ',':
+		case c == '(' || c == ')' || c == '.' || c == '*' || c == ',' || c == '[' || c == ']':
 			toks = append(toks, token{tPunct, string(c), i})
 			i++
 		default:
@@ -524,6 +558,10 @@ func (p *parser) predicate() (Expr, error) {
 	if err != nil {
 		return nil, err
 	}
+	if in, not := p.keyword("IN"), false; in || p.keyword("NIN") {
+		not = !in
+		return p.inList(path, not)
+	}
 	op, err := p.op()
 	if err != nil {
 		return nil, err
@@ -536,6 +574,36 @@ func (p *parser) predicate() (Expr, error) {
 		return nil, p.errorf("expected a literal (only property-to-constant comparisons are supported)")
 	}
 	return cmpExpr{path: path, op: op, lit: lit}, nil
+}
+
+// maxInList bounds the literals of one IN list.
+const maxInList = 1000
+
+// inList parses [lit, lit, …] after IN or NIN.
+func (p *parser) inList(path []string, not bool) (Expr, error) {
+	if !p.punct("[") {
+		return nil, p.errorf("expected [ after IN")
+	}
+	e := inExpr{path: path, not: not}
+	for {
+		lit, ok, err := p.literal()
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, p.errorf("expected a literal in the IN list")
+		}
+		if len(e.lits) == maxInList {
+			return nil, fmt.Errorf("%w: more than %d values in an IN list", ErrQuery, maxInList)
+		}
+		e.lits = append(e.lits, lit)
+		if p.punct("]") {
+			return e, nil
+		}
+		if !p.punct(",") {
+			return nil, p.errorf("expected , or ] in the IN list")
+		}
+	}
 }
 
 func flip(op string) string {
@@ -564,7 +632,7 @@ func (p *parser) op() (string, error) {
 // reserved words cannot be property names.
 func reserved(s string) bool {
 	switch strings.ToUpper(s) {
-	case "SELECT", "TOP", "FROM", "WHERE", "AND", "OR", "NOT", "TRUE", "FALSE", "NULL":
+	case "SELECT", "TOP", "FROM", "WHERE", "AND", "OR", "NOT", "TRUE", "FALSE", "NULL", "IN", "NIN":
 		return true
 	}
 	return false

@@ -28,6 +28,12 @@ func TestParseQuery(t *testing.T) {
 			"SELECT * FROM devices WHERE ((tags.site = 'x' OR tags.site = 'lab') AND properties.reported.firmware.percent = 100)", true},
 		{"SELECT TOP 10 * FROM devices WHERE deviceId = 'it''s'", "SELECT TOP 10 * FROM devices WHERE deviceId = 'it''s'", false},
 		{"SELECT * FROM devices WHERE tags = 'lab'", "SELECT * FROM devices WHERE tags = 'lab'", false},
+		{"SELECT * FROM devices WHERE deviceId IN ['gw-02','gw-01']", "SELECT * FROM devices WHERE deviceId IN ['gw-02', 'gw-01']", true},
+		{"SELECT * FROM devices WHERE deviceId in ['gw-02']", "SELECT * FROM devices WHERE deviceId IN ['gw-02']", false},
+		{"SELECT * FROM devices WHERE tags.n IN [1, 3] AND tags.site NIN ['x', 'y']",
+			"SELECT * FROM devices WHERE (tags.n IN [1, 3] AND tags.site NIN ['x', 'y'])", true},
+		{"SELECT * FROM devices WHERE tags.site NIN ['lab']", "SELECT * FROM devices WHERE tags.site NIN ['lab']", false},
+		{"SELECT * FROM devices WHERE tags.missing NIN ['lab']", "SELECT * FROM devices WHERE tags.missing NIN ['lab']", false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.q, func(t *testing.T) {
@@ -48,6 +54,8 @@ func TestParseQuery(t *testing.T) {
 		"SELECT * FROM devices WHERE", "SELECT * FROM devices WHERE tags.a = ", "SELECT * FROM devices WHERE tags.a = 'x",
 		"SELECT * FROM devices WHERE (tags.a = 1", "SELECT * FROM devices WHERE tags.a ! 1", "SELECT * FROM devices WHERE a = b",
 		"SELECT TOP 0 * FROM devices", "SELECT * FROM devices extra", "SELECT * FROM devices WHERE and = 1",
+		"SELECT * FROM devices WHERE deviceId IN []", "SELECT * FROM devices WHERE deviceId IN ['a'", "SELECT * FROM devices WHERE deviceId IN 'a'",
+		"SELECT * FROM devices WHERE deviceId IN ['a' 'b']", "SELECT * FROM devices WHERE in = 1",
 	} {
 		if _, err := ParseQuery(bad); !errors.Is(err, ErrQuery) {
 			t.Errorf("ParseQuery(%q) = %v, want ErrQuery", bad, err)

@@ -33,6 +33,7 @@ var errorNames = map[int]string{
 	iothub.CodeMessageTooLarge:     "MessageTooLarge",
 	iothub.CodeServerError:         "ServerError",
 	iothub.CodeServiceUnavailable:  "ServiceUnavailable",
+	iothub.CodeThrottlingException: "ThrottlingException",
 	iothub.CodeGatewayTimeout:      "GatewayTimeout",
 }
 
@@ -216,11 +217,17 @@ func (h *Hub) handleUpdateTwin(w http.ResponseWriter, r *http.Request) {
 		writeError(w, serr)
 		return
 	}
+	if !h.throttle.allow() {
+		w.Header().Set("Retry-After", "1") // the limiter's bucket holds one second
+		writeError(w, errThrottled())
+		return
+	}
 	t, serr := h.updateTwin(r.PathValue("id"), b, r.Header.Get("If-Match"), r.Method == http.MethodPut)
 	if serr != nil {
 		writeError(w, serr)
 		return
 	}
+	h.throttle.done(time.Now())
 	w.Header().Set("ETag", strconv.Quote(t.ETag))
 	writeJSON(w, http.StatusOK, t)
 }

@@ -120,8 +120,11 @@ The connection string comes from --connection-string or ` + envConnectionString 
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if a.output == "table" { // the rollout commands' name for text
+				a.output = "text"
+			}
 			if a.output != "text" && a.output != "json" {
-				return usageErr("--output must be text or json, not %q", a.output)
+				return usageErr("--output must be text or json (or table, the same as text), not %q", a.output)
 			}
 			a.log = a.newLogger()
 			return nil
@@ -130,14 +133,14 @@ The connection string comes from --connection-string or ` + envConnectionString 
 	f := root.PersistentFlags()
 	f.StringVar(&a.connectionString, "connection-string", "", "service connection string (default $"+envConnectionString+")")
 	f.StringVar(&a.caFile, "ca-file", "", "PEM file of the CA to trust, e.g. gwhub's DIR/ca.pem (default $"+envCAFile+", else the system roots)")
-	f.StringVarP(&a.output, "output", "o", "text", "output format: text or json")
+	f.StringVarP(&a.output, "output", "o", "text", "output format: text (table) or json")
 	f.BoolVarP(&a.verbose, "verbose", "v", false, "log requests and retries to stderr")
 	// A local hub on a non-standard port; the real service is always
 	// https://{HostName}.
 	f.StringVar(&a.endpoint, "endpoint", "", "reach the hub at this URL instead of https://{HostName}, e.g. https://127.0.0.1:8443 for a local gwhub (default $"+envEndpoint+")")
 	f.BoolVar(&a.insecure, "insecure", false, "allow an http:// --endpoint, which sends the service token in clear text")
 
-	root.AddCommand(a.deviceCommand(), a.twinCommand(), a.methodCommand(), a.updateCommand(), a.queryCommand(), a.imageCommand(), a.dpsCommand())
+	root.AddCommand(a.deviceCommand(), a.twinCommand(), a.methodCommand(), a.updateCommand(), a.queryCommand(), a.imageCommand(), a.dpsCommand(), a.rolloutCommand())
 	cli.Setup(root)
 	return root
 }

@@ -63,6 +63,9 @@ func runCommand() *cobra.Command {
 			if cfg.StateDir == "" {
 				return cli.Usagef("--state-dir is required")
 			}
+			if cfg.TwinWriteRate < 0 {
+				return cli.Usagef("--twin-write-rate must not be negative (0 turns the throttle off)")
+			}
 			log, _, err := logging.New(logging.Options{Level: logLevel, Format: logFmt})
 			if err != nil {
 				return err
@@ -96,10 +99,17 @@ func runCommand() *cobra.Command {
 	f.DurationVar(&cfg.ConnectTimeout, "connect-timeout", hub.DefaultConnectTimeout, "close a connection that has not finished its TLS handshake and CONNECT (or WebSocket upgrade, or HTTPS request headers) within this time")
 	f.IntVar(&cfg.MaxPreAuthConns, "max-preauth-conns", hub.DefaultMaxPreAuthConns, "most connections that have not authenticated yet; more are closed at once")
 	f.IntVar(&cfg.MaxPreAuthConnsPerIP, "max-preauth-conns-per-ip", hub.DefaultMaxPreAuthConnsPerIP, "most connections from one IP address that have not authenticated yet; more are closed at once")
+	f.Float64Var(&cfg.TwinWriteRate, "twin-write-rate", DefaultTwinWriteRate, "service-side twin writes (PATCH/PUT /twins, jobs' twin updates) per second before the hub answers 429 ThrottlingException, as an S1 unit does; 0: no throttle")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&logFmt, "log-format", "auto", "log format: auto, console, json, journal")
 	return cmd
 }
+
+// DefaultTwinWriteRate is gwhub's throttle of service-side twin writes:
+// IoT Hub's twin-update throttle for one S1 unit (50/s), so a tool that
+// does not pace its writes or honour 429 meets that here first, not in
+// production. The library default (hub.Config) is no throttle, for tests.
+const DefaultTwinWriteRate = 50
 
 // bannerDevice is the device the banner's commands register and run.
 const bannerDevice = "gw-01"

@@ -59,6 +59,27 @@ func (c *Client) CreateDeviceWithKeys(ctx context.Context, id, primaryKey, secon
 	}})
 }
 
+// CreateDisabledDevice registers a device identity with status
+// "disabled" and fresh random keys that are not returned: an identity no
+// device can connect as, whose twin holds records (tags) of a tool.
+// reason goes to statusReason (at most 128 characters at IoT Hub).
+func (c *Client) CreateDisabledDevice(ctx context.Context, id, reason string) (iothub.Device, error) {
+	primary, err := NewKey()
+	if err != nil {
+		return iothub.Device{}, err
+	}
+	secondary, err := NewKey()
+	if err != nil {
+		return iothub.Device{}, err
+	}
+	d, err := c.putDevice(ctx, iothub.Device{DeviceID: id, Status: "disabled", StatusReason: reason, Authentication: iothub.Authentication{
+		Type:         iothub.AuthSAS,
+		SymmetricKey: &iothub.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary},
+	}})
+	d.Authentication.SymmetricKey = nil
+	return d, err
+}
+
 // CreateX509Device registers a device authenticated by a self-signed
 // certificate, given its SHA-1 or SHA-256 thumbprints (hex). The secondary
 // thumbprint may be empty.

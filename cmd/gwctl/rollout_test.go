@@ -1,0 +1,578 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/gwagent/gwagent/hub"
+	"github.com/gwagent/gwagent/internal/testutil"
+	"github.com/gwagent/gwagent/iothub"
+	"github.com/gwagent/gwagent/iothub/service"
+)
+
+// Outcomes a fleet device gives a desired firmware update.
+const (
+	outComplete = "complete"
+	outFail     = "fail"
+	outHold     = "hold" // stays downloading until released (or the desired update is cleared)
+)
+
+// fleetDevice answers desired firmware the way gwagent does (docs/twin.md):
+// an acknowledgement 202 with the update running, then 200 completed or
+// 500 failed with an error code, all as reported patches over MQTT.
+type fleetDevice struct {
+	*testDevice
+	id      string
+	outcome string
+	release chan struct{}
+
+	mu       sync.Mutex
+	got      time.Time // when the desired firmware arrived
+	done     time.Time // when it reported the end
+	cleared  bool
+	patches  chan map[string]any
+	stopOnce sync.Once
+}
+
+// rolloutHub is a hub with n devices gw-01…gw-NN tagged site=berlin, and a
+// service client for the test's own checks.
+type rolloutHub struct {
+	h   *hub.Hub
+	env *env
+	svc *service.Client
+	ids []string
+}
+
+func startRolloutHub(t *testing.T, n int, mods ...func(*hub.Config)) *rolloutHub {
+	t.Helper()
+	cfg := hub.Config{StateDir: t.TempDir(), HostName: "gwhub.test", MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0"}
+	for _, m := range mods {
+		m(&cfg)
+	}
+	h, err := hub.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Close() })
+	e := &env{cs: h.ServiceConnectionString(), ca: h.CAFile(), endpoint: "https://" + h.HTTPSAddr()}
+	cs, err := iothub.ParseConnectionString(e.cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := service.New(cs, service.Options{CAFile: e.ca, BaseURL: e.endpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(svc.CloseIdleConnections)
+	rh := &rolloutHub{h: h, env: e, svc: svc}
+	for i := 1; i <= n; i++ {
+		id := fmt.Sprintf("gw-%02d", i)
+		if _, err := h.CreateDevice(id); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := svc.UpdateTwin(t.Context(), id, map[string]any{"tags": map[string]any{"site": "berlin"}}, ""); err != nil {
+			t.Fatal(err)
+		}
+		rh.ids = append(rh.ids, id)
+	}
+	return rh
+}
+
+// online connects device id with the given outcome.
+func (rh *rolloutHub) online(t *testing.T, id, outcome string) *fleetDevice {
+	t.Helper()
+	cs, err := rh.h.DeviceConnectionString(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd := &fleetDevice{id: id, outcome: outcome, release: make(chan struct{}), patches: make(chan map[string]any, 16)}
+	fd.testDevice = connectDevice(t, rh.h, cs, func(*testDevice, json.RawMessage) {})
+	// Desired patches arrive in order; one worker handles them in order,
+	// off paho's router.
+	if tok := fd.client.Subscribe(iothub.DesiredFilter, 0, func(_ paho.Client, m paho.Message) {
+		var p map[string]any
+		if json.Unmarshal(m.Payload(), &p) == nil {
+			fd.patches <- p
+		}
+	}); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe desired: %v", tok.Error())
+	}
+	stop := make(chan struct{})
+	fd.wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case p := <-fd.patches:
+				fd.handle(p, stop)
+			}
+		}
+	})
+	// Runs before connectDevice's cleanup (LIFO): the worker ends first.
+	t.Cleanup(func() { fd.stopOnce.Do(func() { close(stop) }) })
+	return fd
+}
+
+func (fd *fleetDevice) handle(p map[string]any, stop chan struct{}) {
+	fwv, present := p["firmware"]
+	fw, _ := fwv.(map[string]any)
+	if present && fw == nil { // cleared
+		fd.mu.Lock()
+		fd.cleared = true
+		fd.mu.Unlock()
+		fd.report(map[string]any{"firmware": map[string]any{"ac": 200, "ad": "no firmware update desired", "desiredId": nil}})
+		return
+	}
+	if fw == nil {
+		return
+	}
+	id, _ := fw["updateId"].(string)
+	fd.mu.Lock()
+	fd.got = time.Now()
+	fd.mu.Unlock()
+	ack := func(status string, ac int, extra map[string]any) map[string]any {
+		f := map[string]any{"status": status, "updateId": "u-" + fd.id, "targetVersion": fw["version"], "ac": ac, "ad": status, "desiredId": id}
+		for k, v := range extra {
+			f[k] = v
+		}
+		return map[string]any{"firmwareStatus": status, "firmware": f}
+	}
+	fd.report(ack("downloading", 202, nil))
+	switch fd.outcome {
+	case outHold:
+		select {
+		case <-fd.release:
+		case <-stop:
+			return
+		case next := <-fd.patches:
+			// A change while the update runs: still cancellable, as the
+			// agent does before applying.
+			fd.handle(next, stop)
+			return
+		}
+		fd.report(ack("completed", 200, nil))
+	case outFail:
+		fd.report(ack("failed", 500, map[string]any{"error": map[string]any{"code": "verifyFailed", "message": "sha256 mismatch"}}))
+	default:
+		fd.report(ack("completed", 200, nil))
+	}
+	fd.mu.Lock()
+	fd.done = time.Now()
+	fd.mu.Unlock()
+}
+
+func (fd *fleetDevice) times() (got, done time.Time) {
+	fd.mu.Lock()
+	defer fd.mu.Unlock()
+	return fd.got, fd.done
+}
+
+// run runs one gwctl invocation (a fresh "operator") bounded by timeout.
+func (e *env) run(t *testing.T, timeout time.Duration, args ...string) result {
+	t.Helper()
+	var out, errb bytes.Buffer
+	vars := map[string]string{"IOTHUB_CONNECTION_STRING": e.cs, "GWCTL_CA_FILE": e.ca}
+	a := &app{stdout: &out, stderr: &errb, getenv: func(k string) string { return vars[k] }, isTerminal: func() bool { return false }, loc: time.UTC}
+	// Cancelled (not a deadline) as Ctrl-C would: a cut run exits 130.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer time.AfterFunc(timeout, cancel).Stop()
+	defer cancel()
+	code := a.run(ctx, append([]string{"--endpoint", e.endpoint}, args...))
+	return result{out.String(), errb.String(), code}
+}
+
+func (rh *rolloutHub) status(t *testing.T, name string) rolloutStatus {
+	t.Helper()
+	r := rh.env.run(t, 30*time.Second, "rollout", "status", name, "-o", "json")
+	var st rolloutStatus
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
+		t.Fatalf("status -o json: %v\n%s\n%s", err, r.stdout, r.stderr)
+	}
+	return st
+}
+
+// desired is the desired firmware of a device, nil when there is none.
+func (rh *rolloutHub) desired(t *testing.T, id string) map[string]any {
+	t.Helper()
+	tw, err := rh.svc.GetTwin(t.Context(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw, _ := tw.Properties.Desired["firmware"].(map[string]any)
+	return fw
+}
+
+var startArgs = []string{"--uri", "https://fw.example.com/2.1.0.img", "--version", "2.1.0", "--rate", "200", "--interval", "200ms"}
+
+func startCmd(name string, extra ...string) []string {
+	return append(append([]string{"rollout", "start", name}, startArgs...), extra...)
+}
+
+// TestRolloutWavesAdvance: each wave begins only once the one before has
+// completed as --success asks, the rollout completes, and a second
+// operator sees the same status.
+func TestRolloutWavesAdvance(t *testing.T) {
+	rh := startRolloutHub(t, 10)
+	devs := map[string]*fleetDevice{}
+	for _, id := range rh.ids {
+		out := outComplete
+		if id == "gw-01" {
+			out = outHold // wave 1 ends when the test says
+		}
+		devs[id] = rh.online(t, id, out)
+	}
+	done := make(chan result, 1)
+	go func() {
+		done <- rh.env.run(t, time.Minute, startCmd("r1", "--query", "tags.site = 'berlin'", "--waves", "1,50%,100%", "--success", "100%", "--watch")...)
+	}()
+	testutil.Eventually(t, 20*time.Second, "gw-01 gets its desired firmware", func() bool { got, _ := devs["gw-01"].times(); return !got.IsZero() })
+	// The driver steps every 200ms; over several steps with wave 1
+	// running, wave 2 must not begin. (A real wait: the hub and the
+	// devices run on real sockets, outside a synctest bubble.)
+	time.Sleep(time.Second)
+	for _, id := range rh.ids[1:] {
+		if got, _ := devs[id].times(); !got.IsZero() {
+			t.Fatalf("%s got its desired firmware while wave 1 was running", id)
+		}
+	}
+	close(devs["gw-01"].release)
+	r := <-done
+	if r.code != exitOK {
+		t.Fatalf("start --watch exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "rollout r1: completed, wave 3 of 3") {
+		t.Fatalf("no final table:\n%s", r.stdout)
+	}
+	// Waves: gw-01 | gw-02…gw-05 | gw-06…gw-10, each begun after the
+	// previous one ended.
+	waves := [][]string{rh.ids[:1], rh.ids[1:5], rh.ids[5:]}
+	for w := 1; w < len(waves); w++ {
+		var lastDone time.Time
+		for _, id := range waves[w-1] {
+			if _, done := devs[id].times(); done.After(lastDone) {
+				lastDone = done
+			}
+		}
+		for _, id := range waves[w] {
+			got, _ := devs[id].times()
+			if got.IsZero() || got.Before(lastDone) {
+				t.Errorf("%s (wave %d) got its desired firmware at %v, before wave %d ended at %v", id, w+1, got, w, lastDone)
+			}
+		}
+	}
+	st := rh.status(t, "r1") // a second operator
+	if st.State != stateCompleted || st.Counts.Completed != 10 || len(st.Waves) != 3 || st.Devices != 10 {
+		t.Fatalf("status %+v", st)
+	}
+	for i, want := range []int{1, 4, 5} {
+		if w := st.Waves[i]; w.Size != want || w.Assigned != want || w.Counts.Completed != want {
+			t.Errorf("wave %d: %+v, want %d devices completed", i+1, w, want)
+		}
+	}
+	if fw := rh.desired(t, "gw-07"); fw["updateId"] != "r1" || fw["version"] != "2.1.0" || fw["fwPackageUri"] != "https://fw.example.com/2.1.0.img" {
+		t.Errorf("desired firmware of gw-07: %v", fw)
+	}
+	text := rh.env.run(t, 30*time.Second, "rollout", "status", "r1", "-o", "table")
+	if text.code != exitOK || !strings.Contains(text.stdout, "WAVE") || !strings.Contains(text.stdout, "total  10") {
+		t.Errorf("status table (exit %d):\n%s%s", text.code, text.stdout, text.stderr)
+	}
+	list := rh.env.run(t, 30*time.Second, "rollout", "list")
+	if list.code != exitOK || !strings.Contains(list.stdout, "r1") || !strings.Contains(list.stdout, "completed") {
+		t.Errorf("list (exit %d):\n%s%s", list.code, list.stdout, list.stderr)
+	}
+}
+
+// TestRolloutFailureThresholdStops: too many failures in a wave stop the
+// rollout with the reason, the failed devices and their codes; the next
+// wave never begins.
+func TestRolloutFailureThresholdStops(t *testing.T) {
+	rh := startRolloutHub(t, 8)
+	for _, id := range rh.ids {
+		out := outComplete
+		if id == "gw-02" {
+			out = outFail
+		}
+		rh.online(t, id, out)
+	}
+	r := rh.env.run(t, time.Minute, startCmd("r2", "--query", "tags.site = 'berlin'", "--waves", "4,100%", "--max-failures", "10%", "--watch")...)
+	if r.code != exitFailure || !strings.Contains(r.stderr, "rollout r2 stopped: wave 1: 1 of 4 devices failed") {
+		t.Fatalf("exit %d, want 1 with the reason\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "gw-02") || !strings.Contains(r.stdout, "verifyFailed") {
+		t.Errorf("the table does not list gw-02 verifyFailed:\n%s", r.stdout)
+	}
+	st := rh.status(t, "r2")
+	if st.State != stateStopped || !strings.Contains(st.Reason, "wave 1") {
+		t.Fatalf("status %+v", st)
+	}
+	if len(st.Failed) != 1 || st.Failed[0].DeviceID != "gw-02" || st.Failed[0].Code != "verifyFailed" || st.Failed[0].Message != "sha256 mismatch" {
+		t.Errorf("failed %+v", st.Failed)
+	}
+	if st.Waves[1].Assigned != 0 {
+		t.Errorf("wave 2 began: %+v", st.Waves[1])
+	}
+	for _, id := range rh.ids[4:] {
+		if fw := rh.desired(t, id); fw != nil {
+			t.Errorf("%s (wave 2) has desired firmware %v", id, fw)
+		}
+	}
+	if again := rh.env.run(t, 30*time.Second, "rollout", "run", "r2", "--interval", "100ms"); again.code != exitFailure {
+		t.Errorf("run of a stopped rollout: exit %d, want 1", again.code)
+	}
+}
+
+// TestRolloutPauseResume: a paused rollout does not advance however its
+// wave goes; resume continues it to the end.
+func TestRolloutPauseResume(t *testing.T) {
+	rh := startRolloutHub(t, 4)
+	first := rh.online(t, "gw-01", outHold)
+	for _, id := range rh.ids[1:] {
+		rh.online(t, id, outComplete)
+	}
+	if r := rh.env.run(t, 30*time.Second, startCmd("r3", "--devices", "gw-01,gw-02,gw-03,gw-04", "--waves", "1,100%")...); r.code != exitOK {
+		t.Fatalf("start exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if r := rh.env.run(t, 30*time.Second, "rollout", "pause", "r3"); r.code != exitOK || !strings.Contains(r.stdout, "paused") {
+		t.Fatalf("pause exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	close(first.release) // wave 1 completes while paused
+	testutil.Eventually(t, 20*time.Second, "wave 1 completed", func() bool { return rh.status(t, "r3").Waves[0].Counts.Completed == 1 })
+	// An operator drives it for a while: nothing advances.
+	if r := rh.env.run(t, 1500*time.Millisecond, "rollout", "run", "r3", "--interval", "100ms"); r.code != exitCanceled {
+		t.Fatalf("run of a paused rollout ended with %d, want 130 (cut by its deadline)\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if st := rh.status(t, "r3"); st.State != statePaused || st.Wave != 1 || st.Waves[1].Assigned != 0 {
+		t.Fatalf("a paused rollout advanced: %+v", st)
+	}
+	if fw := rh.desired(t, "gw-02"); fw != nil {
+		t.Fatalf("gw-02 got desired firmware while paused: %v", fw)
+	}
+	if r := rh.env.run(t, time.Minute, "rollout", "resume", "r3", "--interval", "100ms"); r.code != exitOK {
+		t.Fatalf("resume exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if st := rh.status(t, "r3"); st.State != stateCompleted || st.Counts.Completed != 4 {
+		t.Fatalf("status after resume %+v", st)
+	}
+	if r := rh.env.run(t, 30*time.Second, "rollout", "pause", "r3"); r.code != exitFailure || !strings.Contains(r.stderr, "r3 is completed") {
+		t.Errorf("pause of a completed rollout: exit %d: %s", r.code, r.stderr)
+	}
+}
+
+// TestRolloutCancel: cancel ends the rollout, clears the desired firmware
+// of members not done (a running one, an offline one), begins no wave.
+func TestRolloutCancel(t *testing.T) {
+	rh := startRolloutHub(t, 5)
+	held := rh.online(t, "gw-01", outHold)
+	rh.online(t, "gw-03", outComplete)
+	// gw-02 stays offline; gw-04 and gw-05 are in wave 2.
+	if r := rh.env.run(t, 30*time.Second, startCmd("r4", "--query", "tags.site = 'berlin'", "--waves", "3,100%")...); r.code != exitOK {
+		t.Fatalf("start exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	testutil.Eventually(t, 20*time.Second, "wave 1: one running, one completed, one offline", func() bool {
+		c := rh.status(t, "r4").Waves[0].Counts
+		return c.Running == 1 && c.Completed == 1 && c.Offline == 1
+	})
+	r := rh.env.run(t, 30*time.Second, "rollout", "cancel", "r4")
+	if r.code != exitOK || !strings.Contains(r.stdout, "cancelled") {
+		t.Fatalf("cancel exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	for _, id := range []string{"gw-01", "gw-02"} {
+		if fw := rh.desired(t, id); fw != nil {
+			t.Errorf("%s still has desired firmware %v", id, fw)
+		}
+	}
+	if fw := rh.desired(t, "gw-03"); fw["updateId"] != "r4" {
+		t.Errorf("gw-03 completed; its desired firmware should stay: %v", fw)
+	}
+	testutil.Eventually(t, 20*time.Second, "gw-01 sees its desired firmware cleared", func() bool {
+		held.mu.Lock()
+		defer held.mu.Unlock()
+		return held.cleared
+	})
+	close(held.release)
+	st := rh.status(t, "r4")
+	if st.State != stateCancelled || !strings.Contains(st.Reason, "cancelled by") || st.Waves[1].Assigned != 0 {
+		t.Fatalf("status %+v", st)
+	}
+	if r := rh.env.run(t, 30*time.Second, "rollout", "run", "r4", "--interval", "100ms"); r.code != exitFailure {
+		t.Errorf("run of a cancelled rollout: exit %d, want 1", r.code)
+	}
+	if r := rh.env.run(t, 30*time.Second, "rollout", "resume", "r4"); r.code != exitFailure || !strings.Contains(r.stderr, "r4 is cancelled") {
+		t.Errorf("resume of a cancelled rollout: exit %d: %s", r.code, r.stderr)
+	}
+}
+
+// TestRolloutBadInput: each mistake is a clear error and changes nothing.
+func TestRolloutBadInput(t *testing.T) {
+	rh := startRolloutHub(t, 4)
+	records := func() string {
+		items, err := rh.svc.Query(t.Context(), "SELECT * FROM devices WHERE tags.gwctl.kind = 'rollout'")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, raw := range items {
+			var tw iothub.Twin
+			_ = json.Unmarshal(raw, &tw)
+			ids = append(ids, tw.DeviceID)
+		}
+		return strings.Join(ids, ",")
+	}
+
+	r := rh.env.run(t, 30*time.Second, startCmd("none", "--query", "tags.site = 'paris'")...)
+	if r.code != exitFailure || !strings.Contains(r.stderr, `query "tags.site = 'paris'" matches no device`) {
+		t.Errorf("empty query: exit %d: %s", r.code, r.stderr)
+	}
+	r = rh.env.run(t, 30*time.Second, startCmd("none", "--devices", "gw-01,gw-99")...)
+	if r.code != exitFailure || !strings.Contains(r.stderr, "gw-99 not registered") {
+		t.Errorf("unknown device: exit %d: %s", r.code, r.stderr)
+	}
+	if got := records(); got != "" {
+		t.Fatalf("records after refused starts: %s", got)
+	}
+	for _, cmd := range []string{"status", "pause", "resume", "cancel", "run"} {
+		r := rh.env.run(t, 30*time.Second, "rollout", cmd, "nope")
+		if r.code != exitFailure || !strings.Contains(r.stderr, "unknown rollout nope") {
+			t.Errorf("%s of an unknown rollout: exit %d: %s", cmd, r.code, r.stderr)
+		}
+	}
+	for _, args := range [][]string{
+		{"--query", "tags.site = 'berlin'", "--waves", "0"},
+		{"--query", "tags.site = 'berlin'", "--waves", "50%,10%"},
+		{"--query", "tags.site = 'berlin'", "--waves", "1,abc"},
+		{"--query", "tags.site = 'berlin'", "--waves", "150%"},
+		{"--query", "tags.site = 'berlin'", "--success", "150%"},
+		{"--query", "tags.site = 'berlin'", "--max-failures", "x"},
+		{"--query", "tags.site = 'berlin'", "--rate", "0"},
+		{"--query", "tags.site = 'berlin'", "--devices", "gw-01"},
+		{},
+	} {
+		r := rh.env.run(t, 30*time.Second, startCmd("bad", args...)...)
+		if r.code != exitUsage {
+			t.Errorf("start %v: exit %d, want %d: %s", args, r.code, exitUsage, r.stderr)
+		}
+	}
+	if r := rh.env.run(t, 30*time.Second, "rollout", "start", "bad name", "--uri", "https://x/y", "--version", "1", "--devices", "gw-01"); r.code != exitUsage {
+		t.Errorf("bad name: exit %d: %s", r.code, r.stderr)
+	}
+	if got := records(); got != "" {
+		t.Fatalf("records after usage errors: %s", got)
+	}
+
+	// A running rollout over gw-01…gw-03 (no device online: it stays running).
+	if r := rh.env.run(t, 30*time.Second, startCmd("first", "--devices", "gw-01,gw-02,gw-03", "--waves", "1,100%")...); r.code != exitOK {
+		t.Fatalf("start exit %d\n%s", r.code, r.stderr)
+	}
+	r = rh.env.run(t, 30*time.Second, startCmd("second", "--query", "tags.site = 'berlin'")...)
+	if r.code != exitFailure || !strings.Contains(r.stderr, "devices gw-01, gw-02, gw-03 are members of rollout first, which is running") {
+		t.Errorf("overlapping start: exit %d: %s", r.code, r.stderr)
+	}
+	r = rh.env.run(t, 30*time.Second, startCmd("first", "--devices", "gw-04")...)
+	if r.code != exitFailure || !strings.Contains(r.stderr, "rollout first already exists") {
+		t.Errorf("existing name: exit %d: %s", r.code, r.stderr)
+	}
+	if got := records(); got != recordPrefix+"first" {
+		t.Fatalf("records: %s, want only the first rollout's", got)
+	}
+	tw, err := rh.svc.GetTwin(t.Context(), "gw-04")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tw.Tags["rollout"] != nil || tw.Properties.Desired["firmware"] != nil {
+		t.Errorf("gw-04 changed by refused starts: tags %v desired %v", tw.Tags, tw.Properties.Desired)
+	}
+	// Once the first ends, its devices may join another rollout.
+	if r := rh.env.run(t, 30*time.Second, "rollout", "cancel", "first"); r.code != exitOK {
+		t.Fatalf("cancel exit %d: %s", r.code, r.stderr)
+	}
+	if r := rh.env.run(t, 30*time.Second, startCmd("second", "--query", "tags.site = 'berlin'")...); r.code != exitOK {
+		t.Fatalf("start after cancel: exit %d: %s", r.code, r.stderr)
+	}
+	if fw := rh.desired(t, "gw-01"); fw["updateId"] != "second" {
+		t.Errorf("gw-01 desired %v, want rollout second's", fw)
+	}
+}
+
+// TestRolloutHonoursThrottle: against a hub that throttles twin writes
+// below --rate, the 429s are waited out and every write lands.
+func TestRolloutHonoursThrottle(t *testing.T) {
+	rh := startRolloutHub(t, 8, func(c *hub.Config) { c.TwinWriteRate = 4 })
+	before := rh.h.TwinWriteStats()
+	r := rh.env.run(t, time.Minute, startCmd("r6", "--query", "tags.site = 'berlin'", "--waves", "100%")...)
+	if r.code != exitOK {
+		t.Fatalf("start exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	after := rh.h.TwinWriteStats()
+	if after.Throttled == before.Throttled {
+		t.Fatalf("the hub throttled nothing (%+v): the test did not exercise 429", after)
+	}
+	for _, id := range rh.ids {
+		if fw := rh.desired(t, id); fw["updateId"] != "r6" {
+			t.Errorf("%s desired %v", id, fw)
+		}
+	}
+	if st := rh.status(t, "r6"); st.State != stateRunning || st.Waves[0].Assigned != 8 || st.Counts.Offline != 8 {
+		t.Errorf("status %+v", st)
+	}
+}
+
+// TestParseWaves: cumulative counts and percentages become wave sizes.
+func TestParseWaves(t *testing.T) {
+	for _, tc := range []struct {
+		spec string
+		n    int
+		want string
+	}{
+		{"10%,100%", 20, "[2 18]"},
+		{"1,10%,50%,100%", 200, "[1 19 80 100]"},
+		{"1,10%,100%", 5, "[1 4]"}, // 10% of 5 rounds up to 1: no device added, wave dropped
+		{"100%", 3, "[3]"},
+		{"2,5", 3, "[2 1]"},
+	} {
+		got, err := parseWaves(tc.spec, tc.n)
+		if err != nil || fmt.Sprint(got) != tc.want {
+			t.Errorf("parseWaves(%q, %d) = %v, %v; want %s", tc.spec, tc.n, got, err, tc.want)
+		}
+	}
+}
+
+// TestRolloutTwoOperators: two operators drive the same rollout at once;
+// the record's etag lets one advance each wave, and both see it complete.
+func TestRolloutTwoOperators(t *testing.T) {
+	rh := startRolloutHub(t, 6)
+	for _, id := range rh.ids {
+		rh.online(t, id, outComplete)
+	}
+	if r := rh.env.run(t, 30*time.Second, startCmd("r7", "--query", "tags.site = 'berlin'", "--waves", "1,2,4,100%", "--success", "100%")...); r.code != exitOK {
+		t.Fatalf("start exit %d\n%s", r.code, r.stderr)
+	}
+	results := make(chan result, 2)
+	for range 2 {
+		go func() { results <- rh.env.run(t, time.Minute, "rollout", "run", "r7", "--interval", "100ms") }()
+	}
+	for range 2 {
+		if r := <-results; r.code != exitOK || !strings.Contains(r.stdout, "rollout r7: completed, wave 4 of 4") {
+			t.Errorf("run exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+		}
+	}
+	st := rh.status(t, "r7")
+	if st.State != stateCompleted || st.Wave != 4 || st.Counts.Completed != 6 {
+		t.Fatalf("status %+v", st)
+	}
+	for i, want := range []int{1, 1, 2, 2} {
+		if st.Waves[i].Size != want || st.Waves[i].Counts.Completed != want {
+			t.Errorf("wave %d: %+v", i+1, st.Waves[i])
+		}
+	}
+}
