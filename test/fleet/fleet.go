@@ -496,8 +496,13 @@ func stateOf(t iothub.Twin) State {
 	}
 	if fw, ok := t.Properties.Reported["firmware"].(map[string]any); ok {
 		s.AckID, _ = fw["desiredId"].(string)
-		if ac, ok := fw["ac"].(float64); ok {
+		// Float64 from encoding/json, json.Number from the service client.
+		switch ac := fw["ac"].(type) {
+		case float64:
 			s.AC = int(ac)
+		case json.Number:
+			n, _ := ac.Int64()
+			s.AC = int(n)
 		}
 	}
 	return s
