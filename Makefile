@@ -59,10 +59,19 @@ lint: ## go vet, gofmt, staticcheck, go mod tidy and the package layering
 
 .PHONY: unit
 unit: deps ## Unit and integration tests with the race detector
-	$(GO) test -race -count=1 -timeout 8m ./...
+	$(GO) test -race -count=1 -timeout 8m $$($(GO) list ./... | grep -v '/test/fleet')
+
+.PHONY: fleet-demo
+fleet-demo: build ## A fleet of 20 gateways (some offline, some bad) updated in waves with gwctl rollout --watch
+	$(GO) run ./test/fleet/cmd/fleet demo -bin '$(BUILD)' $(FLEET_DEMO_ARGS)
+
+# The fleet test runs the programs of make build; unit leaves it out.
+.PHONY: fleet
+fleet: build ## A fleet of 30 real gwagent processes on one gwhub, updated with gwctl rollout (~2 min)
+	FLEET_BIN='$(abspath $(BUILD))' $(GO) test -race -count=1 -timeout 6m ./test/fleet/...
 
 .PHONY: test
-test: deps lint unit interop e2e e2e-vm ## Everything CI runs: lint, unit/integration tests, interop, systemd end-to-end tests and the full-system VM test
+test: deps lint unit fleet interop e2e e2e-vm ## Everything CI runs: lint, unit/integration tests, the fleet test, interop, systemd end-to-end tests and the full-system VM test
 
 # --- interop ---
 # The official Azure IoT SDKs for Node.js (pinned in test/interop/package-lock.json) against gwhub and gwagent.
@@ -82,7 +91,8 @@ e2e-qemu: ## Real GRUB A/B boots under QEMU: trial, commit, fallback (slow, ~3 m
 	BUILD=$(BUILD) bash test/qemu/run.sh
 
 .PHONY: bench
-bench: deps ## Benchmarks, each as a ratio to a baseline measured in the same run
+bench: deps build ## Benchmarks, each as a ratio to a baseline measured in the same run
+	$(GO) run ./test/fleet/cmd/fleet bench -bin '$(BUILD)' $(FLEET_BENCH_ARGS)
 	GO='$(GO)' BUILD='$(BUILD)' test/bench/run.sh
 	GO='$(GO)' BUILD='$(BUILD)' test/bench/agent.sh
 	$(GO) test -run '^$$' -bench MethodRoundTrip -benchtime 500x ./hub/
