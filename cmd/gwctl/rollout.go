@@ -71,7 +71,8 @@ cancelled. Devices: pending (desired firmware written, no answer yet), running,
 waiting (for a maintenance window), completed, failed (with the error code),
 offline (not answered and disconnected).
 
-Exit codes: 0 ok; 1 the rollout stopped or was cancelled (run, status), or the
+Exit codes: 0 ok; 1 the rollout stopped or was cancelled (run, start --watch,
+status --watch, resume), or the
 command failed; 64 invalid usage; 130 interrupted.`,
 	}
 	cmd.AddCommand(a.rolloutStartCommand(), a.rolloutStatusCommand(), a.rolloutRunCommand(),
@@ -564,10 +565,9 @@ func (d *driver) printStatus(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	if err := d.a.renderRollout(st); err != nil {
-		return err
-	}
-	return endCode(st)
+	// The status was read: exit 0 whatever the rollout's state (run and
+	// status --watch exit by how it ended).
+	return d.a.renderRollout(st)
 }
 
 // endCode: a stopped or cancelled rollout exits 1.

@@ -369,6 +369,41 @@ func TestRolloutPauseResume(t *testing.T) {
 	}
 }
 
+// TestRolloutWaitsForOfflineDevices: a rollout whose last wave reached
+// --success is not completed while a member is offline; a plain status
+// reads it (exit 0), and once the gateway comes back and ends its update
+// the rollout completes.
+func TestRolloutWaitsForOfflineDevices(t *testing.T) {
+	rh := startRolloutHub(t, 4)
+	for _, id := range rh.ids[:3] {
+		rh.online(t, id, outComplete)
+	}
+	// gw-04 is registered but not connected.
+	if r := rh.env.run(t, 30*time.Second, startCmd("r8", "--query", "tags.site = 'berlin'", "--waves", "100%", "--success", "75%")...); r.code != exitOK {
+		t.Fatalf("start exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if r := rh.env.run(t, 3*time.Second, "rollout", "run", "r8", "--interval", "100ms"); r.code != exitCanceled {
+		t.Fatalf("run with gw-04 offline ended with %d, want 130 (cut by its deadline)\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	st := rh.status(t, "r8")
+	if st.State != stateRunning || st.Counts.Completed != 3 || st.Counts.Offline != 1 {
+		t.Fatalf("status with gw-04 offline: %+v; want running, 3 completed, 1 offline", st)
+	}
+	if r := rh.env.run(t, 30*time.Second, "rollout", "status", "r8"); r.code != exitOK || !strings.Contains(r.stdout, "running") {
+		t.Errorf("status exit %d, want 0:\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	// Back online, the device reads its desired firmware (the agent does
+	// so with the full twin GET at every connect).
+	fd := rh.online(t, "gw-04", outComplete)
+	fd.patches <- map[string]any{"firmware": rh.desired(t, "gw-04")}
+	if r := rh.env.run(t, time.Minute, "rollout", "run", "r8", "--interval", "100ms"); r.code != exitOK {
+		t.Fatalf("run after gw-04 came back: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if st := rh.status(t, "r8"); st.State != stateCompleted || st.Counts.Completed != 4 {
+		t.Fatalf("status %+v, want completed with 4", st)
+	}
+}
+
 // TestRolloutCancel: cancel ends the rollout, clears the desired firmware
 // of members not done (a running one, an offline one), begins no wave.
 func TestRolloutCancel(t *testing.T) {

@@ -383,8 +383,9 @@ type decision struct {
 }
 
 // decide applies the thresholds to a running rollout: stop when a begun
-// wave's failed share passes maxFailures, advance (or complete after the
-// last wave) when the current wave's completed share reaches success.
+// wave's failed share passes maxFailures, advance when the current wave's
+// completed share reaches success; after the last wave reached it,
+// complete once every member has ended.
 func decide(r *record, st rolloutStatus) decision {
 	if r.State.State != stateRunning {
 		return decision{}
@@ -403,7 +404,13 @@ func decide(r *record, st rolloutStatus) decision {
 		return decision{}
 	}
 	if r.State.Wave == len(st.Waves) {
-		return decision{next: stateCompleted, reason: fmt.Sprintf("wave %d: %d of %d devices completed", w.Index, w.Counts.Completed, w.Size)}
+		// Every wave has begun: the rollout is over once every member has
+		// ended, so gateways that were offline are waited for (they
+		// converge when they come back; cancel gives up on them).
+		if c := st.Counts; c.Pending+c.Running+c.Waiting+c.Offline > 0 {
+			return decision{}
+		}
+		return decision{next: stateCompleted, reason: fmt.Sprintf("all %d devices ended: %d completed, %d failed", st.Devices, st.Counts.Completed, st.Counts.Failed)}
 	}
 	return decision{next: stateRunning, wave: r.State.Wave + 1,
 		reason: fmt.Sprintf("wave %d: %d of %d devices completed (%s >= --success %s)", w.Index, w.Counts.Completed, w.Size,
