@@ -41,6 +41,7 @@ const (
 
 type rolloutFlags struct {
 	fw          fwDesired
+	window      fwWindow
 	query       string
 	devices     string
 	waves       string
@@ -95,6 +96,11 @@ cumulative; default 10%,100%), tag every member with its wave, and write the
 desired firmware on the first wave. Devices that are members of another
 rollout that is running or paused are refused.
 
+With --window-start and --window-duration (and --window-tz, default UTC) the
+desired firmware carries a daily maintenance window: each gateway downloads
+and verifies at once, then waits (counted as waiting) and applies inside the
+window. Without them a gateway's own update.window applies, if set.
+
 With --watch, drive the rollout until it ends (as "gwctl rollout run").`,
 		Args: exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -110,6 +116,7 @@ With --watch, drive the rollout until it ends (as "gwctl rollout run").`,
 	fl.StringVar(&f.fw.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
 	fl.Int64Var(&f.fw.Size, "size", 0, "size of the image in bytes")
 	fl.StringVar(&f.fw.SignatureURI, "signature-uri", "", "URL of the image's signature")
+	f.window.register(cmd)
 	fl.StringVar(&f.query, "query", "", "select the devices whose twin matches this WHERE condition")
 	fl.StringVar(&f.devices, "devices", "", "select these devices (comma-separated ids)")
 	fl.StringVar(&f.waves, "waves", defaultWaves, "cumulative wave sizes: counts or percentages of the selected devices")
@@ -142,6 +149,11 @@ func (f *rolloutFlags) validate(name string) error {
 	if f.fw.Size < 0 {
 		return usageErr("--size must not be negative")
 	}
+	w, err := f.window.resolve()
+	if err != nil {
+		return err
+	}
+	f.fw.Window = w
 	if (f.query == "") == (f.devices == "") {
 		return usageErr("give one of --query or --devices")
 	}

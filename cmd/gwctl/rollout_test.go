@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -22,7 +23,8 @@ import (
 const (
 	outComplete = "complete"
 	outFail     = "fail"
-	outHold     = "hold" // stays downloading until released (or the desired update is cleared)
+	outHold     = "hold"   // stays downloading until released (or the desired update is cleared)
+	outWindow   = "window" // reports waitingForWindow (with the desired window) until released
 )
 
 // fleetDevice answers desired firmware the way gwagent does (docs/twin.md):
@@ -149,8 +151,11 @@ func (fd *fleetDevice) handle(p map[string]any, stop chan struct{}) {
 		return map[string]any{"firmwareStatus": status, "firmware": f}
 	}
 	fd.report(ack("downloading", 202, nil))
+	if fd.outcome == outWindow {
+		fd.report(ack("waitingForWindow", 202, map[string]any{"window": fw["window"]}))
+	}
 	switch fd.outcome {
-	case outHold:
+	case outHold, outWindow:
 		select {
 		case <-fd.release:
 		case <-stop:
@@ -401,6 +406,43 @@ func TestRolloutWaitsForOfflineDevices(t *testing.T) {
 	}
 	if st := rh.status(t, "r8"); st.State != stateCompleted || st.Counts.Completed != 4 {
 		t.Fatalf("status %+v, want completed with 4", st)
+	}
+}
+
+// TestRolloutMaintenanceWindow: --window-* put the window into every
+// member's desired firmware, and a device waiting for it counts as
+// waiting, which holds the wave (and the rollout) until it applies.
+func TestRolloutMaintenanceWindow(t *testing.T) {
+	rh := startRolloutHub(t, 2)
+	waiting := rh.online(t, "gw-01", outWindow)
+	rh.online(t, "gw-02", outComplete)
+	if r := rh.env.run(t, 30*time.Second, startCmd("w1", "--devices", "gw-01,gw-02", "--waves", "100%", "--window-start", "02:00")...); r.code != exitUsage {
+		t.Errorf("--window-start alone: exit %d, want %d\n%s", r.code, exitUsage, r.stderr)
+	}
+	if r := rh.env.run(t, 30*time.Second, startCmd("w1", "--devices", "gw-01,gw-02", "--waves", "100%",
+		"--window-start", "02:00", "--window-duration", "2h", "--window-tz", "Europe/Berlin")...); r.code != exitOK {
+		t.Fatalf("start exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	want := map[string]any{"start": "02:00", "duration": "2h", "timeZone": "Europe/Berlin"}
+	for _, id := range rh.ids {
+		if fw := rh.desired(t, id); !reflect.DeepEqual(fw["window"], want) {
+			t.Errorf("%s: desired window %v, want %v", id, fw["window"], want)
+		}
+	}
+	testutil.Eventually(t, 20*time.Second, "gw-01 waiting, gw-02 completed", func() bool {
+		c := rh.status(t, "w1").Counts
+		return c.Waiting == 1 && c.Completed == 1
+	})
+	if r := rh.env.run(t, 2*time.Second, "rollout", "run", "w1", "--interval", "100ms"); r.code != exitCanceled {
+		t.Fatalf("run with gw-01 waiting ended with %d, want 130 (cut by its deadline)\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	table := rh.env.run(t, 30*time.Second, "rollout", "status", "w1")
+	if !strings.Contains(table.stdout, "WAITING") || !strings.Contains(table.stdout, "running") {
+		t.Errorf("status table:\n%s", table.stdout)
+	}
+	close(waiting.release) // the window opened and the update completed
+	if r := rh.env.run(t, time.Minute, "rollout", "run", "w1", "--interval", "100ms"); r.code != exitOK {
+		t.Fatalf("run after the window: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
 }
 

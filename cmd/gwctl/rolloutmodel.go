@@ -63,7 +63,7 @@ const (
 
 // statusWaitingForWindow is reported while an update waits for its
 // maintenance window.
-const statusWaitingForWindow = "waitingForWindow"
+const statusWaitingForWindow = service.StatusWaitingForWindow
 
 func recordID(name string) string { return recordPrefix + name }
 
@@ -98,12 +98,13 @@ type plan struct {
 
 // fwDesired is the desired firmware property (docs/twin.md).
 type fwDesired struct {
-	UpdateID     string `json:"updateId"`
-	URI          string `json:"fwPackageUri"`
-	Version      string `json:"version"`
-	SHA256       string `json:"sha256,omitempty"`
-	Size         int64  `json:"size,omitempty"`
-	SignatureURI string `json:"signatureUri,omitempty"`
+	UpdateID     string    `json:"updateId"`
+	URI          string    `json:"fwPackageUri"`
+	Version      string    `json:"version"`
+	SHA256       string    `json:"sha256,omitempty"`
+	Size         int64     `json:"size,omitempty"`
+	SignatureURI string    `json:"signatureUri,omitempty"`
+	Window       *fwWindow `json:"window,omitempty"`
 }
 
 // rstate is the rollout's state.

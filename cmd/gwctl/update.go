@@ -32,6 +32,26 @@ type fwWindow struct {
 	TimeZone string `json:"timeZone,omitempty"`
 }
 
+// register adds the --window-* flags of a command that sends an update.
+func (w *fwWindow) register(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringVar(&w.Start, "window-start", "", "maintenance window: local time HH:MM it opens")
+	fl.StringVar(&w.Duration, "window-duration", "", "maintenance window: how long it stays open (e.g. 2h)")
+	fl.StringVar(&w.TimeZone, "window-tz", "", "maintenance window: IANA time zone of --window-start (default UTC)")
+}
+
+// resolve is the window the flags give, nil when none was given. The
+// device checks the values (400 naming the member).
+func (w fwWindow) resolve() (*fwWindow, error) {
+	switch {
+	case w.Start != "" && w.Duration != "":
+		return &w, nil
+	case w.Start != "" || w.Duration != "" || w.TimeZone != "":
+		return nil, usageErr("--window-start and --window-duration go together (--window-tz is optional)")
+	}
+	return nil, nil
+}
+
 // fwAnswer is gwagent's answer to firmwareUpdate (200 accepted, 409 busy,
 // 400 invalid, 404 unknown method).
 type fwAnswer struct {
@@ -92,9 +112,7 @@ of an update that waits for a window needs a --timeout that reaches it.
 	fl.StringVar(&f.req.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
 	fl.Int64Var(&f.req.Size, "size", 0, "size of the image in bytes")
 	fl.StringVar(&f.req.SignatureURI, "signature-uri", "", "URL of the image's signature")
-	fl.StringVar(&f.window.Start, "window-start", "", "maintenance window: local time HH:MM it opens")
-	fl.StringVar(&f.window.Duration, "window-duration", "", "maintenance window: how long it stays open (e.g. 2h)")
-	fl.StringVar(&f.window.TimeZone, "window-tz", "", "maintenance window: IANA time zone of --window-start (default UTC)")
+	f.window.register(cmd)
 	fl.BoolVar(&f.watch, "watch", false, "follow the update until it completes or fails")
 	fl.DurationVar(&f.interval, "interval", time.Second, "twin polling interval with --watch")
 	fl.DurationVar(&f.timeout, "timeout", 30*time.Minute, "give up watching after this long (exit code 2)")
@@ -117,12 +135,11 @@ func (f *updateFlags) validate() error {
 	if f.req.Size < 0 {
 		return usageErr("--size must not be negative")
 	}
-	switch w := f.window; {
-	case w.Start != "" && w.Duration != "":
-		f.req.Window = &w
-	case w.Start != "" || w.Duration != "" || w.TimeZone != "":
-		return usageErr("--window-start and --window-duration go together (--window-tz is optional)")
+	w, err := f.window.resolve()
+	if err != nil {
+		return err
 	}
+	f.req.Window = w
 	if f.interval < 100*time.Millisecond {
 		return usageErr("--interval must be at least 100ms (twin reads are throttled per hub)")
 	}
