@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -47,9 +46,8 @@ type rolloutFlags struct {
 	waves       string
 	success     string
 	maxFailures string
-	rate        float64
 	watch       bool
-	interval    time.Duration
+	driveFlags
 }
 
 func (a *app) rolloutCommand() *cobra.Command {
@@ -122,9 +120,8 @@ With --watch, drive the rollout until it ends (as "gwctl rollout run").`,
 	fl.StringVar(&f.waves, "waves", defaultWaves, "cumulative wave sizes: counts or percentages of the selected devices")
 	fl.StringVar(&f.success, "success", defaultSuccess, "share of a wave that must complete before the next begins")
 	fl.StringVar(&f.maxFailures, "max-failures", defaultMaxFailures, "share of a wave that may fail; more stops the rollout")
-	fl.Float64Var(&f.rate, "rate", defaultRolloutRate, "twin writes per second at most")
 	fl.BoolVar(&f.watch, "watch", false, "drive the rollout and show it until it ends")
-	fl.DurationVar(&f.interval, "interval", defaultRolloutInterval, "time between steps with --watch (each step runs one query)")
+	f.driveFlags.register(cmd, "time between steps with --watch (each step runs one query)")
 	_ = cmd.MarkFlagRequired("uri")
 	_ = cmd.MarkFlagRequired("version")
 	return cmd
@@ -141,15 +138,7 @@ func (f *rolloutFlags) validate(name string) error {
 	if strings.TrimSpace(f.fw.Version) == "" {
 		return usageErr("--version is required: devices compare it with the version they run")
 	}
-	if f.fw.SHA256 != "" {
-		if b, err := hex.DecodeString(f.fw.SHA256); err != nil || len(b) != 32 {
-			return usageErr("--sha256 must be 64 hex digits")
-		}
-	}
-	if f.fw.Size < 0 {
-		return usageErr("--size must not be negative")
-	}
-	w, err := f.window.resolve()
+	w, err := checkImageFlags(f.fw.SHA256, f.fw.Size, f.window)
 	if err != nil {
 		return err
 	}
@@ -170,15 +159,39 @@ func (f *rolloutFlags) validate(name string) error {
 	if _, err := parsePercent("max-failures", f.maxFailures); err != nil {
 		return err
 	}
-	if f.rate <= 0 || f.rate > 1000 {
-		return usageErr("--rate must be above 0 and at most 1000 twin writes per second")
-	}
-	return checkInterval(f.interval)
+	return f.driveFlags.validate()
 }
 
 func checkInterval(d time.Duration) error {
 	if d < 100*time.Millisecond {
 		return usageErr("--interval must be at least 100ms (each step runs a query; IoT Hub allows 20 a minute per S1 unit)")
+	}
+	return nil
+}
+
+// driveFlags are --interval and --rate of the commands that drive a
+// rollout (status --watch, run, pause, resume, cancel).
+type driveFlags struct {
+	interval time.Duration
+	rate     float64
+}
+
+// register adds --rate, and --interval (described by what) unless what is
+// empty: then the default interval applies.
+func (f *driveFlags) register(cmd *cobra.Command, what string) {
+	cmd.Flags().Float64Var(&f.rate, "rate", defaultRolloutRate, "twin writes per second at most")
+	f.interval = defaultRolloutInterval
+	if what != "" {
+		cmd.Flags().DurationVar(&f.interval, "interval", defaultRolloutInterval, what)
+	}
+}
+
+func (f *driveFlags) validate() error {
+	if err := checkInterval(f.interval); err != nil {
+		return err
+	}
+	if f.rate <= 0 || f.rate > 1000 {
+		return usageErr("--rate must be above 0 and at most 1000 twin writes per second")
 	}
 	return nil
 }
@@ -646,8 +659,7 @@ func operator() string {
 
 func (a *app) rolloutStatusCommand() *cobra.Command {
 	var watch bool
-	var interval time.Duration
-	var rateFlag float64
+	var df driveFlags
 	cmd := &cobra.Command{
 		Use:   "status NAME [--watch] [--interval 3s]",
 		Short: "Show a rollout's waves, device counts by state and failed devices",
@@ -657,30 +669,25 @@ error codes. -o json prints the same as a document. With --watch, drive the
 rollout (as "run") and show it until it ends.`,
 		Args: exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkInterval(interval); err != nil {
+			if err := df.validate(); err != nil {
 				return err
 			}
-			if rateFlag <= 0 {
-				return usageErr("--rate must be above 0")
-			}
 			return a.withClient(func(c *service.Client) error {
-				d := a.newDriver(c, rateFlag)
+				d := a.newDriver(c, df.rate)
 				if watch {
-					return d.loop(cmd.Context(), args[0], interval)
+					return d.loop(cmd.Context(), args[0], df.interval)
 				}
 				return d.printStatus(cmd.Context(), args[0])
 			})
 		},
 	}
 	cmd.Flags().BoolVar(&watch, "watch", false, "drive the rollout and show it until it ends")
-	cmd.Flags().DurationVar(&interval, "interval", defaultRolloutInterval, "time between steps with --watch (each step runs one query)")
-	cmd.Flags().Float64Var(&rateFlag, "rate", defaultRolloutRate, "twin writes per second at most")
+	df.register(cmd, "time between steps with --watch (each step runs one query)")
 	return cmd
 }
 
 func (a *app) rolloutRunCommand() *cobra.Command {
-	var interval time.Duration
-	var rateFlag float64
+	var df driveFlags
 	cmd := &cobra.Command{
 		Use:   "run NAME",
 		Short: "Drive a rollout until it ends: advance waves, stop on failures",
@@ -690,48 +697,39 @@ resumed or cancelled. Exit code 0 when it completed, 1 when it stopped or was
 cancelled. Several operators may run it at once.`,
 		Args: exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkInterval(interval); err != nil {
+			if err := df.validate(); err != nil {
 				return err
 			}
-			if rateFlag <= 0 {
-				return usageErr("--rate must be above 0")
-			}
 			return a.withClient(func(c *service.Client) error {
-				return a.newDriver(c, rateFlag).loop(cmd.Context(), args[0], interval)
+				return a.newDriver(c, df.rate).loop(cmd.Context(), args[0], df.interval)
 			})
 		},
 	}
-	cmd.Flags().DurationVar(&interval, "interval", defaultRolloutInterval, "time between steps (each step runs one query)")
-	cmd.Flags().Float64Var(&rateFlag, "rate", defaultRolloutRate, "twin writes per second at most")
+	df.register(cmd, "time between steps (each step runs one query)")
 	return cmd
 }
 
 // rolloutStateCommand is pause, resume or cancel.
 func (a *app) rolloutStateCommand(verb, short string) *cobra.Command {
-	var interval time.Duration
-	var rateFlag float64
+	var df driveFlags
 	cmd := &cobra.Command{
 		Use:   verb + " NAME",
 		Short: short,
 		Args:  exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkInterval(interval); err != nil {
+			if err := df.validate(); err != nil {
 				return err
 			}
-			if rateFlag <= 0 {
-				return usageErr("--rate must be above 0")
-			}
 			return a.withClient(func(c *service.Client) error {
-				return a.newDriver(c, rateFlag).transition(cmd.Context(), verb, args[0], interval)
+				return a.newDriver(c, df.rate).transition(cmd.Context(), verb, args[0], df.interval)
 			})
 		},
 	}
-	cmd.Flags().Float64Var(&rateFlag, "rate", defaultRolloutRate, "twin writes per second at most")
+	interval := ""
 	if verb == "resume" {
-		cmd.Flags().DurationVar(&interval, "interval", defaultRolloutInterval, "time between steps (each step runs one query)")
-	} else {
-		interval = defaultRolloutInterval
+		interval = "time between steps (each step runs one query)"
 	}
+	df.register(cmd, interval)
 	if verb == "cancel" {
 		cmd.Long = `Cancel a running or paused rollout: no new wave begins, and the desired
 firmware is cleared (set to null) on every member that has not completed or

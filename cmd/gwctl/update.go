@@ -52,6 +52,20 @@ func (w fwWindow) resolve() (*fwWindow, error) {
 	return nil, nil
 }
 
+// checkImageFlags checks --sha256 and --size of a command that sends an
+// update and returns the window its --window-* flags give (nil for none).
+func checkImageFlags(sha string, size int64, w fwWindow) (*fwWindow, error) {
+	if sha != "" {
+		if b, err := hex.DecodeString(sha); err != nil || len(b) != 32 {
+			return nil, usageErr("--sha256 must be 64 hex digits")
+		}
+	}
+	if size < 0 {
+		return nil, usageErr("--size must not be negative")
+	}
+	return w.resolve()
+}
+
 // fwAnswer is gwagent's answer to firmwareUpdate (200 accepted, 409 busy,
 // 400 invalid, 404 unknown method).
 type fwAnswer struct {
@@ -127,15 +141,7 @@ func (f *updateFlags) validate() error {
 	if err != nil || u.Scheme == "" || u.Host == "" {
 		return usageErr("--uri must be an absolute URL, not %q", f.req.URI)
 	}
-	if f.req.SHA256 != "" {
-		if b, err := hex.DecodeString(f.req.SHA256); err != nil || len(b) != 32 {
-			return usageErr("--sha256 must be 64 hex digits")
-		}
-	}
-	if f.req.Size < 0 {
-		return usageErr("--size must not be negative")
-	}
-	w, err := f.window.resolve()
+	w, err := checkImageFlags(f.req.SHA256, f.req.Size, f.window)
 	if err != nil {
 		return err
 	}
