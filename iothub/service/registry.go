@@ -35,15 +35,22 @@ func NewKey() (string, error) {
 // made here rather than left to the hub so the result does not depend on a
 // hub generating missing keys.
 func (c *Client) CreateDevice(ctx context.Context, id string) (iothub.Device, error) {
-	primary, err := NewKey()
-	if err != nil {
-		return iothub.Device{}, err
-	}
-	secondary, err := NewKey()
+	primary, secondary, err := newKeyPair()
 	if err != nil {
 		return iothub.Device{}, err
 	}
 	return c.CreateDeviceWithKeys(ctx, id, primary, secondary)
+}
+
+// newKeyPair returns a primary and a secondary key from NewKey.
+func newKeyPair() (primary, secondary string, err error) {
+	if primary, err = NewKey(); err != nil {
+		return "", "", err
+	}
+	if secondary, err = NewKey(); err != nil {
+		return "", "", err
+	}
+	return primary, secondary, nil
 }
 
 // CreateDeviceWithKeys registers a SAS device with the given base64 keys.
@@ -64,11 +71,7 @@ func (c *Client) CreateDeviceWithKeys(ctx context.Context, id, primaryKey, secon
 // device can connect as, whose twin holds records (tags) of a tool.
 // reason goes to statusReason (at most 128 characters at IoT Hub).
 func (c *Client) CreateDisabledDevice(ctx context.Context, id, reason string) (iothub.Device, error) {
-	primary, err := NewKey()
-	if err != nil {
-		return iothub.Device{}, err
-	}
-	secondary, err := NewKey()
+	primary, secondary, err := newKeyPair()
 	if err != nil {
 		return iothub.Device{}, err
 	}
