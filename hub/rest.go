@@ -274,24 +274,10 @@ func (h *Hub) handleQuery(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "%v", err))
 		return
 	}
-	pageSize := 100
-	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > 1000 {
-			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-max-item-count must be 1..1000"))
-			return
-		}
-		pageSize = n
-	}
-	offset := 0
-	if v := r.Header.Get("x-ms-continuation"); v != "" {
-		raw, err := base64.StdEncoding.DecodeString(v)
-		n, err2 := strconv.Atoi(string(raw))
-		if err != nil || err2 != nil || n < 0 {
-			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-continuation is not valid"))
-			return
-		}
-		offset = n
+	pg, serr := parsePage(r)
+	if serr != nil {
+		writeError(w, serr)
+		return
 	}
 	var matches []json.RawMessage
 	itemType := "Twin"
@@ -311,13 +297,44 @@ func (h *Hub) handleQuery(w http.ResponseWriter, r *http.Request) {
 	if q.Top > 0 && len(matches) > q.Top {
 		matches = matches[:q.Top]
 	}
-	offset = min(offset, len(matches))
-	end := min(offset+pageSize, len(matches))
-	if end < len(matches) {
+	writePage(w, pg, matches, itemType)
+}
+
+// page is where a paged answer starts and how many items it holds at
+// most: x-ms-continuation (an opaque token; here the base64 of an offset)
+// and x-ms-max-item-count (1..1000, default 100).
+type page struct{ offset, size int }
+
+func parsePage(r *http.Request) (page, *svcError) {
+	p := page{size: 100}
+	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 1000 {
+			return p, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-max-item-count must be 1..1000")
+		}
+		p.size = n
+	}
+	if v := r.Header.Get("x-ms-continuation"); v != "" {
+		raw, err := base64.StdEncoding.DecodeString(v)
+		n, err2 := strconv.Atoi(string(raw))
+		if err != nil || err2 != nil || n < 0 {
+			return p, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-continuation is not valid")
+		}
+		p.offset = n
+	}
+	return p, nil
+}
+
+// writePage answers with p's page of items, and a continuation token
+// when more follow.
+func writePage[T any](w http.ResponseWriter, p page, items []T, itemType string) {
+	offset := min(p.offset, len(items))
+	end := min(offset+p.size, len(items))
+	if end < len(items) {
 		w.Header().Set("x-ms-continuation", base64.StdEncoding.EncodeToString([]byte(strconv.Itoa(end))))
 	}
 	w.Header().Set("x-ms-item-type", itemType)
-	writeJSON(w, http.StatusOK, matches[offset:end])
+	writeJSON(w, http.StatusOK, items[offset:end])
 }
 
 // filterDocs keeps the documents that match q.
@@ -407,30 +424,10 @@ func (h *Hub) handleListJobs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	all := h.listJobs(jobType, status)
-	pageSize := 100
-	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > 1000 {
-			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-max-item-count must be 1..1000"))
-			return
-		}
-		pageSize = n
+	pg, serr := parsePage(r)
+	if serr != nil {
+		writeError(w, serr)
+		return
 	}
-	offset := 0
-	if v := r.Header.Get("x-ms-continuation"); v != "" {
-		raw, err := base64.StdEncoding.DecodeString(v)
-		n, err2 := strconv.Atoi(string(raw))
-		if err != nil || err2 != nil || n < 0 {
-			writeError(w, errf(http.StatusBadRequest, iothub.CodeArgumentInvalid, "x-ms-continuation is not valid"))
-			return
-		}
-		offset = n
-	}
-	offset = min(offset, len(all))
-	end := min(offset+pageSize, len(all))
-	if end < len(all) {
-		w.Header().Set("x-ms-continuation", base64.StdEncoding.EncodeToString([]byte(strconv.Itoa(end))))
-	}
-	w.Header().Set("x-ms-item-type", "JobResponse")
-	writeJSON(w, http.StatusOK, all[offset:end])
+	writePage(w, pg, all, "JobResponse")
 }
