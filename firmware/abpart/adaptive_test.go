@@ -1,0 +1,319 @@
+package abpart
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/gwagent/gwagent/firmware"
+	"github.com/gwagent/gwagent/firmware/blockindex"
+)
+
+// Adaptive installs through the real state machine: the running slot A holds
+// version 1, the server holds version 2 and its block index, and only the
+// blocks the device does not hold may cross the wire.
+
+const testBlock = blockindex.MinBlockSize // 4 KiB: 256 blocks in a 1 MiB slot
+
+// adaptiveServer serves an image with hand-written Range handling, so that
+// tests can make it misbehave, and its block index; it counts what it sent.
+type adaptiveServer struct {
+	*httptest.Server
+	img, idx []byte
+
+	mu          sync.Mutex
+	ranges      []string // Range headers of the image requests
+	imgSent     int64    // image body bytes sent
+	idxSent     int
+	ignoreRange bool        // answer every image request 200 with the whole image
+	corrupt     map[int]int // block → times left to corrupt it when sent (-1: always)
+	shift       int64       // send the bytes this far after the ones asked for (once)
+}
+
+func newAdaptiveServer(t *testing.T, img []byte) *adaptiveServer {
+	t.Helper()
+	ix, err := blockindex.Build(bytes.NewReader(img), testBlock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, _ := ix.MarshalBinary()
+	s := &adaptiveServer{img: img, idx: idx, corrupt: map[int]int{}}
+	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *adaptiveServer) serve(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r.URL.Path == "/fw.img.bidx" {
+		s.idxSent++
+		w.Write(s.idx)
+		return
+	}
+	s.ranges = append(s.ranges, r.Header.Get("Range"))
+	rng := r.Header.Get("Range")
+	if rng == "" || s.ignoreRange {
+		w.Header().Set("Content-Length", strconv.Itoa(len(s.img)))
+		n, _ := w.Write(s.img)
+		s.imgSent += int64(n)
+		return
+	}
+	a, b, ok := parseRange(rng, int64(len(s.img)))
+	if !ok {
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", len(s.img)))
+		w.WriteHeader(http.StatusRequestedRangeNotSatisfiable)
+		return
+	}
+	body := bytes.Clone(s.img[min(a+s.shift, int64(len(s.img))):min(b+1+s.shift, int64(len(s.img)))])
+	s.shift = 0
+	for k, left := range s.corrupt {
+		off := int64(k) * testBlock
+		if left != 0 && off >= a && off <= b {
+			body[off-a] ^= 0xff
+			if left > 0 {
+				s.corrupt[k] = left - 1
+			}
+		}
+	}
+	w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", a, b, len(s.img)))
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusPartialContent)
+	n, _ := w.Write(body)
+	s.imgSent += int64(n)
+}
+
+// parseRange reads "bytes=a-b" or "bytes=a-" within size.
+func parseRange(h string, size int64) (a, b int64, ok bool) {
+	spec, found := strings.CutPrefix(h, "bytes=")
+	if !found {
+		return 0, 0, false
+	}
+	as, bs, _ := strings.Cut(spec, "-")
+	a, err := strconv.ParseInt(as, 10, 64)
+	if err != nil || a >= size {
+		return 0, 0, false
+	}
+	b = size - 1
+	if bs != "" {
+		if b, err = strconv.ParseInt(bs, 10, 64); err != nil || b < a {
+			return 0, 0, false
+		}
+		b = min(b, size-1)
+	}
+	return a, b, true
+}
+
+func (s *adaptiveServer) counts() (ranges []string, imgSent int64, idxSent int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.ranges...), s.imgSent, s.idxSent
+}
+
+func (s *adaptiveServer) request() firmware.Request {
+	req := request(s.URL+"/fw.img", s.img)
+	req.IndexURI = s.URL + "/fw.img.bidx"
+	return req
+}
+
+// adaptivePair puts version 1 in the running slot A and returns version 2
+// and the bytes of it that the device does not hold: three changed blocks,
+// a block of version 1 that moved (found by hash), and a changed short
+// last block.
+func adaptivePair(t *testing.T, d *device) (v2 []byte, changed int64) {
+	t.Helper()
+	const size = 200*testBlock + 123
+	slotA, err := os.ReadFile(d.slots["A"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1 := slotA[:size] // the running slot holds version 1 (random bytes)
+	v2 = bytes.Clone(v1)
+	fresh := randomBytes(t, 4*testBlock)
+	copy(v2[10*testBlock:], fresh[:3*testBlock])             // blocks 10-12 changed
+	copy(v2[50*testBlock:], v1[150*testBlock:151*testBlock]) // block 50 = old block 150
+	copy(v2[200*testBlock:], fresh[3*testBlock:3*testBlock+123])
+	return v2, 3*testBlock + 123
+}
+
+func TestAdaptiveInstall(t *testing.T) {
+	d := newDevice(t, "file")
+	d.guard("A")
+	v2, changed := adaptivePair(t, d)
+	srv := newAdaptiveServer(t, v2)
+	d.tune = func(c *firmware.Config) { c.MaxRangeBytes = 2 * testBlock }
+	a := d.startAgent(t, nil)
+	if _, err := a.m.Start(srv.request()); err != nil {
+		t.Fatal(err)
+	}
+	if !a.waitRebootOrEnd(t) {
+		final, phases := a.result()
+		t.Fatalf("no reboot: %+v, phases %v", final, phases)
+	}
+	got, err := os.ReadFile(d.slots["B"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[:len(v2)], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	ranges, imgSent, idxSent := srv.counts()
+	t.Logf("ranges %q, image bytes sent %d of %d (changed %d), index %d bytes", ranges, imgSent, len(v2), changed, len(srv.idx))
+	if imgSent != changed {
+		t.Errorf("sent %d image bytes, want exactly the %d the device does not hold", imgSent, changed)
+	}
+	if idxSent != 1 {
+		t.Errorf("index fetched %d times", idxSent)
+	}
+	// Blocks 10-12 in ranges of at most two blocks, then the last block.
+	want := []string{"bytes=40960-49151", "bytes=49152-53247", fmt.Sprintf("bytes=819200-%d", len(v2)-1)}
+	if strings.Join(ranges, " ") != strings.Join(want, " ") {
+		t.Errorf("ranges %q, want %q", ranges, want)
+	}
+	a.mu.Lock()
+	st := a.adaptive
+	a.mu.Unlock()
+	if st == nil || st.BytesFetched != changed+int64(len(srv.idx)) || st.BytesReused != int64(len(v2))-changed || st.Fallback != "" {
+		t.Errorf("Progress.Adaptive = %+v, want fetched %d, reused %d", st, changed+int64(len(srv.idx)), int64(len(v2))-changed)
+	}
+}
+
+// TestAdaptiveBadInput: a server or index that lies makes the agent fetch
+// a block again, fall back to the full download or fail with verifyFailed
+// naming the block; the running slot is never written.
+func TestAdaptiveBadInput(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		setup    func(s *adaptiveServer, req *firmware.Request)
+		policy   string
+		fail     string // substring of the verifyFailed message; "" = completes
+		fallback string // substring of Progress.Adaptive.Fallback
+	}{
+		{name: "corrupt block refetched", setup: func(s *adaptiveServer, _ *firmware.Request) { s.corrupt[11] = 1 }},
+		{name: "corrupt block twice", setup: func(s *adaptiveServer, _ *firmware.Request) { s.corrupt[11] = -1 },
+			fail: "block 11 (bytes 45056-49151)"},
+		{name: "wrong range refetched", setup: func(s *adaptiveServer, _ *firmware.Request) { s.shift = testBlock }},
+		{name: "200 instead of 206", setup: func(s *adaptiveServer, _ *firmware.Request) { s.ignoreRange = true },
+			fallback: "200, not 206"},
+		{name: "200 instead of 206, policy fail", setup: func(s *adaptiveServer, _ *firmware.Request) { s.ignoreRange = true },
+			policy: firmware.AdaptiveFallbackFail, fail: "block 10 (bytes 40960-45055) from http://127.0.0.1"},
+		{name: "index for another image", setup: func(s *adaptiveServer, _ *firmware.Request) {
+			ix, _ := blockindex.Build(bytes.NewReader(s.img[:len(s.img)-1]), testBlock)
+			s.idx, _ = ix.MarshalBinary()
+		}, fallback: "for another image"},
+		{name: "index for another image, policy fail", setup: func(s *adaptiveServer, _ *firmware.Request) {
+			ix, _ := blockindex.Build(bytes.NewReader(s.img[:len(s.img)-1]), testBlock)
+			s.idx, _ = ix.MarshalBinary()
+		}, policy: firmware.AdaptiveFallbackFail, fail: "for another image"},
+		{name: "truncated index", setup: func(s *adaptiveServer, _ *firmware.Request) { s.idx = s.idx[:len(s.idx)-7] },
+			fallback: "truncated or padded"},
+		{name: "index unauthenticated", setup: func(_ *adaptiveServer, req *firmware.Request) { req.SHA256 = "" },
+			fallback: "not authenticated"},
+		{name: "range beyond the image", setup: func(s *adaptiveServer, req *firmware.Request) {
+			// The request and its index describe an image one block
+			// longer than the one served.
+			long := append(bytes.Clone(s.img), randomBytes(t, testBlock)...)
+			ix, _ := blockindex.Build(bytes.NewReader(long), testBlock)
+			s.idx, _ = ix.MarshalBinary()
+			*req = request(req.URI, long)
+			req.IndexURI = s.URL + "/fw.img.bidx"
+		}, fail: "block 10 (bytes 40960-45055): download from http://127.0.0.1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := newDevice(t, "file")
+			d.guard("A")
+			v2, _ := adaptivePair(t, d)
+			srv := newAdaptiveServer(t, v2)
+			req := srv.request()
+			tc.setup(srv, &req)
+			d.tune = func(c *firmware.Config) {
+				c.MaxRangeBytes = 2 * testBlock
+				c.AdaptiveFallback = tc.policy
+			}
+			a := d.startAgent(t, nil)
+			if _, err := a.m.Start(req); err != nil {
+				t.Fatal(err)
+			}
+			rebooted := a.waitRebootOrEnd(t)
+			final, phases := a.result()
+			a.mu.Lock()
+			st := a.adaptive
+			a.mu.Unlock()
+			ranges, imgSent, _ := srv.counts()
+			t.Logf("phases %v, adaptive %+v, ranges %q, image bytes sent %d", phases, st, ranges, imgSent)
+			if tc.fail != "" {
+				if rebooted || final == nil || final.Phase != firmware.PhaseFailed || final.Err == nil || final.Err.Code != firmware.CodeVerify ||
+					!strings.Contains(final.Err.Message, tc.fail) {
+					t.Fatalf("update ended %+v (err %+v), want failed verifyFailed naming %q", final, errOf(final), tc.fail)
+				}
+				if st := d.state(); st.Slot != "A" || st.UpgradeAvailable {
+					t.Fatalf("environment after the failure: %+v", st)
+				}
+				return
+			}
+			if !rebooted {
+				t.Fatalf("no reboot: %+v (err %+v)", final, errOf(final))
+			}
+			got, _ := os.ReadFile(d.slots["B"])
+			if !bytes.Equal(got[:len(v2)], v2) {
+				t.Fatal("slot B does not hold version 2")
+			}
+			if tc.fallback != "" {
+				if st == nil || !strings.Contains(st.Fallback, tc.fallback) {
+					t.Fatalf("Progress.Adaptive %+v, want a fallback naming %q", st, tc.fallback)
+				}
+			} else if st == nil || st.Fallback != "" || imgSent >= int64(len(v2))/2 {
+				t.Fatalf("Progress.Adaptive %+v, image bytes sent %d: want an adaptive install", st, imgSent)
+			}
+		})
+	}
+}
+
+func errOf(p *firmware.Progress) *firmware.UpdateError {
+	if p == nil {
+		return nil
+	}
+	return p.Err
+}
+
+// TestAdaptiveReusesTarget: blocks an earlier attempt left in the target
+// slot are not fetched again, even when the running slot cannot be read.
+func TestAdaptiveReusesTarget(t *testing.T) {
+	d := newDevice(t, "file")
+	d.guard("A")
+	v2, _ := adaptivePair(t, d)
+	// An earlier attempt wrote the first 100 blocks of version 2 to B; the
+	// running slot is of no use (all of version 2 differs from it).
+	for i := range v2 {
+		v2[i] ^= 0x5a
+	}
+	b, _ := os.ReadFile(d.slots["B"])
+	copy(b, v2[:100*testBlock])
+	os.WriteFile(d.slots["B"], b, 0o644)
+	srv := newAdaptiveServer(t, v2)
+	a := d.startAgent(t, nil)
+	if _, err := a.m.Start(srv.request()); err != nil {
+		t.Fatal(err)
+	}
+	if !a.waitRebootOrEnd(t) {
+		final, phases := a.result()
+		t.Fatalf("no reboot: %+v, phases %v", final, phases)
+	}
+	got, _ := os.ReadFile(d.slots["B"])
+	if !bytes.Equal(got[:len(v2)], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	if _, sent, _ := srv.counts(); sent != int64(len(v2))-100*testBlock {
+		t.Errorf("sent %d image bytes, want %d (the blocks not in slot B)", sent, int64(len(v2))-100*testBlock)
+	}
+	_ = sha256.Sum256
+	_ = context.Background
+}

@@ -1,0 +1,396 @@
+package firmware
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/gwagent/gwagent/firmware/blockindex"
+	"github.com/gwagent/gwagent/firmware/signature"
+	"github.com/gwagent/gwagent/internal/retry"
+)
+
+// Adaptive installs (docs/adaptive-updates.md). When a request names a
+// block index (Request.IndexURI) and the installer offers local blocks
+// (LocalBlocks), the image is assembled in order into the same Sink as a
+// full download: each block is copied from the running slot (found by
+// hash), taken from the target slot where an earlier attempt left it, or
+// fetched with a bounded HTTP Range request, and verified against the
+// index before it is written. Everything after the bytes reach the sink is
+// the full download's: checkpoints, read-back, the signature over the
+// image, the verifying phase's SHA-256 check. A resumed install continues
+// at the checkpoint's block.
+
+// The values of Config.AdaptiveFallback.
+const (
+	AdaptiveFallbackFull = "full"
+	AdaptiveFallbackFail = "fail"
+)
+
+// fallbackError is why an adaptive install cannot go on; the policy decides
+// between a full download and a failed update.
+type fallbackError struct {
+	code string // the code of the update's error when the policy fails it
+	err  error
+}
+
+func (e *fallbackError) Error() string { return e.err.Error() }
+func (e *fallbackError) Unwrap() error { return e.err }
+
+func fallback(code string, format string, args ...any) error {
+	return &fallbackError{code: code, err: fmt.Errorf(format, args...)}
+}
+
+// adaptive assembles the image from the index. done is false (and err nil)
+// when the install falls back to the full download, which then continues
+// at s.cp.Offset: every byte before it was verified against the index.
+func (s *streamer) adaptive(ctx context.Context, u Update) (done bool, err error) {
+	m := s.m
+	log := m.log.With(zap.String("update_id", u.ID))
+	err = s.assemble(ctx, u, log)
+	var fe *fallbackError
+	if !errors.As(err, &fe) {
+		return err == nil, err
+	}
+	if m.cfg.AdaptiveFallback == AdaptiveFallbackFail {
+		log.Error("adaptive install failed (update.adaptiveFallback is fail)", zap.Error(fe))
+		return false, coded(fe.code, fmt.Errorf("adaptive install: %w (update.adaptiveFallback is fail)", fe))
+	}
+	log.Warn("adaptive install falls back to a full download", zap.String("reason", fe.Error()), zap.Int64("bytes", s.cp.Offset))
+	s.cp.Fallback = fe.Error()
+	s.setAdaptive()
+	return false, nil
+}
+
+// setAdaptive publishes the counts and fallback reason of the checkpoint
+// (Progress.Adaptive); the next progress report carries them.
+func (s *streamer) setAdaptive() {
+	m := s.m
+	m.mu.Lock()
+	m.adaptive = &AdaptiveStatus{BytesFetched: s.cp.Fetched, BytesReused: s.cp.Reused, Fallback: s.cp.Fallback}
+	m.adaptiveID = s.cp.UpdateID
+	m.mu.Unlock()
+}
+
+// assemble is the adaptive install proper; a *fallbackError means it
+// could not go on.
+func (s *streamer) assemble(ctx context.Context, u Update, log *zap.Logger) error {
+	m := s.m
+	lb, ok := m.cfg.Installer.(LocalBlocks)
+	if !ok {
+		return fallback(CodeUnsupported, "the installer has no local blocks to reuse")
+	}
+	if compression(u.Request.URI, "", nil) != "" {
+		return fallback(CodeUnsupported, "the image %s is compressed: its ranges are not blocks of the image", redactURI(u.Request.URI))
+	}
+	ix, err := s.fetchIndex(ctx, u)
+	if err != nil {
+		return err
+	}
+	s.cp.Total = ix.ImageSize
+	s.setAdaptive()
+	if s.cp.Written > ix.ImageSize {
+		return coded(CodeVerify, fmt.Errorf("adaptive install: the checkpoint is at byte %d, past the image's %d", s.cp.Written, ix.ImageSize))
+	}
+	running, target, err := lb.LocalBlocks(ctx, u)
+	if err != nil {
+		return fallback(CodeUnsupported, "open the local blocks: %v", err)
+	}
+	defer func() {
+		if running != nil {
+			running.Close()
+		}
+		if target != nil {
+			target.Close()
+		}
+	}()
+
+	start := time.Now()
+	offs, found, scanned, err := scanRunning(ctx, ix, running)
+	if err != nil {
+		return coded(CodeDownload, fmt.Errorf("adaptive install: read the running image: %w", err))
+	}
+	log.Info("adaptive install: running image scanned", zap.Int64("bytes", scanned), zap.Int("blocks_found", found),
+		zap.Int("blocks", ix.Blocks()), zap.Duration("took", time.Since(start)))
+
+	a := &assembler{s: s, ix: ix, url: u.Request.URI, offs: offs, running: running, target: target,
+		buf: make([]byte, ix.BlockSize), fbuf: make([]byte, ix.BlockSize)}
+	if err := a.run(ctx); err != nil {
+		return err
+	}
+	log.Info("adaptive install assembled the image", zap.Int64("bytes", ix.ImageSize), zap.Int64("fetched", s.cp.Fetched),
+		zap.Int64("reused", s.cp.Reused), zap.Int64("reused_running", a.fromRunning), zap.Int64("reused_target", a.fromTarget),
+		zap.Int("ranges", a.ranges), zap.Int("refetched", a.refetched))
+	return nil
+}
+
+// fetchIndex fetches the block index and authenticates it: its SHA-256 and
+// size against the signed metadata when that names them, else its image
+// SHA-256 against the request's. The index must also describe the image
+// the request names (SHA-256, size). Every failure is a fallback.
+func (s *streamer) fetchIndex(ctx context.Context, u Update) (*blockindex.Index, error) {
+	req := u.Request
+	b, err := s.m.fetchSmall(ctx, req.IndexURI, "block index", blockindex.MaxEncodedSize)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, fallback(CodeDownload, "%v", err)
+	}
+	s.cp.Fetched += int64(len(b))
+	where := redactURI(req.IndexURI)
+	ix, err := blockindex.Parse(b)
+	if err != nil {
+		return nil, fallback(CodeVerify, "block index %s: %v", where, err)
+	}
+	sum := sha256.Sum256(b)
+	signed := false
+	if len(s.cp.SigText) > 0 {
+		// SigText was authenticated before the download (startVerifier).
+		if sig, err := signature.ParseSignature(s.cp.SigText); err == nil {
+			if man, ok, err := signature.ParseManifest(sig.TrustedComment); err == nil && ok && man.IndexSHA256 != "" {
+				if man.IndexSHA256 != hex.EncodeToString(sum[:]) || man.IndexSize != int64(len(b)) {
+					return nil, fallback(CodeVerify, "block index %s does not verify: %d bytes with SHA-256 %x, the signed metadata says %d bytes with %s",
+						where, len(b), sum, man.IndexSize, man.IndexSHA256)
+				}
+				signed = true
+			}
+		}
+	}
+	switch {
+	case req.SHA256 != "" && ix.ImageHex() != req.SHA256:
+		return nil, fallback(CodeVerify, "block index %s is for another image: SHA-256 %s, the request names %s", where, ix.ImageHex(), req.SHA256)
+	case req.Size > 0 && ix.ImageSize != req.Size:
+		return nil, fallback(CodeVerify, "block index %s is for another image: %d bytes, the request names %d", where, ix.ImageSize, req.Size)
+	case !signed && req.SHA256 == "":
+		return nil, fallback(CodeVerify, "block index %s is not authenticated: neither the signed metadata (indexSha256) nor the request (sha256) vouches for it", where)
+	}
+	return ix, nil
+}
+
+// scanRunning reads the running image once, block by block at the index's
+// block size, and notes for every block hash of the index the first offset
+// of the running image that holds it. Memory: one block, and one entry per
+// distinct block of the index (16 Ki per GiB at 64 KiB blocks).
+func scanRunning(ctx context.Context, ix *blockindex.Index, running LocalImage) (offs []int64, found int, scanned int64, err error) {
+	src := make(map[[blockindex.HashSize]byte]int64, ix.Blocks())
+	for i := range ix.Blocks() {
+		src[ix.Hash(i)] = -1
+	}
+	lastOff, lastLen := ix.Block(max(ix.Blocks()-1, 0))
+	if running != nil {
+		buf := make([]byte, ix.BlockSize)
+		bs := int64(ix.BlockSize)
+		for off := int64(0); off+bs <= running.Size(); off += bs {
+			if err := ctx.Err(); err != nil {
+				return nil, 0, scanned, err
+			}
+			n, err := running.ReadAt(buf, off)
+			scanned += int64(n)
+			if err != nil && !(err == io.EOF && n == len(buf)) {
+				return nil, 0, scanned, fmt.Errorf("at byte %d: %w", off, err)
+			}
+			h := sha256.Sum256(buf)
+			if v, ok := src[h]; ok && v < 0 {
+				src[h] = off
+			}
+		}
+		// The last block of the image may be short: it can only be where
+		// it was.
+		if lastLen > 0 && lastLen < bs && lastOff+lastLen <= running.Size() {
+			if _, err := running.ReadAt(buf[:lastLen], lastOff); err == nil {
+				if h := sha256.Sum256(buf[:lastLen]); h == ix.Hash(ix.Blocks()-1) && src[h] < 0 {
+					src[h] = lastOff
+				}
+			}
+		}
+	}
+	offs = make([]int64, ix.Blocks())
+	for i := range offs {
+		offs[i] = src[ix.Hash(i)]
+		if offs[i] >= 0 {
+			found++
+		}
+	}
+	return offs, found, scanned, nil
+}
+
+// assembler writes the image block by block, in order, into the stream.
+type assembler struct {
+	s       *streamer
+	ix      *blockindex.Index
+	url     string
+	offs    []int64 // per block: where the running image holds it, -1 if nowhere
+	running LocalImage
+	target  LocalImage
+	buf     []byte // one block, read from the device
+	fbuf    []byte // one block, fetched
+
+	fromRunning, fromTarget int64 // bytes reused from each
+	ranges, refetched       int
+}
+
+func (a *assembler) run(ctx context.Context) error {
+	s, ix := a.s, a.ix
+	bs := int64(ix.BlockSize)
+	first := int(s.cp.Written / bs)
+	maxRun := int(max(1, s.m.cfg.MaxRangeBytes/bs))
+	r0, r1 := first, first // the pending blocks to fetch, [r0, r1)
+	for i := first; i < ix.Blocks(); i++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		data, ok, err := a.local(i)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			if r1-r0 >= maxRun {
+				if err := a.fetch(ctx, r0, r1); err != nil {
+					return err
+				}
+				r0 = r1
+			}
+			if r0 == r1 {
+				r0 = i
+			}
+			r1 = i + 1
+			continue
+		}
+		if r0 < r1 {
+			if err := a.fetch(ctx, r0, r1); err != nil {
+				return err
+			}
+		}
+		r0, r1 = i+1, i+1
+		if err := a.write(i, data, false); err != nil {
+			return err
+		}
+	}
+	if r0 < r1 {
+		return a.fetch(ctx, r0, r1)
+	}
+	return nil
+}
+
+// local returns block i from the device, verified, when the device holds
+// it: in the running image (where the scan found it), else in the target
+// at its own offset (left by an earlier attempt).
+func (a *assembler) local(i int) ([]byte, bool, error) {
+	off, n := a.ix.Block(i)
+	b := a.buf[:n]
+	if src := a.offs[i]; src >= 0 && a.running != nil {
+		if _, err := a.running.ReadAt(b, src); err == nil && a.ix.Verify(i, b) == nil {
+			a.fromRunning += n
+			return b, true, nil
+		}
+	}
+	if a.target != nil && off+n <= a.target.Size() {
+		if _, err := a.target.ReadAt(b, off); err == nil && a.ix.Verify(i, b) == nil {
+			a.fromTarget += n
+			return b, true, nil
+		}
+	}
+	return nil, false, nil
+}
+
+// write hands block i (verified) to the stream, skipping what a resumed
+// install already wrote of it.
+func (a *assembler) write(i int, data []byte, fetched bool) error {
+	s := a.s
+	off, _ := a.ix.Block(i)
+	if skip := s.cp.Written - off; skip > 0 {
+		data = data[skip:]
+	}
+	if fetched {
+		s.cp.Fetched += int64(len(data))
+	} else {
+		s.cp.Reused += int64(len(data))
+	}
+	s.setAdaptive()
+	return s.write(data)
+}
+
+// fetch gets blocks [r0, r1) with one bounded Range request (reconnecting
+// from where a broken transfer stopped), verifies each block and writes
+// it. A block that does not match its hash is fetched again on its own
+// once; a second mismatch fails the update, naming the block.
+func (a *assembler) fetch(ctx context.Context, r0, r1 int) error {
+	a.ranges++
+	start, _ := a.ix.Block(r0)
+	lastOff, lastLen := a.ix.Block(r1 - 1)
+	rr := a.reader(ctx, start, lastOff+lastLen)
+	defer rr.close()
+	for i := r0; i < r1; i++ {
+		_, n := a.ix.Block(i)
+		b := a.fbuf[:n]
+		if _, err := io.ReadFull(rr, b); err != nil {
+			return a.rangeError(i, err)
+		}
+		if err := a.ix.Verify(i, b); err != nil {
+			a.refetched++
+			a.s.m.log.Warn("adaptive install: a fetched block does not match the index; fetching it again",
+				zap.String("update_id", a.s.cp.UpdateID), zap.Int("block", i), zap.Error(err))
+			if err := a.refetch(ctx, i); err != nil {
+				return err
+			}
+		}
+		a.s.cp.ETag, a.s.cp.LastModified = rr.etag, rr.lastModified
+		if err := a.write(i, b, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// refetch fetches block i alone into a.fbuf and verifies it.
+func (a *assembler) refetch(ctx context.Context, i int) error {
+	off, n := a.ix.Block(i)
+	rr := a.reader(ctx, off, off+n)
+	defer rr.close()
+	b := a.fbuf[:n]
+	if _, err := io.ReadFull(rr, b); err != nil {
+		return a.rangeError(i, err)
+	}
+	if err := a.ix.Verify(i, b); err != nil {
+		return coded(CodeVerify, fmt.Errorf("adaptive install: block %d (bytes %d-%d) from %s does not match the index, also when fetched again: %w",
+			i, off, off+n-1, redactURI(a.url), err))
+	}
+	return nil
+}
+
+// reader is a Range reader of the image's bytes [start, end).
+func (a *assembler) reader(ctx context.Context, start, end int64) *rangeReader {
+	s := a.s
+	rr := &rangeReader{
+		ctx: ctx, m: s.m, lastByte: time.Now(), url: a.url, offset: start, end: end,
+		etag: s.cp.ETag, lastModified: s.cp.LastModified, limit: a.ix.ImageSize, rangeOnly: true,
+	}
+	rr.backoff = retry.NewBackoff(s.m.cfg.RetryInitialInterval, s.m.cfg.RetryMaxInterval)
+	return rr
+}
+
+// rangeError explains a Range request that failed at block i: a server
+// that ignores Range is a fallback; anything else ends the update, with
+// the code of the failure (a range past the image's end or an image of
+// another size is verifyFailed).
+func (a *assembler) rangeError(i int, err error) error {
+	if a.s.ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return err
+	}
+	off, n := a.ix.Block(i)
+	if errors.Is(err, errNoRanges) {
+		// Its body is not the block asked for.
+		return fallback(CodeVerify, "block %d (bytes %d-%d) from %s: %v", i, off, off+n-1, redactURI(a.url), errNoRanges)
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+		err = coded(CodeVerify, fmt.Errorf("the server's image ends before the index's %d bytes", a.ix.ImageSize))
+	}
+	return coded(CodeDownload, fmt.Errorf("adaptive install: block %d (bytes %d-%d): %w", i, off, off+n-1, err))
+}
