@@ -2,12 +2,12 @@ package abpart
 
 import (
 	"bytes"
-	"context"
-	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -314,6 +314,98 @@ func TestAdaptiveReusesTarget(t *testing.T) {
 	if _, sent, _ := srv.counts(); sent != int64(len(v2))-100*testBlock {
 		t.Errorf("sent %d image bytes, want %d (the blocks not in slot B)", sent, int64(len(v2))-100*testBlock)
 	}
-	_ = sha256.Sum256
-	_ = context.Background
+}
+
+// TestAdaptiveCrashResume SIGKILLs a real agent process in the middle of an
+// adaptive install and resumes it here: the install goes on from its
+// checkpoint (no block before it is fetched again), the blocks the killed
+// run wrote after the checkpoint are taken from the target slot, and the
+// update completes with version 2 in slot B and slot A untouched.
+func TestAdaptiveCrashResume(t *testing.T) {
+	requireTools(t, "grub-editenv")
+	d := newDevice(t, "grub")
+	d.guard("A")
+	slotA, _ := os.ReadFile(d.slots["A"])
+	const size = 225 * testBlock
+	v2 := bytes.Clone(slotA[:size])
+	fresh := randomBytes(t, size)
+	var changed int64
+	for i := 0; i < size/testBlock; i++ {
+		if (i/4)%2 == 0 { // runs of four changed blocks, four kept
+			copy(v2[i*testBlock:(i+1)*testBlock], fresh[i*testBlock:])
+			changed += testBlock
+		}
+	}
+	srv := newAdaptiveServer(t, v2)
+	spec := abCrashSpec{
+		Config:     d.config(),
+		GrubEnv:    filepath.Join(d.dir, "grubenv"),
+		StateDir:   filepath.Join(d.dir, "agent"),
+		Request:    srv.request(),
+		KillPhase:  "downloading",
+		KillBytes:  size / 2,
+		Checkpoint: 64 << 10,
+		MaxRange:   2 * testBlock,
+	}
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	childPhases, boots := runCrashChild(t, d, string(raw))
+	var cp struct {
+		Offset  int64 `json:"offset"`
+		Fetched int64 `json:"fetched"`
+		Reused  int64 `json:"reused"`
+	}
+	b, err := os.ReadFile(filepath.Join(spec.StateDir, "download.json"))
+	if err != nil {
+		t.Fatalf("no checkpoint left by the killed child: %v", err)
+	}
+	if err := json.Unmarshal(b, &cp); err != nil {
+		t.Fatal(err)
+	}
+	if cp.Offset <= 0 || cp.Offset >= size || cp.Fetched <= 0 || cp.Reused <= 0 {
+		t.Fatalf("checkpoint after the kill: %+v", cp)
+	}
+	before, sentBefore, _ := srv.counts()
+
+	d.tune = func(c *firmware.Config) { c.MaxRangeBytes = 2 * testBlock }
+	a := d.startAgent(t, nil)
+	for a.waitRebootOrEnd(t) {
+		boots++
+		if boots > 3 {
+			t.Fatalf("rebooted %d times; phases %v", boots, a.phasesNow())
+		}
+		d.boot()
+		a = d.startAgent(t, nil)
+	}
+	final, phases := a.result()
+	if final == nil || final.Phase != firmware.PhaseCompleted || final.Slot != "B" {
+		t.Fatalf("resumed update ended %+v; child phases %v, resumed phases %v", final, childPhases, phases)
+	}
+	got, _ := os.ReadFile(d.slots["B"])
+	if !bytes.Equal(got[:size], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	ranges, sentAll, _ := srv.counts()
+	after := ranges[len(before):]
+	t.Logf("killed with checkpoint %+v after %d image bytes; resumed with %d ranges, %d more bytes (%d changed in all)",
+		cp, sentBefore, len(after), sentAll-sentBefore, changed)
+	for _, r := range after {
+		a, _, ok := parseRange(r, size)
+		if !ok || a < cp.Offset {
+			t.Errorf("resumed run fetched %q, before the checkpoint at %d", r, cp.Offset)
+		}
+	}
+	// After the checkpoint only changed blocks are fetched (fewer when the
+	// killed run wrote some past it: those are taken from slot B).
+	var changedAfter int64
+	for i := int(cp.Offset / testBlock); i < size/testBlock; i++ {
+		if (i/4)%2 == 0 {
+			changedAfter += testBlock
+		}
+	}
+	if sentAll-sentBefore > changedAfter {
+		t.Errorf("resumed run fetched %d bytes, more than the %d changed bytes after the checkpoint", sentAll-sentBefore, changedAfter)
+	}
 }
