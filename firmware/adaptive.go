@@ -111,18 +111,18 @@ func (s *streamer) assemble(ctx context.Context, u Update, log *zap.Logger) erro
 		}
 	}()
 
-	start := time.Now()
-	offs, found, scanned, err := scanRunning(ctx, ix, running)
+	offs, err := s.runningBlocks(ctx, ix, running, log)
 	if err != nil {
-		return coded(CodeDownload, fmt.Errorf("adaptive install: read the running image: %w", err))
+		return err
 	}
-	log.Info("adaptive install: running image scanned", zap.Int64("bytes", scanned), zap.Int("blocks_found", found),
-		zap.Int("blocks", ix.Blocks()), zap.Duration("took", time.Since(start)))
 
 	a := &assembler{s: s, ix: ix, url: u.Request.URI, offs: offs, running: running, target: target,
 		buf: make([]byte, ix.BlockSize), fbuf: make([]byte, ix.BlockSize)}
 	if err := a.run(ctx); err != nil {
 		return err
+	}
+	if err := m.store.remove(scanFile); err != nil {
+		log.Warn("cannot remove the scan of the running image", zap.Error(err))
 	}
 	log.Info("adaptive install assembled the image", zap.Int64("bytes", ix.ImageSize), zap.Int64("fetched", s.cp.Fetched),
 		zap.Int64("reused", s.cp.Reused), zap.Int64("reused_running", a.fromRunning), zap.Int64("reused_target", a.fromTarget),
@@ -172,6 +172,50 @@ func (s *streamer) fetchIndex(ctx context.Context, u Update) (*blockindex.Index,
 		return nil, fallback(CodeVerify, "block index %s is not authenticated: neither the signed metadata (indexSha256) nor the request (sha256) vouches for it", where)
 	}
 	return ix, nil
+}
+
+// scanFile keeps where the running image holds each block of the index
+// (scanRunning) for a resumed install, so the running slot is read once
+// per update, not once per run of the agent. It is removed when the image
+// is assembled; a stale one (another update or index) is ignored.
+const scanFile = "adaptive-scan.json"
+
+type scanRecord struct {
+	Format   int     `json:"format"`
+	UpdateID string  `json:"updateId"`
+	Index    string  `json:"index"` // the index's image SHA-256, block size and size
+	Offsets  []int64 `json:"offsets"`
+}
+
+// runningBlocks returns, per block of the index, where the running image
+// holds it (-1: nowhere): from the scan file of this update, else by
+// scanning the running image and saving the result.
+func (s *streamer) runningBlocks(ctx context.Context, ix *blockindex.Index, running LocalImage, log *zap.Logger) ([]int64, error) {
+	key := fmt.Sprintf("%s/%d/%d", ix.ImageHex(), ix.BlockSize, ix.ImageSize)
+	var rec scanRecord
+	if ok, err := s.m.store.readJSON(scanFile, &rec); err == nil && ok && rec.Format == stateFormat &&
+		rec.UpdateID == s.cp.UpdateID && rec.Index == key && len(rec.Offsets) == ix.Blocks() {
+		log.Info("adaptive install: using the saved scan of the running image")
+		return rec.Offsets, nil
+	}
+	start := time.Now()
+	offs, found, scanned, err := scanRunning(ctx, ix, running)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, coded(CodeDownload, fmt.Errorf("adaptive install: read the running image: %w", err))
+	}
+	log.Info("adaptive install: running image scanned", zap.Int64("bytes", scanned), zap.Int("blocks_found", found),
+		zap.Int("blocks", ix.Blocks()), zap.Duration("took", time.Since(start)))
+	if running != nil {
+		rec = scanRecord{Format: stateFormat, UpdateID: s.cp.UpdateID, Index: key, Offsets: offs}
+		if err := s.m.store.writeJSON(scanFile, rec); err != nil {
+			// Only a resume after a restart would read the slot again.
+			log.Warn("cannot save the scan of the running image", zap.Error(err))
+		}
+	}
+	return offs, nil
 }
 
 // scanRunning reads the running image once, block by block at the index's

@@ -13,6 +13,9 @@ import (
 	"sync"
 	"testing"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/gwagent/gwagent/firmware"
 	"github.com/gwagent/gwagent/firmware/blockindex"
 )
@@ -368,8 +371,15 @@ func TestAdaptiveCrashResume(t *testing.T) {
 		t.Fatalf("checkpoint after the kill: %+v", cp)
 	}
 	before, sentBefore, _ := srv.counts()
+	if _, err := os.Stat(filepath.Join(spec.StateDir, "adaptive-scan.json")); err != nil {
+		t.Fatalf("the killed run saved no scan of the running slot: %v", err)
+	}
 
-	d.tune = func(c *firmware.Config) { c.MaxRangeBytes = 2 * testBlock }
+	core, logs := observer.New(zap.InfoLevel)
+	d.tune = func(c *firmware.Config) {
+		c.MaxRangeBytes = 2 * testBlock
+		c.Log = zap.New(core)
+	}
 	a := d.startAgent(t, nil)
 	for a.waitRebootOrEnd(t) {
 		boots++
@@ -386,6 +396,14 @@ func TestAdaptiveCrashResume(t *testing.T) {
 	got, _ := os.ReadFile(d.slots["B"])
 	if !bytes.Equal(got[:size], v2) {
 		t.Fatal("slot B does not hold version 2")
+	}
+	// The running slot was read once: the resumed run used the saved scan.
+	if n := logs.FilterMessage("adaptive install: running image scanned").Len(); n != 0 ||
+		logs.FilterMessage("adaptive install: using the saved scan of the running image").Len() != 1 {
+		t.Errorf("resumed run scanned the running slot %d times; logs %v", n, logs.All())
+	}
+	if _, err := os.Stat(filepath.Join(spec.StateDir, "adaptive-scan.json")); err == nil {
+		t.Error("the scan of the running slot is still there after the update")
 	}
 	ranges, sentAll, _ := srv.counts()
 	after := ranges[len(before):]
