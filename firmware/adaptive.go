@@ -3,6 +3,7 @@ package firmware
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -219,45 +220,60 @@ func (s *streamer) runningBlocks(ctx context.Context, ix *blockindex.Index, runn
 }
 
 // scanRunning reads the running image once, block by block at the index's
-// block size, and notes for every block hash of the index the first offset
-// of the running image that holds it. Memory: one block, and one entry per
-// distinct block of the index (16 Ki per GiB at 64 KiB blocks).
+// block size, and returns for every block of the index the first offset of
+// the running image that holds it (-1: none). Memory is one block buffer,
+// one map entry per distinct block of the index (an 8-byte hash prefix and
+// a block number; the full hash is compared on a hit) and the result (8
+// bytes per block): about 0.5 MiB per GiB of image at 64 KiB blocks.
 func scanRunning(ctx context.Context, ix *blockindex.Index, running LocalImage) (offs []int64, found int, scanned int64, err error) {
-	src := make(map[[blockindex.HashSize]byte]int64, ix.Blocks())
-	for i := range ix.Blocks() {
-		src[ix.Hash(i)] = -1
-	}
-	lastOff, lastLen := ix.Block(max(ix.Blocks()-1, 0))
-	if running != nil {
-		buf := make([]byte, ix.BlockSize)
-		bs := int64(ix.BlockSize)
-		for off := int64(0); off+bs <= running.Size(); off += bs {
-			if err := ctx.Err(); err != nil {
-				return nil, 0, scanned, err
-			}
-			n, err := running.ReadAt(buf, off)
-			scanned += int64(n)
-			if err != nil && !(err == io.EOF && n == len(buf)) {
-				return nil, 0, scanned, fmt.Errorf("at byte %d: %w", off, err)
-			}
-			h := sha256.Sum256(buf)
-			if v, ok := src[h]; ok && v < 0 {
-				src[h] = off
-			}
-		}
-		// The last block of the image may be short: it can only be where
-		// it was.
-		if lastLen > 0 && lastLen < bs && lastOff+lastLen <= running.Size() {
-			if _, err := running.ReadAt(buf[:lastLen], lastOff); err == nil {
-				if h := sha256.Sum256(buf[:lastLen]); h == ix.Hash(ix.Blocks()-1) && src[h] < 0 {
-					src[h] = lastOff
-				}
-			}
-		}
-	}
-	offs = make([]int64, ix.Blocks())
+	n := ix.Blocks()
+	offs = make([]int64, n)
 	for i := range offs {
-		offs[i] = src[ix.Hash(i)]
+		offs[i] = -1
+	}
+	if running == nil || n == 0 {
+		return offs, 0, 0, nil
+	}
+	// prefix → the first block with that hash. Two different hashes with
+	// the same prefix keep only the first: the other block is then
+	// fetched, never mistaken.
+	first := make(map[uint64]int32, n)
+	for i := n - 1; i >= 0; i-- {
+		h := ix.Hash(i)
+		first[binary.BigEndian.Uint64(h[:])] = int32(i)
+	}
+	note := func(h [blockindex.HashSize]byte, off int64) {
+		if i, ok := first[binary.BigEndian.Uint64(h[:])]; ok && ix.Hash(int(i)) == h && offs[i] < 0 {
+			offs[i] = off
+		}
+	}
+	buf := make([]byte, ix.BlockSize)
+	bs := int64(ix.BlockSize)
+	for off := int64(0); off+bs <= running.Size(); off += bs {
+		if err := ctx.Err(); err != nil {
+			return nil, 0, scanned, err
+		}
+		m, err := running.ReadAt(buf, off)
+		scanned += int64(m)
+		if err != nil && !(err == io.EOF && m == len(buf)) {
+			return nil, 0, scanned, fmt.Errorf("at byte %d: %w", off, err)
+		}
+		note(sha256.Sum256(buf), off)
+	}
+	// The last block of the image may be short: it can only be where it
+	// was.
+	lastOff, lastLen := ix.Block(n - 1)
+	if lastLen < bs && lastOff+lastLen <= running.Size() {
+		if _, err := running.ReadAt(buf[:lastLen], lastOff); err == nil {
+			note(sha256.Sum256(buf[:lastLen]), lastOff)
+		}
+	}
+	// Every block with the same hash as a found one is found too.
+	for i := range offs {
+		h := ix.Hash(i)
+		if j := first[binary.BigEndian.Uint64(h[:])]; offs[i] < 0 && int(j) != i && ix.Hash(int(j)) == h {
+			offs[i] = offs[j]
+		}
 		if offs[i] >= 0 {
 			found++
 		}

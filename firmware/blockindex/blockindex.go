@@ -164,7 +164,8 @@ func (ix *Index) MarshalBinary() ([]byte, error) {
 
 // Parse decodes an encoded index. It is strict: the magic, the version, a
 // block size in range, and exactly as many hashes as the image size needs
-// (a truncated or padded file is refused).
+// (a truncated or padded file is refused). The index keeps b's hashes
+// without copying them: b must not be changed afterwards.
 func Parse(b []byte) (*Index, error) {
 	if len(b) < HeaderSize {
 		return nil, fmt.Errorf("%w: %d bytes, shorter than the %d-byte header", ErrFormat, len(b), HeaderSize)
@@ -187,7 +188,7 @@ func Parse(b []byte) (*Index, error) {
 	if want := HeaderSize + blocks*HashSize; uint64(len(b)) != want {
 		return nil, fmt.Errorf("%w: %d bytes, but an image of %d bytes in blocks of %d needs %d (truncated or padded)", ErrFormat, len(b), size, bs, want)
 	}
-	ix := &Index{BlockSize: int(bs), ImageSize: int64(size), hashes: bytes.Clone(b[HeaderSize:])}
+	ix := &Index{BlockSize: int(bs), ImageSize: int64(size), hashes: b[HeaderSize:len(b):len(b)]}
 	copy(ix.ImageSHA256[:], b[24:56])
 	return ix, nil
 }
