@@ -119,6 +119,14 @@ func (s *streamer) assemble(ctx context.Context, u Update, log *zap.Logger) erro
 
 	a := &assembler{s: s, ix: ix, url: u.Request.URI, offs: offs, running: running, target: target,
 		buf: make([]byte, ix.BlockSize), fbuf: make([]byte, ix.BlockSize)}
+	if s.cp.Written > 0 {
+		// A resumed install: the run before may have written past its last
+		// checkpoint, at most about two checkpoint intervals (the syncer's
+		// back-pressure), and those blocks need not be fetched again.
+		// Further on the target holds nothing of this update: reading it
+		// there would only cost time.
+		a.targetEnd = s.cp.Written + 3*m.cfg.CheckpointBytes + int64(ix.BlockSize)
+	}
 	if err := a.run(ctx); err != nil {
 		return err
 	}
@@ -289,8 +297,11 @@ type assembler struct {
 	offs    []int64 // per block: where the running image holds it, -1 if nowhere
 	running LocalImage
 	target  LocalImage
-	buf     []byte // one block, read from the device
-	fbuf    []byte // one block, fetched
+	// targetEnd bounds the part of the target that may hold blocks of an
+	// earlier attempt of this update (0: none).
+	targetEnd int64
+	buf       []byte // one block, read from the device
+	fbuf      []byte // one block, fetched
 
 	fromRunning, fromTarget int64 // bytes reused from each
 	ranges, refetched       int
@@ -351,7 +362,7 @@ func (a *assembler) local(i int) ([]byte, bool, error) {
 			return b, true, nil
 		}
 	}
-	if a.target != nil && off+n <= a.target.Size() {
+	if a.target != nil && off+n <= min(a.target.Size(), a.targetEnd) {
 		if _, err := a.target.ReadAt(b, off); err == nil && a.ix.Verify(i, b) == nil {
 			a.fromTarget += n
 			return b, true, nil
