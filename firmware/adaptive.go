@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -112,12 +113,12 @@ func (s *streamer) assemble(ctx context.Context, u Update, log *zap.Logger) erro
 		}
 	}()
 
-	offs, err := s.runningBlocks(ctx, ix, running, log)
+	src, err := s.runningBlocks(ctx, ix, running, log)
 	if err != nil {
 		return err
 	}
 
-	a := &assembler{s: s, ix: ix, url: u.Request.URI, offs: offs, running: running, target: target,
+	a := &assembler{s: s, ix: ix, url: u.Request.URI, src: src, running: running, target: target,
 		buf: make([]byte, ix.BlockSize), fbuf: make([]byte, ix.BlockSize)}
 	if s.cp.Written > 0 {
 		// A resumed install: the run before may have written past its last
@@ -192,23 +193,23 @@ const scanFile = "adaptive-scan.json"
 type scanRecord struct {
 	Format   int     `json:"format"`
 	UpdateID string  `json:"updateId"`
-	Index    string  `json:"index"` // the index's image SHA-256, block size and size
-	Offsets  []int64 `json:"offsets"`
+	Index    string  `json:"index"`  // the index's image SHA-256, block size and size
+	Blocks   []int32 `json:"blocks"` // scanRunning's result
 }
 
-// runningBlocks returns, per block of the index, where the running image
-// holds it (-1: nowhere): from the scan file of this update, else by
-// scanning the running image and saving the result.
-func (s *streamer) runningBlocks(ctx context.Context, ix *blockindex.Index, running LocalImage, log *zap.Logger) ([]int64, error) {
+// runningBlocks returns, per block of the index, the block of the running
+// image that holds it (-1: none): from the scan file of this update, else
+// by scanning the running image and saving the result.
+func (s *streamer) runningBlocks(ctx context.Context, ix *blockindex.Index, running LocalImage, log *zap.Logger) ([]int32, error) {
 	key := fmt.Sprintf("%s/%d/%d", ix.ImageHex(), ix.BlockSize, ix.ImageSize)
 	var rec scanRecord
 	if ok, err := s.m.store.readJSON(scanFile, &rec); err == nil && ok && rec.Format == stateFormat &&
-		rec.UpdateID == s.cp.UpdateID && rec.Index == key && len(rec.Offsets) == ix.Blocks() {
+		rec.UpdateID == s.cp.UpdateID && rec.Index == key && len(rec.Blocks) == ix.Blocks() {
 		log.Info("adaptive install: using the saved scan of the running image")
-		return rec.Offsets, nil
+		return rec.Blocks, nil
 	}
 	start := time.Now()
-	offs, found, scanned, err := scanRunning(ctx, ix, running)
+	src, found, scanned, err := scanRunning(ctx, ix, running)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -218,41 +219,34 @@ func (s *streamer) runningBlocks(ctx context.Context, ix *blockindex.Index, runn
 	log.Info("adaptive install: running image scanned", zap.Int64("bytes", scanned), zap.Int("blocks_found", found),
 		zap.Int("blocks", ix.Blocks()), zap.Duration("took", time.Since(start)))
 	if running != nil {
-		rec = scanRecord{Format: stateFormat, UpdateID: s.cp.UpdateID, Index: key, Offsets: offs}
+		rec = scanRecord{Format: stateFormat, UpdateID: s.cp.UpdateID, Index: key, Blocks: src}
 		if err := s.m.store.writeJSON(scanFile, rec); err != nil {
 			// Only a resume after a restart would read the slot again.
 			log.Warn("cannot save the scan of the running image", zap.Error(err))
 		}
 	}
-	return offs, nil
+	return src, nil
 }
 
 // scanRunning reads the running image once, block by block at the index's
-// block size, and returns for every block of the index the first offset of
-// the running image that holds it (-1: none). Memory is one block buffer,
-// one map entry per distinct block of the index (an 8-byte hash prefix and
-// a block number; the full hash is compared on a hit) and the result (8
-// bytes per block): about 0.5 MiB per GiB of image at 64 KiB blocks.
-func scanRunning(ctx context.Context, ix *blockindex.Index, running LocalImage) (offs []int64, found int, scanned int64, err error) {
+// block size, and returns for every block of the index the block of the
+// running image that holds it (-1: none). Memory besides the index: one
+// block buffer, a sorted lookup of 8 bytes per block (a 4-byte hash prefix
+// and the block number; the full hash is compared on a hit) and the result
+// (4 bytes per block).
+func scanRunning(ctx context.Context, ix *blockindex.Index, running LocalImage) (src []int32, found int, scanned int64, err error) {
 	n := ix.Blocks()
-	offs = make([]int64, n)
-	for i := range offs {
-		offs[i] = -1
+	src = make([]int32, n)
+	for i := range src {
+		src[i] = -1
 	}
 	if running == nil || n == 0 {
-		return offs, 0, 0, nil
+		return src, 0, 0, nil
 	}
-	// prefix → the first block with that hash. Two different hashes with
-	// the same prefix keep only the first: the other block is then
-	// fetched, never mistaken.
-	first := make(map[uint64]int32, n)
-	for i := n - 1; i >= 0; i-- {
-		h := ix.Hash(i)
-		first[binary.BigEndian.Uint64(h[:])] = int32(i)
-	}
-	note := func(h [blockindex.HashSize]byte, off int64) {
-		if i, ok := first[binary.BigEndian.Uint64(h[:])]; ok && ix.Hash(int(i)) == h && offs[i] < 0 {
-			offs[i] = off
+	lk := newHashLookup(ix)
+	note := func(h [blockindex.HashSize]byte, block int32) {
+		if i := lk.first(h); i >= 0 && src[i] < 0 {
+			src[i] = block
 		}
 	}
 	buf := make([]byte, ix.BlockSize)
@@ -266,27 +260,59 @@ func scanRunning(ctx context.Context, ix *blockindex.Index, running LocalImage) 
 		if err != nil && !(err == io.EOF && m == len(buf)) {
 			return nil, 0, scanned, fmt.Errorf("at byte %d: %w", off, err)
 		}
-		note(sha256.Sum256(buf), off)
+		note(sha256.Sum256(buf), int32(off/bs))
 	}
 	// The last block of the image may be short: it can only be where it
 	// was.
 	lastOff, lastLen := ix.Block(n - 1)
 	if lastLen < bs && lastOff+lastLen <= running.Size() {
 		if _, err := running.ReadAt(buf[:lastLen], lastOff); err == nil {
-			note(sha256.Sum256(buf[:lastLen]), lastOff)
+			note(sha256.Sum256(buf[:lastLen]), int32(lastOff/bs))
 		}
 	}
-	// Every block with the same hash as a found one is found too.
-	for i := range offs {
-		h := ix.Hash(i)
-		if j := first[binary.BigEndian.Uint64(h[:])]; offs[i] < 0 && int(j) != i && ix.Hash(int(j)) == h {
-			offs[i] = offs[j]
+	// A block with the same hash as an earlier block of the image is found
+	// where that one is.
+	for i := range src {
+		if src[i] < 0 {
+			if j := lk.first(ix.Hash(i)); j >= 0 && j != i {
+				src[i] = src[j]
+			}
 		}
-		if offs[i] >= 0 {
+		if src[i] >= 0 {
 			found++
 		}
 	}
-	return offs, found, scanned, nil
+	return src, found, scanned, nil
+}
+
+// hashLookup finds the first block of an index with a given hash: the
+// blocks sorted by a 4-byte prefix of their hash, then by number, packed
+// in one uint64 each.
+type hashLookup struct {
+	ix   *blockindex.Index
+	keys []uint64 // prefix<<32 | block
+}
+
+func newHashLookup(ix *blockindex.Index) hashLookup {
+	keys := make([]uint64, ix.Blocks())
+	for i := range keys {
+		h := ix.Hash(i)
+		keys[i] = uint64(binary.BigEndian.Uint32(h[:]))<<32 | uint64(i)
+	}
+	slices.Sort(keys)
+	return hashLookup{ix: ix, keys: keys}
+}
+
+// first returns the lowest block number whose hash is h, -1 if none.
+func (l hashLookup) first(h [blockindex.HashSize]byte) int {
+	p := uint64(binary.BigEndian.Uint32(h[:])) << 32
+	k, _ := slices.BinarySearch(l.keys, p)
+	for ; k < len(l.keys) && l.keys[k]&^0xffffffff == p; k++ {
+		if i := int(uint32(l.keys[k])); l.ix.Hash(i) == h {
+			return i
+		}
+	}
+	return -1
 }
 
 // assembler writes the image block by block, in order, into the stream.
@@ -294,7 +320,7 @@ type assembler struct {
 	s       *streamer
 	ix      *blockindex.Index
 	url     string
-	offs    []int64 // per block: where the running image holds it, -1 if nowhere
+	src     []int32 // per block: the block of the running image that holds it, -1 if none
 	running LocalImage
 	target  LocalImage
 	// targetEnd bounds the part of the target that may hold blocks of an
@@ -356,8 +382,8 @@ func (a *assembler) run(ctx context.Context) error {
 func (a *assembler) local(i int) ([]byte, bool, error) {
 	off, n := a.ix.Block(i)
 	b := a.buf[:n]
-	if src := a.offs[i]; src >= 0 && a.running != nil {
-		if _, err := a.running.ReadAt(b, src); err == nil && a.ix.Verify(i, b) == nil {
+	if j := a.src[i]; j >= 0 && a.running != nil {
+		if _, err := a.running.ReadAt(b, int64(j)*int64(a.ix.BlockSize)); err == nil && a.ix.Verify(i, b) == nil {
 			a.fromRunning += n
 			return b, true, nil
 		}
