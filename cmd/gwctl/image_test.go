@@ -214,7 +214,7 @@ func TestImageIndex(t *testing.T) {
 	keyText, _ := priv.MarshalText()
 	keyFile := filepath.Join(dir, "release.key")
 	os.WriteFile(keyFile, keyText, 0o600)
-	img := bytes.Repeat([]byte("gateway firmware "), 40000) // 680000 bytes: 11 blocks of 64 KiB
+	img := bytes.Repeat([]byte("gateway firmware "), 40000) // 680000 bytes: 167 blocks of 4 KiB
 	imgFile := filepath.Join(dir, "gw-2.1.0.img")
 	os.WriteFile(imgFile, img, 0o644)
 
@@ -231,10 +231,10 @@ func TestImageIndex(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ix.ImageSize != int64(len(img)) || ix.Blocks() != 11 || ix.ImageSHA256 != sha256.Sum256(img) {
+	if ix.ImageSize != int64(len(img)) || ix.Blocks() != 167 || ix.ImageSHA256 != sha256.Sum256(img) {
 		t.Fatalf("index: %d bytes, %d blocks", ix.ImageSize, ix.Blocks())
 	}
-	if !strings.Contains(r.stdout, "11 blocks of 65536 bytes") {
+	if !strings.Contains(r.stdout, "167 blocks of 4096 bytes") {
 		t.Errorf("stdout: %q", r.stdout)
 	}
 

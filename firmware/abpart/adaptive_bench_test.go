@@ -29,7 +29,8 @@ import (
 //	index/image       index size / image size
 //	time/full         adaptive install time / full install time (same iteration)
 //
-// for random block changes of 1 %, 10 %, 50 % and 100 % of the blocks, over
+// for random block changes of 1 %, 10 %, 50 % and 100 % of the blocks, in
+// index blocks of 4 KiB (the default) and 64 KiB, over
 // loopback at full speed (the worst case for adaptive installs: the network
 // costs nothing, reading and hashing the slots is all) and over a link
 // served at 20 MB/s. Run with -count and take medians:
@@ -37,15 +38,16 @@ import (
 //	go test -run '^$' -bench Adaptive -count 3 ./firmware/abpart
 func BenchmarkAdaptive(b *testing.B) {
 	const size = 64 << 20
-	const bs = blockindex.DefaultBlockSize
 	for _, link := range []struct {
 		name string
 		rate int64 // bytes per second, 0: as fast as loopback goes
 	}{{"loopback", 0}, {"20MBps", 20e6}} {
-		for _, pct := range []int{1, 10, 50, 100} {
-			b.Run(link.name+"/"+strconv.Itoa(pct)+"pct", func(b *testing.B) {
-				benchAdaptive(b, size, bs, pct, link.rate)
-			})
+		for _, bs := range []int{blockindex.DefaultBlockSize, 64 << 10} {
+			for _, pct := range []int{1, 10, 50, 100} {
+				b.Run(link.name+"/"+strconv.Itoa(bs>>10)+"KiB/"+strconv.Itoa(pct)+"pct", func(b *testing.B) {
+					benchAdaptive(b, size, bs, pct, link.rate)
+				})
+			}
 		}
 	}
 }
