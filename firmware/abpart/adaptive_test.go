@@ -237,7 +237,9 @@ func TestAdaptiveBadInput(t *testing.T) {
 			v2, _ := adaptivePair(t, d)
 			srv := newAdaptiveServer(t, v2)
 			req := srv.request()
+			srv.mu.Lock() // the server's goroutines read what setup changes
 			tc.setup(srv, &req)
+			srv.mu.Unlock()
 			d.tune = func(c *firmware.Config) {
 				c.MaxRangeBytes = 2 * testBlock
 				c.AdaptiveFallback = tc.policy
@@ -436,5 +438,63 @@ func TestAdaptiveCrashResume(t *testing.T) {
 	}
 	if sentAll-sentBefore > changedAfter {
 		t.Errorf("resumed run fetched %d bytes, more than the %d changed bytes after the checkpoint", sentAll-sentBefore, changedAfter)
+	}
+}
+
+// TestAdaptiveFallbackCrashResume: an install that fell back to the full
+// download (the server ignores Range) and is killed stays a full download
+// when it resumes: the index is not fetched again and the image completes.
+func TestAdaptiveFallbackCrashResume(t *testing.T) {
+	requireTools(t, "grub-editenv")
+	d := newDevice(t, "grub")
+	d.guard("A")
+	v2, _ := adaptivePair(t, d)
+	srv := newAdaptiveServer(t, v2)
+	srv.mu.Lock()
+	srv.ignoreRange = true
+	srv.mu.Unlock()
+	spec := abCrashSpec{
+		Config:     d.config(),
+		GrubEnv:    filepath.Join(d.dir, "grubenv"),
+		StateDir:   filepath.Join(d.dir, "agent"),
+		Request:    srv.request(),
+		KillPhase:  "downloading",
+		KillBytes:  int64(len(v2)) * 3 / 4,
+		Checkpoint: 64 << 10,
+		MaxRange:   2 * testBlock,
+	}
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCrashChild(t, d, string(raw))
+	var cp struct {
+		Offset   int64  `json:"offset"`
+		Fallback string `json:"fallback"`
+	}
+	b, err := os.ReadFile(filepath.Join(spec.StateDir, "download.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &cp); err != nil || cp.Offset <= 0 || !strings.Contains(cp.Fallback, "200, not 206") {
+		t.Fatalf("checkpoint after the kill: %s (%v), want a fallback and an offset", b, err)
+	}
+	a := d.startAgent(t, nil)
+	if !a.waitRebootOrEnd(t) {
+		final, phases := a.result()
+		t.Fatalf("no reboot: %+v, phases %v", final, phases)
+	}
+	got, _ := os.ReadFile(d.slots["B"])
+	if !bytes.Equal(got[:len(v2)], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	if _, _, idx := srv.counts(); idx != 1 {
+		t.Errorf("index fetched %d times, want once (by the killed run)", idx)
+	}
+	a.mu.Lock()
+	st := a.adaptive
+	a.mu.Unlock()
+	if st == nil || st.Fallback != cp.Fallback {
+		t.Errorf("resumed Progress.Adaptive %+v, want the fallback reason %q", st, cp.Fallback)
 	}
 }
