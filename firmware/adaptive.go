@@ -119,7 +119,7 @@ func (s *streamer) assemble(ctx context.Context, u Update, log *zap.Logger) erro
 	}
 
 	a := &assembler{s: s, ix: ix, url: u.Request.URI, src: src, running: running, target: target,
-		buf: make([]byte, ix.BlockSize), fbuf: make([]byte, ix.BlockSize)}
+		buf: make([]byte, ix.BlockSize), fbuf: make([]byte, ix.BlockSize), out: make([]byte, 0, max(copyBufSize, ix.BlockSize))}
 	if s.cp.Written > 0 {
 		// A resumed install: the run before may have written past its last
 		// checkpoint, at most about two checkpoint intervals (the syncer's
@@ -327,13 +327,25 @@ type assembler struct {
 	// earlier attempt of this update (0: none).
 	targetEnd int64
 	buf       []byte // one block, read from the device
-	fbuf      []byte // one block, fetched
+	// out holds verified blocks not yet handed to the stream, so the sink
+	// is written in large pieces (at most copyBufSize); outFetched and
+	// outReused count them until they are.
+	out                   []byte
+	outFetched, outReused int64
+	fbuf                  []byte // one block, fetched
 
 	fromRunning, fromTarget int64 // bytes reused from each
 	ranges, refetched       int
 }
 
 func (a *assembler) run(ctx context.Context) error {
+	if err := a.assemble(ctx); err != nil {
+		return err
+	}
+	return a.flush()
+}
+
+func (a *assembler) assemble(ctx context.Context) error {
 	s, ix := a.s, a.ix
 	bs := int64(ix.BlockSize)
 	first := int(s.cp.Written / bs)
@@ -397,21 +409,40 @@ func (a *assembler) local(i int) ([]byte, bool, error) {
 	return nil, false, nil
 }
 
-// write hands block i (verified) to the stream, skipping what a resumed
+// write queues block i (verified) for the stream, skipping what a resumed
 // install already wrote of it.
 func (a *assembler) write(i int, data []byte, fetched bool) error {
-	s := a.s
 	off, _ := a.ix.Block(i)
-	if skip := s.cp.Written - off; skip > 0 {
+	if skip := a.s.cp.Written + int64(len(a.out)) - off; skip > 0 {
 		data = data[skip:]
 	}
-	if fetched {
-		s.cp.Fetched += int64(len(data))
-	} else {
-		s.cp.Reused += int64(len(data))
+	if len(a.out)+len(data) > cap(a.out) {
+		if err := a.flush(); err != nil {
+			return err
+		}
 	}
+	a.out = append(a.out, data...)
+	if fetched {
+		a.outFetched += int64(len(data))
+	} else {
+		a.outReused += int64(len(data))
+	}
+	return nil
+}
+
+// flush hands the queued blocks to the stream.
+func (a *assembler) flush() error {
+	if len(a.out) == 0 {
+		return nil
+	}
+	s := a.s
+	s.cp.Fetched += a.outFetched
+	s.cp.Reused += a.outReused
+	a.outFetched, a.outReused = 0, 0
 	s.setAdaptive()
-	return s.write(data)
+	err := s.write(a.out)
+	a.out = a.out[:0]
+	return err
 }
 
 // fetch gets blocks [r0, r1) with one bounded Range request (reconnecting
