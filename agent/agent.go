@@ -257,19 +257,21 @@ func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmwar
 		}
 	}
 	m, err := firmware.NewManager(firmware.Config{
-		StateDir:        filepath.Join(cfg.StateDir, firmwareDir),
-		Installer:       inst,
-		Observer:        a.observeUpdate,
-		Log:             log.Named("firmware"),
-		HTTPClient:      client,
-		CurrentVersion:  cfg.CurrentVersion,
-		HealthCheck:     a.healthCheck,
-		DownloadTimeout: cfg.Update.DownloadTimeout,
-		StallTimeout:    cfg.Update.StallTimeout,
-		AllowedHosts:    cfg.Update.AllowedHosts,
-		Window:          cfg.Update.Window,
-		Signatures:      &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
-		Compatible:      cfg.Device.Compatible,
+		StateDir:         filepath.Join(cfg.StateDir, firmwareDir),
+		Installer:        inst,
+		Observer:         a.observeUpdate,
+		Log:              log.Named("firmware"),
+		HTTPClient:       client,
+		CurrentVersion:   cfg.CurrentVersion,
+		HealthCheck:      a.healthCheck,
+		DownloadTimeout:  cfg.Update.DownloadTimeout,
+		StallTimeout:     cfg.Update.StallTimeout,
+		AllowedHosts:     cfg.Update.AllowedHosts,
+		AdaptiveFallback: cfg.Update.AdaptiveFallback,
+		MaxRangeBytes:    int64(cfg.Update.MaxRangeBytes),
+		Window:           cfg.Update.Window,
+		Signatures:       &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
+		Compatible:       cfg.Device.Compatible,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("agent: open the update state: %w", err)

@@ -20,10 +20,11 @@ import (
 
 // The desired firmware property (docs/twin.md, "Desired firmware"): the
 // operator writes desired.firmware = {updateId, fwPackageUri, version,
-// sha256, size, signatureUri, window}; the agent converges to it through the same
-// state machine as the firmwareUpdate method and acknowledges it the Plug
-// and Play way, with ac/av/ad (and desiredId) on the reported firmware
-// object, whose other members stay the update's status.
+// sha256, size, signatureUri, indexUri, window}; the agent converges to it
+// through the same state machine as the firmwareUpdate method and
+// acknowledges it the Plug and Play way, with ac/av/ad (and desiredId) on
+// the reported firmware object, whose other members stay the update's
+// status.
 
 const (
 	desiredKey  = "firmware"

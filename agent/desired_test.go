@@ -241,3 +241,16 @@ func TestDesiredFirmwareChangedWhileRunning(t *testing.T) {
 		t.Fatalf("want the first cancelled and one completed: %v", e.statuses())
 	}
 }
+
+// The desired firmware carries the method's members, indexUri included.
+func TestDesiredFirmwareIndexURI(t *testing.T) {
+	d, err := parseDesiredFirmware(map[string]any{"updateId": "r1", "fwPackageUri": "https://fw.example.com/gw.img",
+		"version": "2.0.0", "indexUri": "https://fw.example.com/gw.img.bidx"})
+	if err != nil || d.Req.IndexURI != "https://fw.example.com/gw.img.bidx" {
+		t.Fatalf("parseDesiredFirmware = %+v, %v; want indexUri kept", d, err)
+	}
+	if _, err := parseDesiredFirmware(map[string]any{"updateId": "r1", "fwPackageUri": "https://fw.example.com/gw.img",
+		"version": "2.0.0", "indexUri": "ftp://fw.example.com/gw.img.bidx"}); err == nil || !strings.Contains(err.Error(), "indexUri") {
+		t.Fatalf("an ftp indexUri: %v, want an error naming indexUri", err)
+	}
+}

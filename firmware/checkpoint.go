@@ -37,6 +37,11 @@ type checkpoint struct {
 	SigState     []byte `json:"sigState,omitempty"` // signature.Verifier state over the transferred bytes
 	SigText      []byte `json:"sigText,omitempty"`  // the signature being checked
 	Done         bool   `json:"done,omitempty"`
+	// An adaptive install's counts and, after a fallback, why it fell
+	// back (adaptive.go): a resumed install continues the full download.
+	Fetched  int64  `json:"fetched,omitempty"`
+	Reused   int64  `json:"reused,omitempty"`
+	Fallback string `json:"fallback,omitempty"`
 }
 
 // resumePoint returns where the download of u continues: the persisted

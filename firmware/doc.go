@@ -76,7 +76,10 @@
 //
 // Backends live in subpackages (simulated, abpart) and implement Installer
 // plus the optional abilities they have (Checker, Preparer, Fetcher,
-// ReadBacker, Rebooter, Committer, RollBacker, Slotted, Versioner).
+// ReadBacker, LocalBlocks, Rebooter, Committer, RollBacker, Slotted,
+// Versioner). An update that names a block index (Request.IndexURI) and an
+// installer with LocalBlocks is installed adaptively (adaptive.go): the same
+// stream, fed with blocks copied from the device or fetched by Range.
 //
 // This package must not talk to the hub or format twin properties: it
 // reports Progress to an Observer and the agent turns that into reported

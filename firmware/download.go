@@ -131,7 +131,18 @@ func (s *streamer) run(ctx context.Context, u Update) error {
 	s.sy = startSyncer(s.sink, s.m.store, s.back, s.cp)
 	var err error
 	if isHTTP(u.Request.URI) {
-		err = s.fromHTTP(ctx, u)
+		done := false
+		if u.Request.IndexURI != "" && s.cp.Fallback == "" {
+			done, err = s.adaptive(ctx, u)
+		}
+		if err == nil && !done {
+			from := s.cp.Offset
+			err = s.fromHTTP(ctx, u)
+			if u.Request.IndexURI != "" {
+				s.cp.Fetched += s.cp.Offset - from
+				s.setAdaptive()
+			}
+		}
 	} else {
 		err = s.fromFetcher(ctx, u)
 	}

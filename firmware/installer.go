@@ -45,7 +45,7 @@ type Update struct {
 //
 // Abilities beyond these two are separate small interfaces that a backend
 // implements only when it has them (checked with a type assertion): Checker,
-// Preparer, Fetcher, ReadBacker, Rebooter, Committer, RollBacker, Slotted and
+// Preparer, Fetcher, ReadBacker, LocalBlocks, Rebooter, Committer, RollBacker, Slotted and
 // Versioner.
 type Installer interface {
 	// Open returns the sink the image is written to, positioned at offset.
@@ -151,6 +151,27 @@ type StoredImage interface {
 	// be written while a section is read.
 	Section(off, n int64) (io.Reader, error)
 	io.Closer
+}
+
+// LocalBlocks is implemented by a backend that holds images on the device
+// that an adaptive install (Request.IndexURI, docs/adaptive-updates.md) can
+// take blocks from instead of fetching them. It is called after Open.
+type LocalBlocks interface {
+	// LocalBlocks opens, read-only, what u's image may reuse: running is
+	// the image the device runs (every block of it is a candidate, found
+	// by hash), target is where u is being written (a block at the same
+	// offset may be left from an earlier attempt). Either may be nil when
+	// the backend has none or cannot read it. The caller closes both.
+	LocalBlocks(ctx context.Context, u Update) (running, target LocalImage, err error)
+}
+
+// LocalImage is stored bytes an adaptive install reads blocks from. It is
+// never written through this interface.
+type LocalImage interface {
+	io.ReaderAt
+	io.Closer
+	// Size is how many bytes may be read (a slot's capacity).
+	Size() int64
 }
 
 // ReadBackAlign is the alignment of StoredImage sections: a multiple of

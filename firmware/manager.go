@@ -116,6 +116,15 @@ type Config struct {
 	// Window, when set, is the device's maintenance window (ParseWindow):
 	// the window of every request that does not carry its own.
 	Window *Window
+	// AdaptiveFallback is what an adaptive install (Request.IndexURI) does
+	// when it cannot go on: the index cannot be fetched or does not
+	// verify, the installer has no local blocks, the server ignores Range
+	// requests. AdaptiveFallbackFull (the default) downloads the whole
+	// image instead; AdaptiveFallbackFail ends the update failed.
+	AdaptiveFallback string
+	// MaxRangeBytes bounds one Range request of an adaptive install
+	// (default 1 MiB, what CDNs serve best; at least one block).
+	MaxRangeBytes int64
 
 	// writeFile replaces a state file (atomicfile.WriteFile when nil);
 	// the package's tests set it to make the disk look full.
@@ -149,6 +158,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxTransitions <= 0 {
 		c.MaxTransitions = 32
+	}
+	if c.AdaptiveFallback == "" {
+		c.AdaptiveFallback = AdaptiveFallbackFull
+	}
+	if c.MaxRangeBytes <= 0 {
+		c.MaxRangeBytes = 1 << 20
 	}
 }
 
@@ -208,6 +223,10 @@ type Manager struct {
 	// retry is the download's pending retry (Progress.Retry), nil when
 	// none; reported only in the downloading phase.
 	retry *Retry
+	// adaptive is the adaptive install's status (Progress.Adaptive) of
+	// update adaptiveID, nil when it has none (adaptive.go).
+	adaptive   *AdaptiveStatus
+	adaptiveID string
 	// stepStop and stepDone belong to the step drive is running (nil
 	// between steps): Cancel stops it and waits for it (cancel.go).
 	// cancelled is the id of the update Cancel ended in this process;
@@ -236,6 +255,9 @@ func NewManager(cfg Config) (*Manager, error) {
 		if err := cfg.Signatures.Validate(); err != nil {
 			return nil, fmt.Errorf("firmware: Config.Signatures: %w", err)
 		}
+	}
+	if cfg.AdaptiveFallback != AdaptiveFallbackFull && cfg.AdaptiveFallback != AdaptiveFallbackFail {
+		return nil, fmt.Errorf("firmware: Config.AdaptiveFallback %q (known: %s, %s)", cfg.AdaptiveFallback, AdaptiveFallbackFull, AdaptiveFallbackFail)
 	}
 	hosts, err := newHostPatterns(cfg.AllowedHosts)
 	if err != nil {
@@ -309,6 +331,11 @@ func (m *Manager) Start(req Request) (string, error) {
 		}
 	} else if err := m.checkHost("fwPackageUri", req.URI); err != nil {
 		return "", err
+	}
+	if req.IndexURI != "" {
+		if err := m.checkHost("indexUri", req.IndexURI); err != nil {
+			return "", err
+		}
 	}
 	if p := m.cfg.Signatures; p != nil {
 		if err := p.Preflight(req.SignatureURI != ""); err != nil {
@@ -959,6 +986,10 @@ func (m *Manager) progressOf(r record) Progress {
 	if m.retry != nil && r.Phase == PhaseDownloading {
 		rt := *m.retry
 		p.Retry = &rt
+	}
+	if m.adaptive != nil && r.UpdateID == m.adaptiveID && r.UpdateID != "" {
+		a := *m.adaptive
+		p.Adaptive = &a
 	}
 	if m.problem != nil && r.UpdateID != "" {
 		pr := *m.problem

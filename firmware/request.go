@@ -21,6 +21,10 @@ type Request struct {
 	SHA256       string `json:"sha256,omitempty"`
 	Size         int64  `json:"size,omitempty"`
 	SignatureURI string `json:"signatureUri,omitempty"`
+	// IndexURI, when set, names the image's block index (blockindex): an
+	// installer that can reuse local blocks (LocalBlocks) then fetches
+	// only the blocks the device does not hold (adaptive.go).
+	IndexURI string `json:"indexUri,omitempty"`
 	// Window, when set, is the maintenance window the image is applied in
 	// (window.go); nil takes the device's (Config.Window), if any.
 	Window *Window `json:"window,omitempty"`
@@ -77,6 +81,7 @@ func ParseRequest(payload []byte) (Request, error) {
 		SHA256       *string         `json:"sha256"`
 		Size         json.RawMessage `json:"size"`
 		SignatureURI *string         `json:"signatureUri"`
+		IndexURI     *string         `json:"indexUri"`
 		Window       json.RawMessage `json:"window"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(trimmed))
@@ -110,6 +115,9 @@ func ParseRequest(payload []byte) (Request, error) {
 	}
 	if raw.SignatureURI != nil {
 		r.SignatureURI = *raw.SignatureURI
+	}
+	if raw.IndexURI != nil {
+		r.IndexURI = *raw.IndexURI
 	}
 	if len(raw.Window) > 0 && string(raw.Window) != "null" {
 		var w struct {
@@ -163,6 +171,15 @@ func (r Request) normalize() (Request, error) {
 	if r.SignatureURI != "" {
 		if err := checkURI("signatureUri", r.SignatureURI); err != nil {
 			return Request{}, err
+		}
+	}
+	r.IndexURI = strings.TrimSpace(r.IndexURI)
+	if r.IndexURI != "" {
+		if err := checkURI("indexUri", r.IndexURI); err != nil {
+			return Request{}, err
+		}
+		if !isHTTP(r.IndexURI) {
+			return Request{}, invalid("indexUri %q: only http:// and https:// URLs are supported", redactURI(r.IndexURI))
 		}
 	}
 	if r.Window != nil {
@@ -296,7 +313,24 @@ type Progress struct {
 	// History is the last HistoryLen updates, oldest first, this one last
 	// (nil before any update). It is shared: do not change it.
 	History []HistoryEntry
-	Time    time.Time
+	// Adaptive is how an adaptive install (Request.IndexURI) obtained the
+	// image, nil for an update without an index. Set from the download on.
+	Adaptive *AdaptiveStatus
+	Time     time.Time
+}
+
+// AdaptiveStatus is what an adaptive install fetched and reused.
+type AdaptiveStatus struct {
+	// BytesFetched counts the bytes fetched over the network for the
+	// image: the block index and the Range requests (after a fallback,
+	// the full download's bytes too).
+	BytesFetched int64
+	// BytesReused counts the image bytes copied from the device (the
+	// running slot, or the target slot from an earlier attempt).
+	BytesReused int64
+	// Fallback says why the install fell back to a full download, empty
+	// while it is adaptive.
+	Fallback string
 }
 
 // Retry describes a download that failed and will be tried again.

@@ -105,6 +105,13 @@ func (m *Manager) checkSignature(rec record, cp checkpoint) error {
 // fetchSignature downloads the (small) signature file with the same retry
 // rules as the image.
 func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error) {
+	return m.fetchSmall(ctx, uri, "signature", maxSignatureSize)
+}
+
+// fetchSmall downloads a small file that belongs to the image (what names
+// it: "signature", "block index") whole, with the same retry rules as the
+// image and at most max bytes.
+func (m *Manager) fetchSmall(ctx context.Context, uri, what string, max int64) ([]byte, error) {
 	b := retry.NewBackoff(m.cfg.RetryInitialInterval, m.cfg.RetryMaxInterval)
 	parent := ctx
 	// The whole fetch, attempts and waits, within the stall clock: not a
@@ -121,15 +128,15 @@ func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error
 	)
 	sig, err := backoff.Retry(ctx, func() ([]byte, error) {
 		tries++
-		sig, err := m.fetchSignatureOnce(ctx, uri)
+		sig, err := m.fetchSmallOnce(ctx, uri, what, max)
 		if err != nil && ctx.Err() == nil {
 			last = err
 		}
 		return sig, err
 	}, backoff.WithBackOff(b), backoff.WithMaxElapsedTime(budget), backoff.WithNotify(func(err error, wait time.Duration) {
-		m.log.Warn("signature download attempt failed; retrying", zap.String("url", where), zap.Error(err),
+		m.log.Warn(what+" download attempt failed; retrying", zap.String("url", where), zap.Error(err),
 			zap.Int("attempt", tries), zap.Duration("wait", wait))
-		m.setRetry(Retry{Attempt: tries, LastError: "signature download from " + where + ": " + err.Error(), NextAttemptAt: time.Now().Add(wait).UTC()})
+		m.setRetry(Retry{Attempt: tries, LastError: what + " download from " + where + ": " + err.Error(), NextAttemptAt: time.Now().Add(wait).UTC()})
 	}))
 	if err == nil {
 		m.clearRetry()
@@ -143,12 +150,12 @@ func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error
 			err = fmt.Errorf("no answer within %s", budget)
 		}
 	}
-	return nil, fmt.Errorf("signature: %w", &giveUpError{what: "download", url: where, cause: err, tries: tries, over: time.Since(since)})
+	return nil, fmt.Errorf("%s: %w", what, &giveUpError{what: "download", url: where, cause: err, tries: tries, over: time.Since(since)})
 }
 
-// fetchSignatureOnce is one attempt of fetchSignature; it marks the
-// failures that retrying cannot fix (backoff.Permanent).
-func (m *Manager) fetchSignatureOnce(ctx context.Context, uri string) ([]byte, error) {
+// fetchSmallOnce is one attempt of fetchSmall; it marks the failures that
+// retrying cannot fix (backoff.Permanent).
+func (m *Manager) fetchSmallOnce(ctx context.Context, uri, what string, max int64) ([]byte, error) {
 	rctx, rcancel := context.WithTimeout(ctx, m.cfg.IdleTimeout)
 	defer rcancel()
 	req, err := http.NewRequestWithContext(rctx, http.MethodGet, uri, nil)
@@ -179,12 +186,12 @@ func (m *Manager) fetchSignatureOnce(ctx context.Context, uri string) ([]byte, e
 	default:
 		return nil, backoff.Permanent(errors.New(status))
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxSignatureSize+1))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, max+1))
 	if err != nil {
 		return nil, fmt.Errorf("read: %w", err)
 	}
-	if len(body) > maxSignatureSize {
-		return nil, backoff.Permanent(fmt.Errorf("the signature is larger than %d bytes", maxSignatureSize))
+	if int64(len(body)) > max {
+		return nil, backoff.Permanent(fmt.Errorf("the %s is larger than %d bytes", what, max))
 	}
 	return body, nil
 }

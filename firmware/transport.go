@@ -21,18 +21,25 @@ import (
 var (
 	errStalled   = errors.New("no data received within the idle timeout")
 	errTruncated = errors.New("the connection closed before the whole image arrived")
+	errNoRanges  = errors.New("the server answered a Range request with the whole image (200, not 206)")
 )
 
 // rangeReader reads one HTTP resource from offset on, reconnecting with a
 // Range request (and backoff) when a transfer breaks, stalls or is cut short.
 // A permanent failure is kept in err and returned from every later Read.
 type rangeReader struct {
-	ctx          context.Context
-	m            *Manager
-	url          string
-	backoff      *backoff.ExponentialBackOff
-	limit        int64 // declared size, 0 if none
-	offset       int64 // bytes received so far
+	ctx     context.Context
+	m       *Manager
+	url     string
+	backoff *backoff.ExponentialBackOff
+	limit   int64 // declared size, 0 if none
+	offset  int64 // bytes received so far
+	// end, when > 0, ends the transfer there (exclusive): a bounded Range
+	// request "bytes=offset-(end-1)", complete at end (adaptive.go).
+	end int64
+	// rangeOnly refuses a 200 answer (errNoRanges) instead of skipping
+	// the bytes before offset: an adaptive install falls back then.
+	rangeOnly    bool
 	total        int64 // full size, 0 if unknown
 	etag         string
 	lastModified string
@@ -154,7 +161,7 @@ func (r *rangeReader) readBody(p []byte) (int, error) {
 	}
 	r.close()
 	if err == io.EOF || errors.Is(err, io.ErrUnexpectedEOF) {
-		if err == io.EOF && (r.total == 0 || r.offset == r.total) {
+		if err == io.EOF && r.end > 0 && r.offset == r.end || err == io.EOF && r.end == 0 && (r.total == 0 || r.offset == r.total) {
 			return 0, io.EOF
 		}
 		return 0, fmt.Errorf("%w: received %s", errTruncated, r.received())
@@ -390,8 +397,12 @@ func (r *rangeReader) newRequest(ctx context.Context) (*http.Request, error) {
 	// identity: a transparently decoded body would break byte offsets.
 	req.Header.Set("Accept-Encoding", "identity")
 	req.Header.Set("User-Agent", "gwagent")
-	if r.offset > 0 {
+	if r.end > 0 {
+		req.Header.Set("Range", "bytes="+strconv.FormatInt(r.offset, 10)+"-"+strconv.FormatInt(r.end-1, 10))
+	} else if r.offset > 0 {
 		req.Header.Set("Range", "bytes="+strconv.FormatInt(r.offset, 10)+"-")
+	}
+	if r.offset > 0 || r.end > 0 {
 		if r.etag != "" && !strings.HasPrefix(r.etag, "W/") {
 			req.Header.Set("If-Range", r.etag)
 		} else if r.lastModified != "" {
@@ -454,6 +465,8 @@ func (e *causeError) Unwrap() error { return e.err }
 func (r *rangeReader) accept(resp *http.Response) error {
 	status := "HTTP " + resp.Status
 	switch {
+	case resp.StatusCode == http.StatusOK && r.rangeOnly:
+		return backoff.Permanent(errNoRanges)
 	case resp.StatusCode == http.StatusOK:
 		if err := r.acceptFull(resp); err != nil {
 			return err
@@ -469,6 +482,8 @@ func (r *rangeReader) accept(resp *http.Response) error {
 			}
 			r.total = total
 		}
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && r.end > 0:
+		return backoff.Permanent(coded(CodeVerify, fmt.Errorf("%s: the server's image ends before byte %d", status, r.end-1)))
 	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && r.total > 0 && r.offset == r.total:
 		return nil
 	case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests,

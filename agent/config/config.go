@@ -229,6 +229,13 @@ type Update struct {
 	// StallTimeout ends a download failed when no new byte arrived for
 	// this long, across attempts (firmware.Config.StallTimeout).
 	StallTimeout time.Duration
+	// AdaptiveFallback is what an adaptive install (indexUri) does when
+	// it cannot go on: full (download the whole image) or fail
+	// (firmware.Config.AdaptiveFallback).
+	AdaptiveFallback string
+	// MaxRangeBytes bounds one Range request of an adaptive install
+	// (firmware.Config.MaxRangeBytes).
+	MaxRangeBytes int
 	// HealthSystemState is which `systemctl is-system-running` answers
 	// pass the health check of a trial boot: running, degraded (running
 	// or degraded) or ignore (not asked).
@@ -352,6 +359,9 @@ var keys = []key{
 	{name: "update.healthUnits", def: []string{}, set: units(func(c *Config) *[]string { return &c.Update.HealthUnits })},
 	{name: "update.downloadTimeout", def: "2h", set: dur(func(c *Config) *time.Duration { return &c.Update.DownloadTimeout }, time.Minute, 7*24*time.Hour)},
 	{name: "update.stallTimeout", def: "3m", set: dur(func(c *Config) *time.Duration { return &c.Update.StallTimeout }, time.Second, 24*time.Hour)},
+	{name: "update.adaptiveFallback", def: "full", usage: "when an adaptive install (indexUri) cannot go on: full (download the whole image) or fail",
+		set: oneOf(func(c *Config) *string { return &c.Update.AdaptiveFallback }, "full", "fail")},
+	{name: "update.maxRangeBytes", def: 1 << 20, set: intIn(func(c *Config) *int { return &c.Update.MaxRangeBytes }, 4096, 100<<20)},
 	{name: "update.proxy", def: "", usage: "HTTP proxy of downloads, http://host:port (empty: https_proxy, http_proxy and NO_PROXY)",
 		set: str(func(c *Config) *string { return &c.Update.Proxy.URL })},
 	{name: "update.proxyCredentialsFile", def: "", usage: "file holding user:password for update.proxy",

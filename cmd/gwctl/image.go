@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/gwagent/gwagent/firmware/blockindex"
 	"github.com/gwagent/gwagent/firmware/signature"
 	"github.com/gwagent/gwagent/internal/atomicfile"
 )
@@ -24,12 +28,12 @@ import (
 const maxKeyFile = 4 << 10
 
 type signFlags struct {
-	key, passwordFile, out string
-	manifest               signature.Manifest
+	key, passwordFile, out, index string
+	manifest                      signature.Manifest
 }
 
 func (a *app) imageCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "image", Short: "Sign firmware images and read their signed metadata"}
+	cmd := &cobra.Command{Use: "image", Short: "Sign firmware images, index their blocks and read their signed metadata"}
 	var f signFlags
 	sign := &cobra.Command{
 		Use:   "sign --key KEY [--version V --compatible TYPE... [--min-version V] [--allow-downgrade]] IMAGE",
@@ -50,6 +54,12 @@ version it may be installed over; --allow-downgrade lets it replace a newer or
 equal version. Without them the trusted comment is minisign's usual
 "timestamp:… file:… hashed".
 
+With --index (the IMAGE.bidx written by gwctl image index), the metadata also
+carries the index's SHA-256 and size ("indexSha256", "indexSize"), so the one
+signature authenticates the block index, and through it every block an
+adaptive install fetches or reuses (docs/adaptive-updates.md). The index must
+describe IMAGE.
+
 An encrypted key's password is read from --password-file, else asked on the
 terminal.`,
 		Args: exactArgs("IMAGE"),
@@ -65,6 +75,7 @@ terminal.`,
 	fl.StringArrayVar(&f.manifest.Compatible, "compatible", nil, "a device type the image fits (repeatable)")
 	fl.StringVar(&f.manifest.MinVersion, "min-version", "", "oldest running version the image may be installed over")
 	fl.BoolVar(&f.manifest.AllowDowngrade, "allow-downgrade", false, "allow installing over a newer or equal version")
+	fl.StringVar(&f.index, "index", "", "block index of IMAGE (gwctl image index) to cover by the signature")
 
 	var keyFile string
 	show := &cobra.Command{
@@ -80,7 +91,26 @@ a comment that does not verify is an error.`,
 		},
 	}
 	show.Flags().StringVar(&keyFile, "key", "", "minisign public key file to authenticate the trusted comment with")
-	cmd.AddCommand(sign, show)
+	var blockSize int
+	var indexOut string
+	index := &cobra.Command{
+		Use:   "index [--block-size N] [--output FILE] IMAGE",
+		Short: "Write IMAGE.bidx: the block index (size, SHA-256 and per-block SHA-256) for adaptive updates",
+		Long: `Write the block index of IMAGE (default IMAGE.bidx): its size and SHA-256, the
+block size, and the SHA-256 of every block, in the binary format of
+docs/adaptive-updates.md. Serve it next to the image and name it in the update
+(indexUri); the agent then fetches only the blocks it does not already hold.
+Index the image as it is written to the slot (uncompressed): adaptive installs
+fetch ranges of that file. Sign the image with --index so the signature covers
+the index.`,
+		Args: exactArgs("IMAGE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.indexImage(args[0], indexOut, blockSize)
+		},
+	}
+	index.Flags().IntVar(&blockSize, "block-size", blockindex.DefaultBlockSize, "block size in bytes: a power of two from 4096 to 16777216")
+	index.Flags().StringVarP(&indexOut, "output", "o", "", "where to write the index (default IMAGE.bidx)")
+	cmd.AddCommand(sign, show, index)
 	return cmd
 }
 
@@ -91,9 +121,22 @@ func (a *app) signImage(cmd *cobra.Command, image string, f *signFlags) error {
 	m := f.manifest
 	withMeta := m.Version != "" || len(m.Compatible) > 0 || m.MinVersion != "" || m.AllowDowngrade
 	var trusted string
+	if f.index != "" && !withMeta {
+		return usageErr("--index needs the metadata it is carried in: --version and --compatible")
+	}
 	if withMeta {
 		if m.Version == "" || len(m.Compatible) == 0 {
 			return usageErr("metadata needs both --version and at least one --compatible")
+		}
+		if f.index != "" {
+			ix, sum, n, err := readIndex(f.index)
+			if err != nil {
+				return err
+			}
+			if err := checkIndexOf(ix, image); err != nil {
+				return err
+			}
+			m.IndexSHA256, m.IndexSize = sum, n
 		}
 		c, err := m.TrustedComment()
 		if err != nil {
@@ -233,6 +276,9 @@ func (a *app) showSignature(path, keyFile string) error {
 				fmt.Fprintf(a.stdout, "min version:     %s\n", m.MinVersion)
 			}
 			fmt.Fprintf(a.stdout, "allow downgrade: %v\n", m.AllowDowngrade)
+			if m.IndexSHA256 != "" {
+				fmt.Fprintf(a.stdout, "block index:     %d bytes, sha256 %s\n", m.IndexSize, m.IndexSHA256)
+			}
 		} else if !hasMeta {
 			fmt.Fprintf(a.stdout, "metadata:        none\n")
 		}
@@ -258,4 +304,75 @@ func readLimited(path string, limit int64) ([]byte, error) {
 		return nil, errors.New(path + ": larger than " + strconv.FormatInt(limit, 10) + " bytes")
 	}
 	return b, nil
+}
+
+// indexImage writes the block index of image.
+func (a *app) indexImage(image, out string, blockSize int) error {
+	f, err := os.Open(image)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	ix, err := blockindex.Build(bufio.NewReaderSize(f, 1<<20), blockSize)
+	if err != nil {
+		if errors.Is(err, blockindex.ErrFormat) || strings.Contains(err.Error(), "block size") {
+			return usageErr("--block-size: %s", strings.TrimPrefix(err.Error(), "blockindex: "))
+		}
+		return fmt.Errorf("read %s: %w", image, err)
+	}
+	b, err := ix.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	if out == "" {
+		out = image + ".bidx"
+	}
+	if err := atomicfile.WriteFile(out, b, 0o644); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(b)
+	ratio := 0.0
+	if ix.ImageSize > 0 {
+		ratio = float64(len(b)) / float64(ix.ImageSize) * 100
+	}
+	if a.output == "json" {
+		return a.printJSON(map[string]any{"indexFile": out, "indexSha256": hex.EncodeToString(sum[:]), "indexSize": len(b),
+			"imageSize": ix.ImageSize, "imageSha256": ix.ImageHex(), "blockSize": ix.BlockSize, "blocks": ix.Blocks()})
+	}
+	fmt.Fprintf(a.stdout, "wrote %s: %d blocks of %d bytes, %d bytes (%.3f %% of the image)\nimage sha256: %s\nindex sha256: %s\n",
+		out, ix.Blocks(), ix.BlockSize, len(b), ratio, ix.ImageHex(), hex.EncodeToString(sum[:]))
+	return nil
+}
+
+// readIndex reads and parses a block index file, returning it with its
+// SHA-256 (hex) and size.
+func readIndex(path string) (*blockindex.Index, string, int64, error) {
+	b, err := readLimited(path, blockindex.MaxEncodedSize)
+	if err != nil {
+		return nil, "", 0, fmt.Errorf("--index: %w", err)
+	}
+	ix, err := blockindex.Parse(b)
+	if err != nil {
+		return nil, "", 0, usageErr("--index %s: %v", path, err)
+	}
+	sum := sha256.Sum256(b)
+	return ix, hex.EncodeToString(sum[:]), int64(len(b)), nil
+}
+
+// checkIndexOf refuses to sign an index that describes another image.
+func checkIndexOf(ix *blockindex.Index, image string) error {
+	f, err := os.Open(image)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, bufio.NewReaderSize(f, 1<<20))
+	if err != nil {
+		return fmt.Errorf("read %s: %w", image, err)
+	}
+	if n != ix.ImageSize || hex.EncodeToString(h.Sum(nil)) != ix.ImageHex() {
+		return usageErr("--index describes another image (%d bytes, sha256 %s), not %s (%d bytes)", ix.ImageSize, ix.ImageHex(), image, n)
+	}
+	return nil
 }

@@ -3,18 +3,22 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"aead.dev/minisign"
 
+	"github.com/gwagent/gwagent/firmware/blockindex"
 	"github.com/gwagent/gwagent/firmware/signature"
 )
 
@@ -195,5 +199,76 @@ func TestImageSign(t *testing.T) {
 				t.Fatalf("exit %d, stderr %q; want %d containing %q", r.code, r.stderr, exitUsage, tc.want)
 			}
 		})
+	}
+}
+
+// TestImageIndex writes a block index with gwctl image index, signs the
+// image with it and reads the index hash back from the signed metadata; an
+// index of another image is refused.
+func TestImageIndex(t *testing.T) {
+	dir := t.TempDir()
+	_, priv, err := minisign.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyText, _ := priv.MarshalText()
+	keyFile := filepath.Join(dir, "release.key")
+	os.WriteFile(keyFile, keyText, 0o600)
+	img := bytes.Repeat([]byte("gateway firmware "), 40000) // 680000 bytes: 167 blocks of 4 KiB
+	imgFile := filepath.Join(dir, "gw-2.1.0.img")
+	os.WriteFile(imgFile, img, 0o644)
+
+	r := runLocal(t, "image", "index", imgFile)
+	if r.code != 0 {
+		t.Fatalf("exit %d: %s", r.code, r.stderr)
+	}
+	idxFile := imgFile + ".bidx"
+	idx, err := os.ReadFile(idxFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ix, err := blockindex.Parse(idx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ix.ImageSize != int64(len(img)) || ix.Blocks() != 167 || ix.ImageSHA256 != sha256.Sum256(img) {
+		t.Fatalf("index: %d bytes, %d blocks", ix.ImageSize, ix.Blocks())
+	}
+	if !strings.Contains(r.stdout, "167 blocks of 4096 bytes") {
+		t.Errorf("stdout: %q", r.stdout)
+	}
+
+	r = runLocal(t, "image", "sign", "--key", keyFile, "--version", "2.1.0", "--compatible", "acme-gw-x86", "--index", idxFile, imgFile)
+	if r.code != 0 {
+		t.Fatalf("sign --index: exit %d: %s", r.code, r.stderr)
+	}
+	sig, _ := os.ReadFile(imgFile + ".minisig")
+	s, err := signature.ParseSignature(sig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, ok, err := signature.ParseManifest(s.TrustedComment)
+	sum := sha256.Sum256(idx)
+	if !ok || err != nil || m.IndexSHA256 != hex.EncodeToString(sum[:]) || m.IndexSize != int64(len(idx)) {
+		t.Fatalf("manifest %+v, %v, %v; want the index's sha256 and size", m, ok, err)
+	}
+	r = runLocal(t, "image", "show", imgFile+".minisig")
+	if !strings.Contains(r.stdout, "block index:     "+strconv.Itoa(len(idx))+" bytes, sha256 "+m.IndexSHA256) {
+		t.Errorf("show: %q", r.stdout)
+	}
+
+	other := filepath.Join(dir, "other.img")
+	os.WriteFile(other, append(bytes.Clone(img), 'x'), 0o644)
+	r = runLocal(t, "image", "sign", "--key", keyFile, "--version", "2.1.0", "--compatible", "acme-gw-x86", "--index", idxFile, other)
+	if r.code == 0 || !strings.Contains(r.stderr, "describes another image") {
+		t.Fatalf("signing another image with this index: exit %d: %s", r.code, r.stderr)
+	}
+	r = runLocal(t, "image", "sign", "--key", keyFile, "--index", idxFile, imgFile)
+	if r.code == 0 || !strings.Contains(r.stderr, "--index needs") {
+		t.Fatalf("--index without metadata: exit %d: %s", r.code, r.stderr)
+	}
+	r = runLocal(t, "image", "index", "--block-size", "5000", imgFile)
+	if r.code == 0 || !strings.Contains(r.stderr, "power of two") {
+		t.Fatalf("--block-size 5000: exit %d: %s", r.code, r.stderr)
 	}
 }

@@ -45,6 +45,7 @@ type abCrashSpec struct {
 	KillPhase  string           `json:"killPhase"`
 	KillBytes  int64            `json:"killBytes"`
 	Checkpoint int64            `json:"checkpoint"`
+	MaxRange   int64            `json:"maxRange,omitempty"`
 }
 
 // TestABCrashChild is the child process of TestABCrashResume; run directly
@@ -99,6 +100,7 @@ func abCrashChild(raw string) int {
 			}
 		},
 		CheckpointBytes: spec.Checkpoint,
+		MaxRangeBytes:   spec.MaxRange,
 		RebootTimeout:   time.Hour,
 	})
 	if err != nil {

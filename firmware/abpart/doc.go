@@ -12,6 +12,7 @@
 // every path that writes checks both first. It must not download, decide
 // phases or report progress: the firmware state machine does that and calls
 // this package through the firmware.Installer interface and its optional
-// abilities (Checker, Preparer, ReadBacker, Rebooter, Committer, RollBacker,
-// Slotted).
+// abilities (Checker, Preparer, ReadBacker, LocalBlocks, Rebooter,
+// Committer, RollBacker, Slotted). LocalBlocks opens both slots read-only
+// for an adaptive install to copy blocks from.
 package abpart

@@ -52,6 +52,8 @@ type device struct {
 	// wrap, when set, wraps the installer that startAgent hands to the
 	// state machine (to interfere with what it does).
 	wrap func(*Installer) firmware.Installer
+	// tune, when set, adjusts the state machine's config in startAgent.
+	tune func(*firmware.Config)
 	// fallbackStyle is how the simulated bootloader falls back: "script"
 	// (the shipped scripts: gw_slot=<other>, upgrade_available=0) or
 	// "altbootcmd" (U-Boot's built-in bootcount: boots the other slot and

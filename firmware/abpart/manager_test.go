@@ -36,6 +36,7 @@ type agent struct {
 	mu       sync.Mutex
 	phases   []firmware.Phase
 	final    *firmware.Progress
+	adaptive *firmware.AdaptiveStatus // the latest Progress.Adaptive
 	rebooted bool
 }
 
@@ -59,7 +60,7 @@ func (d *device) startAgent(t *testing.T, health func(context.Context) error) *a
 	if d.wrap != nil {
 		fi = d.wrap(inst)
 	}
-	a.m, err = firmware.NewManager(firmware.Config{
+	cfg := firmware.Config{
 		StateDir:       filepath.Join(d.dir, "agent"),
 		Installer:      fi,
 		CurrentVersion: "1.0.0",
@@ -69,6 +70,9 @@ func (d *device) startAgent(t *testing.T, health func(context.Context) error) *a
 			defer a.mu.Unlock()
 			if n := len(a.phases); n == 0 || a.phases[n-1] != p.Phase {
 				a.phases = append(a.phases, p.Phase)
+			}
+			if p.Adaptive != nil {
+				a.adaptive = p.Adaptive
 			}
 			switch p.Phase {
 			case firmware.PhaseCompleted, firmware.PhaseFailed, firmware.PhaseRolledBack:
@@ -83,7 +87,11 @@ func (d *device) startAgent(t *testing.T, health func(context.Context) error) *a
 		RetryMaxElapsed:      time.Second,
 		CheckpointBytes:      64 << 10,
 		RebootTimeout:        agentWait,
-	})
+	}
+	if d.tune != nil {
+		d.tune(&cfg)
+	}
+	a.m, err = firmware.NewManager(cfg)
 	if err != nil {
 		cancel()
 		t.Fatal(err)

@@ -2,6 +2,7 @@ package signature
 
 import (
 	"bytes"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -60,6 +61,13 @@ type Manifest struct {
 	// AllowDowngrade lets the image replace a newer or equal running
 	// version.
 	AllowDowngrade bool `json:"allowDowngrade,omitempty"`
+	// IndexSHA256 and IndexSize, when set, are the lowercase hex SHA-256
+	// and the size of the image's block index (firmware/blockindex), so
+	// the one signature authenticates the index and through it every
+	// block of an adaptive install (docs/adaptive-updates.md). Both or
+	// neither.
+	IndexSHA256 string `json:"indexSha256,omitempty"`
+	IndexSize   int64  `json:"indexSize,omitempty"`
 }
 
 // HasManifest reports whether a trusted comment claims to carry metadata.
@@ -116,6 +124,17 @@ func (m Manifest) Validate() error {
 	for _, c := range m.Compatible {
 		if err := CheckCompatible(c); err != nil {
 			return fmt.Errorf("%w: compatible: %w", ErrManifest, err)
+		}
+	}
+	if (m.IndexSHA256 == "") != (m.IndexSize == 0) {
+		return fmt.Errorf("%w: indexSha256 and indexSize go together", ErrManifest)
+	}
+	if m.IndexSHA256 != "" {
+		if b, err := hex.DecodeString(m.IndexSHA256); err != nil || len(b) != 32 || strings.ToLower(m.IndexSHA256) != m.IndexSHA256 {
+			return fmt.Errorf("%w: indexSha256 must be 64 lowercase hexadecimal digits", ErrManifest)
+		}
+		if m.IndexSize < 0 {
+			return fmt.Errorf("%w: indexSize must be positive", ErrManifest)
 		}
 	}
 	return nil

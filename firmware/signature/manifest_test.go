@@ -34,6 +34,9 @@ func TestParseManifest(t *testing.T) {
 		{name: "no compatible", comment: `gwagent-manifest:{"version":"2.1.0"}`, wantErr: "compatible must list"},
 		{name: "empty compatible entry", comment: `gwagent-manifest:{"version":"2.1.0","compatible":[""]}`, wantErr: "empty device type"},
 		{name: "blank in compatible", comment: `gwagent-manifest:{"version":"2.1.0","compatible":["acme gw"]}`, wantErr: "without blanks"},
+		{name: "with index", comment: `gwagent-manifest:{"version":"2.1.0","compatible":["a"],"indexSha256":"abababababababababababababababababababababababababababababababab","indexSize":1080}`, want: Manifest{Version: "2.1.0", Compatible: []string{"a"}, IndexSHA256: "abababababababababababababababababababababababababababababababab", IndexSize: 1080}},
+		{name: "index hash without size", comment: `gwagent-manifest:{"version":"2.1.0","compatible":["a"],"indexSha256":"abababababababababababababababababababababababababababababababab"}`, wantErr: "go together"},
+		{name: "index hash not hex", comment: `gwagent-manifest:{"version":"2.1.0","compatible":["a"],"indexSha256":"xyz","indexSize":5}`, wantErr: "64 lowercase"},
 		{name: "too long", comment: "gwagent-manifest:" + strings.Repeat(" ", 2000), wantErr: "longer than"},
 	}
 	for _, tc := range tests {

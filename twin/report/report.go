@@ -388,6 +388,15 @@ func Patch(p firmware.Progress) map[string]any {
 	case p.Phase == firmware.PhaseAccepted:
 		fw["window"] = nil
 	}
+	// adaptive: what an adaptive install (indexUri) fetched and reused,
+	// and why it fell back to a full download; null from the next
+	// update's acceptance on.
+	switch a := p.Adaptive; {
+	case a != nil:
+		fw["adaptive"] = map[string]any{"bytesFetched": a.BytesFetched, "bytesReused": a.BytesReused, "fallback": orNull(a.Fallback)}
+	case p.Phase == firmware.PhaseAccepted:
+		fw["adaptive"] = nil
+	}
 	top["firmware"] = fw
 	return top
 }

@@ -51,3 +51,25 @@ func TestPatchWaitingForWindow(t *testing.T) {
 		t.Fatalf("accepted without a window: firmware.window = %v (present %v), want null", w, ok)
 	}
 }
+
+func TestPatchAdaptive(t *testing.T) {
+	p := firmware.Progress{
+		UpdateID: "u1", Phase: firmware.PhaseDownloading, Bytes: 300, Total: 1000, Percent: 30,
+		Adaptive: &firmware.AdaptiveStatus{BytesFetched: 40, BytesReused: 260},
+	}
+	fw := Patch(p)["firmware"].(map[string]any)
+	a, _ := fw["adaptive"].(map[string]any)
+	if a == nil || a["bytesFetched"] != int64(40) || a["bytesReused"] != int64(260) || a["fallback"] != nil {
+		t.Fatalf("firmware.adaptive = %#v", fw["adaptive"])
+	}
+	p.Adaptive.Fallback = "the server ignores Range requests"
+	fw = Patch(p)["firmware"].(map[string]any)
+	if a, _ := fw["adaptive"].(map[string]any); a["fallback"] != p.Adaptive.Fallback {
+		t.Fatalf("firmware.adaptive = %#v, want the fallback reason", fw["adaptive"])
+	}
+	// A new update clears the last one's.
+	fw = Patch(firmware.Progress{UpdateID: "u2", Phase: firmware.PhaseAccepted})["firmware"].(map[string]any)
+	if a, ok := fw["adaptive"]; !ok || a != nil {
+		t.Fatalf("accepted: firmware.adaptive = %v (present %v), want null", a, ok)
+	}
+}
