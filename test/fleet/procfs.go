@@ -1,8 +1,10 @@
 package fleet
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -67,4 +69,24 @@ func MemAvailable() (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no MemAvailable in /proc/meminfo")
+}
+
+// TwinWrites are gwhub's twin-write counters (gwhub run --twin-write-stats).
+type TwinWrites struct {
+	Writes         int64   `json:"writes"`
+	Throttled      int64   `json:"throttled"` // answered 429
+	PeakPerSecond  int64   `json:"peakPerSecond"`
+	Limit          float64 `json:"limit"` // --twin-write-rate; 0: none
+	ElapsedSeconds float64 `json:"elapsedSeconds"`
+}
+
+// TwinWrites reads the hub's twin-write counters, at most a second old.
+func (f *Fleet) TwinWrites() (TwinWrites, error) {
+	var w TwinWrites
+	b, err := os.ReadFile(filepath.Join(f.opts.Dir, "hub.twin-writes.json"))
+	if err != nil {
+		return w, err
+	}
+	err = json.Unmarshal(b, &w)
+	return w, err
 }
