@@ -11,9 +11,11 @@ import (
 )
 
 // Mem is what /proc/PID/status says of a process's memory, in KiB.
-type Mem struct{ RSS, HWM int64 }
+// RSS counts the pages of the program's file that every copy of it
+// shares; Anon (RssAnon + RssShmem) is what each process adds.
+type Mem struct{ RSS, HWM, Anon int64 }
 
-// ReadMem reads VmRSS and VmHWM of pid.
+// ReadMem reads VmRSS, VmHWM, RssAnon and RssShmem of pid.
 func ReadMem(pid int) (Mem, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
@@ -28,6 +30,9 @@ func ReadMem(pid int) (Mem, error) {
 				m.RSS, _ = strconv.ParseInt(f[0], 10, 64)
 			case "VmHWM":
 				m.HWM, _ = strconv.ParseInt(f[0], 10, 64)
+			case "RssAnon", "RssShmem":
+				v, _ := strconv.ParseInt(f[0], 10, 64)
+				m.Anon += v
 			}
 		}
 	}

@@ -297,21 +297,24 @@ func benchRollout(ctx context.Context, c common, b rolloutBench) error {
 	if err := sleepCtx(ctx, 5*time.Second); err != nil {
 		return err
 	}
-	per := medianRSS(f, ids[:probe])
+	per, anon := medianRSS(f, ids[:probe]), medianAnon(f, ids[:probe])
 	avail, err := fleet.MemAvailable()
 	if err != nil {
 		return err
 	}
+	// Each more agent costs its own pages (RssAnon): the program's text
+	// in VmRSS is shared by all of them.
 	held := b.n
-	if per > 0 {
-		held = min(b.n, probe+int(float64(avail)*b.memShare/float64(per)))
+	if anon > 0 {
+		held = min(b.n, probe+int(float64(avail)*b.memShare/float64(anon)))
 	}
-	fmt.Fprintf(os.Stderr, "fleet bench: agent VmRSS %d KiB, MemAvailable %d KiB: starting %d of %d agents\n", per, avail, held, b.n)
+	fmt.Fprintf(os.Stderr, "fleet bench: agent VmRSS %d KiB (own pages %d KiB), MemAvailable %d KiB: starting %d of %d agents\n", per, anon, avail, held, b.n)
 	t0 := time.Now()
 	if err := f.StartAgents(ctx, ids[probe:held]...); err != nil {
 		return err
 	}
 	startAll := time.Since(t0)
+	availHeld, _ := fleet.MemAvailable()
 	ids = ids[:held]
 	// Baseline: the fleet idle, connected.
 	if err := sleepCtx(ctx, 10*time.Second); err != nil {
@@ -332,8 +335,9 @@ func benchRollout(ctx context.Context, c common, b rolloutBench) error {
 
 	fmt.Printf("\n  fleet 2. rollouts through %s to the same fleet of real gwagent processes\n", b.via)
 	fmt.Printf("     gateways held: %d real gwagent processes (asked for %d; the bench starts as many as %.0f%% of\n", held, b.n, 100*b.memShare)
-	fmt.Printf("     MemAvailable holds: %s each, MemAvailable %s); %d started and connected in %s\n",
-		mib(per), mib(avail), held-probe, startAll.Round(time.Millisecond))
+	fmt.Printf("     MemAvailable holds at %s of own pages (RssAnon) each, VmRSS %s; MemAvailable %s before, %s with\n",
+		mib(anon), mib(per), mib(avail), mib(availHeld))
+	fmt.Printf("     the fleet); %d started and connected in %s\n", held-probe, startAll.Round(time.Millisecond))
 	fmt.Printf("     idle fleet (baseline): hub VmRSS %s, hub CPU %.1f%% of a core, agent VmRSS median %s; hub twin-write throttle %g/s\n",
 		mib(idleHub.RSS), 100*idleRate, mib(idleAgent), limit)
 	for i, rate := range b.rates {
@@ -386,12 +390,21 @@ func safeDiv(a, b float64) float64 {
 	return a / b
 }
 
+func medianAnon(f *fleet.Fleet, ids []string) int64 {
+	return medianMem(f, ids, func(m fleet.Mem) int64 { return m.Anon })
+}
+
 func medianRSS(f *fleet.Fleet, ids []string) int64 {
+	return medianMem(f, ids, func(m fleet.Mem) int64 { return m.RSS })
+}
+
+// medianMem is the median of one /proc figure over the running agents of ids.
+func medianMem(f *fleet.Fleet, ids []string, of func(fleet.Mem) int64) int64 {
 	var v []time.Duration // reuse Median: KiB as durations
 	for _, id := range ids {
 		if p := f.Agent(id); p != nil {
 			if m, err := fleet.ReadMem(p.PID()); err == nil {
-				v = append(v, time.Duration(m.RSS))
+				v = append(v, time.Duration(of(m)))
 			}
 		}
 	}
