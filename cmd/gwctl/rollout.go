@@ -305,9 +305,11 @@ func (a *app) rolloutStart(ctx context.Context, c *service.Client, name string, 
 }
 
 // tagMember marks a device as a member of wave w; assign also writes the
-// desired firmware (the wave begins for it), in the same PATCH.
+// desired firmware (the wave begins for it), in the same PATCH. Tags are
+// merge-patched, so a member not assigned yet clears the "assigned" an
+// earlier, ended rollout left on the device.
 func (d *driver) tagMember(ctx context.Context, name, id string, w int, fw *fwDesired, assign bool) error {
-	tag := map[string]any{"name": name, "wave": w}
+	tag := map[string]any{"name": name, "wave": w, "assigned": nil}
 	patch := map[string]any{"tags": map[string]any{"rollout": tag}}
 	if assign {
 		tag["assigned"] = true

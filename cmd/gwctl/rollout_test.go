@@ -298,6 +298,30 @@ func TestRolloutWavesAdvance(t *testing.T) {
 	}
 }
 
+// TestRolloutAfterRollout: a second rollout over the devices of an ended
+// one assigns every wave, not only the first: the members of later waves
+// carry the first rollout's "assigned" tag until the second writes them.
+func TestRolloutAfterRollout(t *testing.T) {
+	rh := startRolloutHub(t, 4)
+	for _, id := range rh.ids {
+		rh.online(t, id, outComplete)
+	}
+	for _, r := range []struct{ name, version string }{{"r1", "2.1.0"}, {"r2", "2.2.0"}} {
+		args := append(startCmd(r.name, "--query", "tags.site = 'berlin'", "--waves", "1,100%", "--watch"), "--version", r.version)
+		if res := rh.env.run(t, 30*time.Second, args...); res.code != exitOK {
+			t.Fatalf("%s: start --watch exit %d\n%s\n%s", r.name, res.code, res.stdout, res.stderr)
+		}
+		for _, id := range rh.ids {
+			if fw := rh.desired(t, id); fw["updateId"] != r.name || fw["version"] != r.version {
+				t.Errorf("after %s, desired firmware of %s: %v", r.name, id, fw)
+			}
+		}
+		if st := rh.status(t, r.name); st.State != stateCompleted || st.Counts.Completed != 4 {
+			t.Errorf("%s: status %+v", r.name, st)
+		}
+	}
+}
+
 // TestRolloutFailureThresholdStops: too many failures in a wave stop the
 // rollout with the reason, the failed devices and their codes; the next
 // wave never begins.

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -51,9 +52,10 @@ func rootCommand() *cobra.Command {
 
 func runCommand() *cobra.Command {
 	var (
-		cfg      hub.Config
-		logLevel string
-		logFmt   string
+		cfg       hub.Config
+		logLevel  string
+		logFmt    string
+		statsFile string
 	)
 	cmd := &cobra.Command{
 		Use:   "run --state-dir DIR",
@@ -81,9 +83,26 @@ func runCommand() *cobra.Command {
 				return err
 			}
 			printBanner(cmd.OutOrStdout(), h, cfg)
+			statsDone := make(chan struct{})
+			go func() {
+				defer close(statsDone)
+				if statsFile == "" {
+					return
+				}
+				if err := keepTwinWriteStats(ctx, h, statsFile, time.Second); err != nil {
+					log.Warn("twin write stats file", zap.Error(err))
+				}
+			}()
 			<-ctx.Done()
+			<-statsDone
 			log.Info("stopping", zap.String("reason", context.Cause(ctx).Error()))
-			return h.Close()
+			err = h.Close()
+			if statsFile != "" {
+				if werr := writeTwinWriteStats(statsFile, h.TwinWriteStats()); werr != nil {
+					log.Warn("twin write stats file", zap.Error(werr))
+				}
+			}
+			return err
 		},
 	}
 	f := cmd.Flags()
@@ -100,6 +119,7 @@ func runCommand() *cobra.Command {
 	f.IntVar(&cfg.MaxPreAuthConns, "max-preauth-conns", hub.DefaultMaxPreAuthConns, "most connections that have not authenticated yet; more are closed at once")
 	f.IntVar(&cfg.MaxPreAuthConnsPerIP, "max-preauth-conns-per-ip", hub.DefaultMaxPreAuthConnsPerIP, "most connections from one IP address that have not authenticated yet; more are closed at once")
 	f.Float64Var(&cfg.TwinWriteRate, "twin-write-rate", DefaultTwinWriteRate, "service-side twin writes (PATCH/PUT /twins, jobs' twin updates) per second before the hub answers 429 ThrottlingException, as an S1 unit does; 0: no throttle")
+	f.StringVar(&statsFile, "twin-write-stats", "", "rewrite this file every second with the twin-write counters as JSON (writes, throttled, peakPerSecond, limit, elapsedSeconds), and once more when the hub stops: for benchmarks")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&logFmt, "log-format", "auto", "log format: auto, console, json, journal")
 	return cmd

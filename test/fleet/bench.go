@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -127,8 +128,11 @@ type RolloutRun struct {
 	Name  string
 	IDs   []string
 	Waves []string // e.g. 1, 10%, 50%, 100%: cumulative
-	Rate  float64  // twin writes per second at most
+	Rate  float64  // twin writes per second at most; 0: gwctl's default (ViaDesired: 20)
 	Via   Via
+	// Version announced to the devices (default the image's): a second
+	// rollout of the same image names another version.
+	Version string
 	// Logf, when set, is told the progress.
 	Logf func(format string, args ...any)
 }
@@ -141,6 +145,52 @@ type RolloutResult struct {
 	// from the hub's own $metadata timestamps (writes per second).
 	WriteRate float64
 	WaveSize  int // of that wave
+	// Hub are the hub's own twin-write counters over the rollout.
+	Hub HubWrites
+}
+
+// HubWrites are the service-side twin writes the hub counted over a span,
+// from its counters sampled about every second.
+type HubWrites struct {
+	Writes, Throttled int64
+	Mean, Peak        float64 // writes per second: over the span, and the highest between two samples
+	Limit             float64 // the hub's --twin-write-rate
+	Samples           int
+}
+
+// sampleWrites reads the hub's counters every second until stop is
+// closed, then once more, and sums up the span.
+func (f *Fleet) sampleWrites(stop <-chan struct{}, out chan<- HubWrites) {
+	var all []TwinWrites
+	read := func() {
+		if w, err := f.TwinWrites(); err == nil && (len(all) == 0 || w.ElapsedSeconds > all[len(all)-1].ElapsedSeconds) {
+			all = append(all, w)
+		}
+	}
+	read()
+	for running := true; running; {
+		select {
+		case <-stop:
+			// The file is rewritten every second: wait for the last writes.
+			time.Sleep(1100 * time.Millisecond)
+			running = false
+		case <-time.After(time.Second):
+		}
+		read()
+	}
+	var h HubWrites
+	h.Samples = len(all)
+	if len(all) < 2 {
+		out <- h
+		return
+	}
+	first, last := all[0], all[len(all)-1]
+	h.Writes, h.Throttled, h.Limit = last.Writes-first.Writes, last.Throttled-first.Throttled, last.Limit
+	h.Mean = float64(h.Writes) / (last.ElapsedSeconds - first.ElapsedSeconds)
+	for i := 1; i < len(all); i++ {
+		h.Peak = max(h.Peak, float64(all[i].Writes-all[i-1].Writes)/(all[i].ElapsedSeconds-all[i-1].ElapsedSeconds))
+	}
+	out <- h
 }
 
 // Drive runs the rollout and waits until every device has ended it.
@@ -149,16 +199,26 @@ func (f *Fleet) Drive(ctx context.Context, r RolloutRun) (RolloutResult, error) 
 	if logf == nil {
 		logf = func(string, ...any) {}
 	}
+	stopSampling, sampled := make(chan struct{}), make(chan HubWrites, 1)
+	go f.sampleWrites(stopSampling, sampled)
+	defer func() {
+		if stopSampling != nil {
+			close(stopSampling)
+		}
+	}()
 	start := time.Now()
 	var res RolloutResult
 	done := make(chan error, 1)
 	switch r.Via {
 	case ViaGwctl:
 		img := f.Image
-		args := []string{"rollout", "start", r.Name, "--uri", img.URI, "--version", img.Version, "--sha256", img.SHA256,
+		version := cmp.Or(r.Version, img.Version)
+		args := []string{"rollout", "start", r.Name, "--uri", img.URI, "--version", version, "--sha256", img.SHA256,
 			"--size", strconv.FormatInt(img.Size, 10), "--signature-uri", img.SignatureURI,
-			"--devices", strings.Join(r.IDs, ","), "--waves", strings.Join(r.Waves, ","),
-			"--rate", strconv.FormatFloat(r.Rate, 'f', -1, 64), "--watch"}
+			"--devices", strings.Join(r.IDs, ","), "--waves", strings.Join(r.Waves, ","), "--watch"}
+		if r.Rate > 0 {
+			args = append(args, "--rate", strconv.FormatFloat(r.Rate, 'f', -1, 64))
+		}
 		go func() {
 			out, errOut, code, err := f.Gwctl(ctx, args...)
 			if err == nil && code != 0 {
@@ -215,6 +275,20 @@ func (f *Fleet) Drive(ctx context.Context, r RolloutRun) (RolloutResult, error) 
 			return res, ctx.Err()
 		}
 	}
+	if driving {
+		// Every device has ended; gwctl --watch sees it at its next step.
+		select {
+		case driveErr = <-done:
+		case <-ctx.Done():
+			return res, ctx.Err()
+		}
+		if driveErr != nil {
+			return res, driveErr
+		}
+	}
+	close(stopSampling)
+	stopSampling = nil
+	res.Hub = <-sampled
 	res.WriteRate, res.WaveSize = f.writeRate(ctx, r)
 	return res, nil
 }
@@ -222,7 +296,7 @@ func (f *Fleet) Drive(ctx context.Context, r RolloutRun) (RolloutResult, error) 
 // driveDesired writes the waves itself: each wave's new devices at rate,
 // then waits until 90% of the devices assigned so far have ended.
 func (f *Fleet) driveDesired(ctx context.Context, r RolloutRun, logf func(string, ...any)) error {
-	every := time.Duration(float64(time.Second) / r.Rate)
+	every := time.Duration(float64(time.Second) / cmp.Or(r.Rate, 20))
 	assigned := 0
 	for wi, w := range r.Waves {
 		n, err := waveEnd(w, len(r.IDs))

@@ -153,7 +153,8 @@ func (f *Fleet) startHub(ctx context.Context) error {
 	dir := filepath.Join(f.opts.Dir, "hub")
 	args := append([]string{"run", "--state-dir", dir, "--hostname", "localhost",
 		"--mqtt-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0", "--ws=false",
-		"--log-format", "json", "--log-level", "warn"}, f.opts.HubArgs...)
+		"--log-format", "json", "--log-level", "warn", "--twin-write-stats", filepath.Join(f.opts.Dir, "hub.twin-writes.json")},
+		f.opts.HubArgs...)
 	cmd := exec.Command(filepath.Join(f.opts.Bin, "gwhub"), args...)
 	banner := filepath.Join(f.opts.Dir, "hub.banner")
 	p, err := startProc("gwhub", cmd, filepath.Join(f.opts.Dir, "hub.log"), banner)

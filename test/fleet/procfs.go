@@ -1,17 +1,21 @@
 package fleet
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 )
 
 // Mem is what /proc/PID/status says of a process's memory, in KiB.
-type Mem struct{ RSS, HWM int64 }
+// RSS counts the pages of the program's file that every copy of it
+// shares; Anon (RssAnon + RssShmem) is what each process adds.
+type Mem struct{ RSS, HWM, Anon int64 }
 
-// ReadMem reads VmRSS and VmHWM of pid.
+// ReadMem reads VmRSS, VmHWM, RssAnon and RssShmem of pid.
 func ReadMem(pid int) (Mem, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
@@ -26,6 +30,9 @@ func ReadMem(pid int) (Mem, error) {
 				m.RSS, _ = strconv.ParseInt(f[0], 10, 64)
 			case "VmHWM":
 				m.HWM, _ = strconv.ParseInt(f[0], 10, 64)
+			case "RssAnon", "RssShmem":
+				v, _ := strconv.ParseInt(f[0], 10, 64)
+				m.Anon += v
 			}
 		}
 	}
@@ -67,4 +74,24 @@ func MemAvailable() (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no MemAvailable in /proc/meminfo")
+}
+
+// TwinWrites are gwhub's twin-write counters (gwhub run --twin-write-stats).
+type TwinWrites struct {
+	Writes         int64   `json:"writes"`
+	Throttled      int64   `json:"throttled"` // answered 429
+	PeakPerSecond  int64   `json:"peakPerSecond"`
+	Limit          float64 `json:"limit"` // --twin-write-rate; 0: none
+	ElapsedSeconds float64 `json:"elapsedSeconds"`
+}
+
+// TwinWrites reads the hub's twin-write counters, at most a second old.
+func (f *Fleet) TwinWrites() (TwinWrites, error) {
+	var w TwinWrites
+	b, err := os.ReadFile(filepath.Join(f.opts.Dir, "hub.twin-writes.json"))
+	if err != nil {
+		return w, err
+	}
+	err = json.Unmarshal(b, &w)
+	return w, err
 }
