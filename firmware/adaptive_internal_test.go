@@ -123,3 +123,58 @@ func TestScanSample(t *testing.T) {
 		}
 	}
 }
+
+// TestLookupTable: in memory (a small index) and in a file (a large one),
+// every prefix inserted is found once noted, with the first block noted;
+// a prefix inserted twice is a duplicate; an unknown one is not found.
+func TestLookupTable(t *testing.T) {
+	for _, blocks := range []int{100, 50000} {
+		path := t.TempDir() + "/lookup"
+		tb, err := newLookupTable(path, blocks)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, statErr := os.Stat(path)
+		if onDisk := statErr == nil; onDisk != (blocks == 50000) {
+			t.Errorf("%d blocks: table on disk %v", blocks, onDisk)
+		}
+		r := rand.New(rand.NewPCG(uint64(blocks), 9))
+		ps := make([]uint64, blocks)
+		for i := range ps {
+			// Many share their low bits (the start slot): long probes.
+			ps[i] = r.Uint64() &^ (1<<10 - 1)
+			if dup, err := tb.insert(ps[i]); err != nil || dup {
+				t.Fatalf("insert %d: dup %v, %v", i, dup, err)
+			}
+		}
+		if dup, _ := tb.insert(ps[7]); !dup {
+			t.Error("a prefix inserted twice is not a duplicate")
+		}
+		for i := 0; i < blocks; i += 2 {
+			if ok, err := tb.note(ps[i], i+1); !ok || err != nil {
+				t.Fatalf("note %d: %v %v", i, ok, err)
+			}
+			if ok, _ := tb.note(ps[i], 3*i); !ok {
+				t.Fatalf("note %d again: the index has it", i)
+			}
+		}
+		if ok, _ := tb.note(1, 5); ok {
+			t.Error("an unknown prefix noted as the index's")
+		}
+		for i, p := range ps {
+			want := int32(-1)
+			if i%2 == 0 {
+				want = int32(i + 1) // the first block noted
+			}
+			if got, err := tb.find(p); got != want || err != nil {
+				t.Fatalf("%d blocks: find %d = %d, %v; want %d", blocks, i, got, err, want)
+			}
+		}
+		if got, _ := tb.find(1); got != -1 {
+			t.Error("an unknown prefix found")
+		}
+		if err := tb.close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
