@@ -407,6 +407,19 @@ func (s *scanSource) next() (int32, error) {
 	return int32(binary.BigEndian.Uint32(b[:])), nil
 }
 
+// peek is the value k blocks after the next one (k=0: the next), without
+// consuming it; ok is false past the end. k must be below 4096.
+func (s *scanSource) peek(k int) (v int32, ok bool) {
+	if s.f == nil {
+		return -1, true
+	}
+	b, err := s.r.Peek(4 * (k + 1))
+	if err != nil {
+		return 0, false
+	}
+	return int32(binary.BigEndian.Uint32(b[4*k:])), true
+}
+
 func (s *scanSource) close() {
 	if s.f != nil {
 		s.f.Close()

@@ -334,6 +334,51 @@ func TestAdaptiveWithoutRunningSlot(t *testing.T) {
 	}
 }
 
+// TestAdaptiveBridgesShortGaps: a single kept block between runs of
+// changed blocks is fetched with them (one Range request instead of two)
+// while the bytes on the wire stay within 1.1 × (changed blocks + index);
+// a gap of five kept blocks is not bridged, and they are reused.
+func TestAdaptiveBridgesShortGaps(t *testing.T) {
+	d := newDevice(t, "file")
+	d.guard("A")
+	slotA, _ := os.ReadFile(d.slots["A"])
+	const size = 200 * testBlock
+	v2 := randomBytes(t, size)
+	kept := []int{30, 60, 100, 101, 102, 103, 104, 150}
+	for _, k := range kept {
+		copy(v2[k*testBlock:(k+1)*testBlock], slotA[k*testBlock:])
+	}
+	changed := int64(size - len(kept)*testBlock)
+	srv := newAdaptiveServer(t, v2)
+	a := d.startAgent(t, nil)
+	if _, err := a.m.Start(srv.request()); err != nil {
+		t.Fatal(err)
+	}
+	if !a.waitRebootOrEnd(t) {
+		final, phases := a.result()
+		t.Fatalf("no reboot: %+v, phases %v", final, phases)
+	}
+	got, _ := os.ReadFile(d.slots["B"])
+	if !bytes.Equal(got[:size], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	ranges, sent, _ := srv.counts()
+	want := []string{fmt.Sprintf("bytes=0-%d", 100*testBlock-1), fmt.Sprintf("bytes=%d-%d", 105*testBlock, size-1)}
+	if strings.Join(ranges, " ") != strings.Join(want, " ") {
+		t.Errorf("ranges %q, want %q", ranges, want)
+	}
+	wire := float64(sent + int64(len(srv.idx)))
+	if r := wire / float64(changed+int64(len(srv.idx))); r > 1.1 {
+		t.Errorf("wire / (changed + index) = %.3f, want at most 1.1", r)
+	}
+	a.mu.Lock()
+	st := a.adaptive
+	a.mu.Unlock()
+	if st == nil || st.BytesReused != 5*testBlock || st.Fallback != "" {
+		t.Errorf("Progress.Adaptive = %+v, want the five-block gap reused", st)
+	}
+}
+
 // TestAdaptiveLittleToReuse: when the running slot holds less of the new
 // image than Config.AdaptiveMinReuse, the install is a plain full download
 // (one GET, no Range request), reported as the fallback with the share
