@@ -53,8 +53,9 @@ const (
 	// only index blocks of that size line up with what the device holds
 	// (docs/adaptive-updates.md: 1.4 % of an ext4 image on the wire at 4
 	// KiB, 41 % at 64 KiB). The price is the index (0.78 % of the image)
-	// and the agent's memory during an adaptive install (about 44 bytes per
-	// block, 11 MiB per GiB); images that are not file systems can use
+	// and the agent's state folder during an adaptive install (up to 84
+	// bytes per block, 21 MiB per GiB; its memory does not grow with the
+	// image); images that are not file systems can use
 	// larger blocks.
 	DefaultBlockSize = 4 << 10
 	MinBlockSize     = 4 << 10
