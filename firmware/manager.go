@@ -125,6 +125,13 @@ type Config struct {
 	// MaxRangeBytes bounds one Range request of an adaptive install
 	// (default 1 MiB, what CDNs serve best; at least one block).
 	MaxRangeBytes int64
+	// AdaptiveMinReuse is the share of the new image the device must hold
+	// for an adaptive install to assemble it (default 0.03); below it the
+	// install is a plain full download (reported as the adaptive
+	// fallback), because then the Range requests and the hashing of every
+	// block cost more than the few bytes they save. Negative: always
+	// assemble.
+	AdaptiveMinReuse float64
 
 	// writeFile replaces a state file (atomicfile.WriteFile when nil);
 	// the package's tests set it to make the disk look full.
@@ -164,6 +171,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxRangeBytes <= 0 {
 		c.MaxRangeBytes = 1 << 20
+	}
+	if c.AdaptiveMinReuse == 0 {
+		c.AdaptiveMinReuse = DefaultAdaptiveMinReuse
 	}
 }
 

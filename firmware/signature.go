@@ -112,6 +112,21 @@ func (m *Manager) fetchSignature(ctx context.Context, uri string) ([]byte, error
 // it: "signature", "block index") whole, with the same retry rules as the
 // image and at most max bytes.
 func (m *Manager) fetchSmall(ctx context.Context, uri, what string, max int64) ([]byte, error) {
+	var body []byte
+	err := m.fetchSmallTo(ctx, uri, what, max, func(r io.Reader) (err error) {
+		body, err = io.ReadAll(r)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return body, nil
+}
+
+// fetchSmallTo is fetchSmall handing the body of each attempt, at most
+// max+1 bytes, to read, which must start over at every call (an attempt
+// that fails is retried from the start) and read r to its end.
+func (m *Manager) fetchSmallTo(ctx context.Context, uri, what string, max int64, read func(io.Reader) error) error {
 	b := retry.NewBackoff(m.cfg.RetryInitialInterval, m.cfg.RetryMaxInterval)
 	parent := ctx
 	// The whole fetch, attempts and waits, within the stall clock: not a
@@ -126,13 +141,13 @@ func (m *Manager) fetchSmall(ctx context.Context, uri, what string, max int64) (
 		since = time.Now()
 		where = redactURI(uri)
 	)
-	sig, err := backoff.Retry(ctx, func() ([]byte, error) {
+	_, err := backoff.Retry(ctx, func() (struct{}, error) {
 		tries++
-		sig, err := m.fetchSmallOnce(ctx, uri, what, max)
+		err := m.fetchSmallOnce(ctx, uri, what, max, read)
 		if err != nil && ctx.Err() == nil {
 			last = err
 		}
-		return sig, err
+		return struct{}{}, err
 	}, backoff.WithBackOff(b), backoff.WithMaxElapsedTime(budget), backoff.WithNotify(func(err error, wait time.Duration) {
 		m.log.Warn(what+" download attempt failed; retrying", zap.String("url", where), zap.Error(err),
 			zap.Int("attempt", tries), zap.Duration("wait", wait))
@@ -142,7 +157,7 @@ func (m *Manager) fetchSmall(ctx context.Context, uri, what string, max int64) (
 		m.clearRetry()
 	}
 	if err == nil || parent.Err() != nil {
-		return sig, err
+		return err
 	}
 	if ctx.Err() != nil {
 		err = last
@@ -150,28 +165,28 @@ func (m *Manager) fetchSmall(ctx context.Context, uri, what string, max int64) (
 			err = fmt.Errorf("no answer within %s", budget)
 		}
 	}
-	return nil, fmt.Errorf("%s: %w", what, &giveUpError{what: "download", url: where, cause: err, tries: tries, over: time.Since(since)})
+	return fmt.Errorf("%s: %w", what, &giveUpError{what: "download", url: where, cause: err, tries: tries, over: time.Since(since)})
 }
 
 // fetchSmallOnce is one attempt of fetchSmall; it marks the failures that
 // retrying cannot fix (backoff.Permanent).
-func (m *Manager) fetchSmallOnce(ctx context.Context, uri, what string, max int64) ([]byte, error) {
+func (m *Manager) fetchSmallOnce(ctx context.Context, uri, what string, max int64, read func(io.Reader) error) error {
 	rctx, rcancel := context.WithTimeout(ctx, m.cfg.IdleTimeout)
 	defer rcancel()
 	req, err := http.NewRequestWithContext(rctx, http.MethodGet, uri, nil)
 	if err != nil {
-		return nil, backoff.Permanent(fmt.Errorf("bad URL: %w", err))
+		return backoff.Permanent(fmt.Errorf("bad URL: %w", err))
 	}
 	req.Header.Set("User-Agent", "gwagent")
 	resp, err := m.cfg.HTTPClient.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, backoff.Permanent(ctx.Err())
+			return backoff.Permanent(ctx.Err())
 		}
 		if permanentNetError(err) {
-			return nil, backoff.Permanent(netCause(err))
+			return backoff.Permanent(netCause(err))
 		}
-		return nil, netCause(err)
+		return netCause(err)
 	}
 	defer resp.Body.Close()
 	status := "HTTP " + resp.Status
@@ -180,20 +195,39 @@ func (m *Manager) fetchSmallOnce(ctx context.Context, uri, what string, max int6
 	case resp.StatusCode == http.StatusRequestTimeout, resp.StatusCode == http.StatusTooManyRequests, resp.StatusCode >= 500:
 		e := errors.New(status)
 		if d, ok := retryAfter(resp.Header.Get("Retry-After"), m.cfg.RetryMaxElapsed); ok {
-			return nil, &retryAfterError{err: e, ra: &backoff.RetryAfterError{Duration: d}}
+			return &retryAfterError{err: e, ra: &backoff.RetryAfterError{Duration: d}}
 		}
-		return nil, e
+		return e
 	default:
-		return nil, backoff.Permanent(errors.New(status))
+		return backoff.Permanent(errors.New(status))
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, max+1))
-	if err != nil {
-		return nil, fmt.Errorf("read: %w", err)
+	cr := &countReader{r: io.LimitReader(resp.Body, max+1)}
+	if err := read(cr); err != nil {
+		if cr.err == nil { // not the network: the destination
+			return backoff.Permanent(err)
+		}
+		return fmt.Errorf("read: %w", err)
 	}
-	if int64(len(body)) > max {
-		return nil, backoff.Permanent(fmt.Errorf("the %s is larger than %d bytes", what, max))
+	if cr.n > max {
+		return backoff.Permanent(fmt.Errorf("the %s is larger than %d bytes", what, max))
 	}
-	return body, nil
+	return nil
+}
+
+// countReader counts what it reads and keeps its read error.
+type countReader struct {
+	r   io.Reader
+	n   int64
+	err error
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	if err != nil && err != io.EOF {
+		c.err = err
+	}
+	return n, err
 }
 
 // checkManifest applies the signed update metadata of the trusted comment

@@ -106,11 +106,23 @@ func benchAdaptive(b *testing.B, size, bs, pct int, rate int64) {
 func benchInstall(b *testing.B, running []byte, req firmware.Request) time.Duration {
 	b.Helper()
 	dir := b.TempDir()
-	slots := map[string]string{"A": filepath.Join(dir, "a"), "B": filepath.Join(dir, "b")}
-	if err := os.WriteFile(slots["A"], running, 0o644); err != nil {
+	slotA := filepath.Join(dir, "a")
+	if err := os.WriteFile(slotA, running, 0o644); err != nil {
 		b.Fatal(err)
 	}
-	if err := os.Truncate(createFile(b, slots["B"]), int64(len(running))); err != nil {
+	return benchInstallSlot(b, dir, slotA, req)
+}
+
+// benchInstallSlot is benchInstall with the running slot A in the file
+// slotA, slot B and the state in dir.
+func benchInstallSlot(b *testing.B, dir, slotA string, req firmware.Request) time.Duration {
+	b.Helper()
+	fi, err := os.Stat(slotA)
+	if err != nil {
+		b.Fatal(err)
+	}
+	slots := map[string]string{"A": slotA, "B": filepath.Join(dir, "b")}
+	if err := os.Truncate(createFile(b, slots["B"]), fi.Size()); err != nil {
 		b.Fatal(err)
 	}
 	envPath := filepath.Join(dir, "env")

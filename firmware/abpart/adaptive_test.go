@@ -311,6 +311,8 @@ func TestAdaptiveWithoutRunningSlot(t *testing.T) {
 	v2, _ := adaptivePair(t, d)
 	srv := newAdaptiveServer(t, v2)
 	d.wrap = func(i *Installer) firmware.Installer { return noRunning{i} }
+	// Nothing to reuse is below any minimum share: take it away.
+	d.tune = func(c *firmware.Config) { c.AdaptiveMinReuse = -1 }
 	a := d.startAgent(t, nil)
 	if _, err := a.m.Start(srv.request()); err != nil {
 		t.Fatal(err)
@@ -329,6 +331,95 @@ func TestAdaptiveWithoutRunningSlot(t *testing.T) {
 	a.mu.Unlock()
 	if sent != int64(len(v2)) || len(ranges) != 1 || st == nil || st.BytesReused != 0 || st.Fallback != "" {
 		t.Errorf("sent %d image bytes in %q, adaptive %+v: want the whole image in one range of at most 1 MiB, nothing reused", sent, ranges, st)
+	}
+}
+
+// TestAdaptiveBridgesShortGaps: a single kept block between runs of
+// changed blocks is fetched with them (one Range request instead of two)
+// while the bytes on the wire stay within 1.1 × (changed blocks + index);
+// a gap of five kept blocks is not bridged, and they are reused.
+func TestAdaptiveBridgesShortGaps(t *testing.T) {
+	d := newDevice(t, "file")
+	d.guard("A")
+	slotA, _ := os.ReadFile(d.slots["A"])
+	const size = 200 * testBlock
+	v2 := randomBytes(t, size)
+	kept := []int{30, 60, 100, 101, 102, 103, 104, 150}
+	for _, k := range kept {
+		copy(v2[k*testBlock:(k+1)*testBlock], slotA[k*testBlock:])
+	}
+	changed := int64(size - len(kept)*testBlock)
+	srv := newAdaptiveServer(t, v2)
+	a := d.startAgent(t, nil)
+	if _, err := a.m.Start(srv.request()); err != nil {
+		t.Fatal(err)
+	}
+	if !a.waitRebootOrEnd(t) {
+		final, phases := a.result()
+		t.Fatalf("no reboot: %+v, phases %v", final, phases)
+	}
+	got, _ := os.ReadFile(d.slots["B"])
+	if !bytes.Equal(got[:size], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	ranges, sent, _ := srv.counts()
+	want := []string{fmt.Sprintf("bytes=0-%d", 100*testBlock-1), fmt.Sprintf("bytes=%d-%d", 105*testBlock, size-1)}
+	if strings.Join(ranges, " ") != strings.Join(want, " ") {
+		t.Errorf("ranges %q, want %q", ranges, want)
+	}
+	wire := float64(sent + int64(len(srv.idx)))
+	if r := wire / float64(changed+int64(len(srv.idx))); r > 1.1 {
+		t.Errorf("wire / (changed + index) = %.3f, want at most 1.1", r)
+	}
+	a.mu.Lock()
+	st := a.adaptive
+	a.mu.Unlock()
+	if st == nil || st.BytesReused != 5*testBlock || st.Fallback != "" {
+		t.Errorf("Progress.Adaptive = %+v, want the five-block gap reused", st)
+	}
+}
+
+// TestAdaptiveLittleToReuse: when the running slot holds less of the new
+// image than Config.AdaptiveMinReuse, the install is a plain full download
+// (one GET, no Range request), reported as the fallback with the share
+// found, whatever the fallback policy (it is a choice, not a failure); no
+// scan is left in the state folder.
+func TestAdaptiveLittleToReuse(t *testing.T) {
+	d := newDevice(t, "file")
+	d.guard("A")
+	slotA, _ := os.ReadFile(d.slots["A"])
+	const size = 200 * testBlock
+	v2 := randomBytes(t, size)
+	copy(v2[20*testBlock:], slotA[100*testBlock:104*testBlock]) // 4 blocks of 200: 2 %
+	srv := newAdaptiveServer(t, v2)
+	d.tune = func(c *firmware.Config) { c.AdaptiveFallback = firmware.AdaptiveFallbackFail }
+	a := d.startAgent(t, nil)
+	if _, err := a.m.Start(srv.request()); err != nil {
+		t.Fatal(err)
+	}
+	if !a.waitRebootOrEnd(t) {
+		final, phases := a.result()
+		t.Fatalf("no reboot: %+v, phases %v", final, phases)
+	}
+	got, _ := os.ReadFile(d.slots["B"])
+	if !bytes.Equal(got[:size], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	ranges, sent, idx := srv.counts()
+	a.mu.Lock()
+	st := a.adaptive
+	a.mu.Unlock()
+	if sent != size || len(ranges) != 1 || ranges[0] != "" || idx != 1 {
+		t.Errorf("sent %d image bytes in %q, index fetched %d times: want one plain GET of the image", sent, ranges, idx)
+	}
+	if st == nil || st.BytesReused != 0 || st.BytesFetched != size+int64(len(srv.idx)) ||
+		!strings.Contains(st.Fallback, "the running slot holds 2.0 % of the new image, less than the 3.0 %") {
+		t.Errorf("Progress.Adaptive = %+v, want the fallback with the share found", st)
+	}
+	for _, f := range []string{"adaptive-scan.bin", "adaptive-index.bidx", "adaptive-lookup.tmp"} {
+		if _, err := os.Stat(filepath.Join(d.dir, "agent", f)); !os.IsNotExist(err) {
+			t.Errorf("%s left in the state folder: %v", f, err)
+		}
 	}
 }
 
@@ -384,7 +475,7 @@ func TestAdaptiveCrashResume(t *testing.T) {
 		t.Fatalf("checkpoint after the kill: %+v", cp)
 	}
 	before, sentBefore, _ := srv.counts()
-	if _, err := os.Stat(filepath.Join(spec.StateDir, "adaptive-scan.json")); err != nil {
+	if _, err := os.Stat(filepath.Join(spec.StateDir, "adaptive-scan.bin")); err != nil {
 		t.Fatalf("the killed run saved no scan of the running slot: %v", err)
 	}
 
@@ -415,7 +506,7 @@ func TestAdaptiveCrashResume(t *testing.T) {
 		logs.FilterMessage("adaptive install: using the saved scan of the running image").Len() != 1 {
 		t.Errorf("resumed run scanned the running slot %d times; logs %v", n, logs.All())
 	}
-	if _, err := os.Stat(filepath.Join(spec.StateDir, "adaptive-scan.json")); err == nil {
+	if _, err := os.Stat(filepath.Join(spec.StateDir, "adaptive-scan.bin")); err == nil {
 		t.Error("the scan of the running slot is still there after the update")
 	}
 	ranges, sentAll, _ := srv.counts()

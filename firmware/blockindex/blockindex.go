@@ -53,8 +53,9 @@ const (
 	// only index blocks of that size line up with what the device holds
 	// (docs/adaptive-updates.md: 1.4 % of an ext4 image on the wire at 4
 	// KiB, 41 % at 64 KiB). The price is the index (0.78 % of the image)
-	// and the agent's memory during an adaptive install (about 44 bytes per
-	// block, 11 MiB per GiB); images that are not file systems can use
+	// and the agent's state folder during an adaptive install (up to 84
+	// bytes per block, 21 MiB per GiB; its memory does not grow with the
+	// image); images that are not file systems can use
 	// larger blocks.
 	DefaultBlockSize = 4 << 10
 	MinBlockSize     = 4 << 10
@@ -71,16 +72,26 @@ var (
 	ErrFormat = errors.New("blockindex: not a valid block index")
 )
 
-// Index is a parsed or built block index.
+// Index is a parsed, built or opened block index. An opened index (Open)
+// reads its hashes from its file on demand and is not safe for concurrent
+// use; the others are read-only.
 type Index struct {
 	BlockSize   int
 	ImageSize   int64
 	ImageSHA256 [HashSize]byte
-	hashes      []byte // HashSize bytes per block
+	blocks      int
+	hashes      []byte // HashSize bytes per block, in memory (Parse, Build)
+
+	// An opened index: the encoded index in ra, a window of its hashes
+	// read in one piece for in-order access, and the first read error.
+	ra       io.ReaderAt
+	win      []byte
+	winFirst int
+	err      error
 }
 
 // Blocks is the number of blocks of the image.
-func (ix *Index) Blocks() int { return len(ix.hashes) / HashSize }
+func (ix *Index) Blocks() int { return ix.blocks }
 
 // Block returns the offset and length of block i in the image.
 func (ix *Index) Block(i int) (off, n int64) {
@@ -88,18 +99,66 @@ func (ix *Index) Block(i int) (off, n int64) {
 	return off, min(int64(ix.BlockSize), ix.ImageSize-off)
 }
 
-// Hash returns the SHA-256 of block i.
+// Hash returns the SHA-256 of block i. An opened index reads its hashes a
+// window (64 KiB) at a time, for callers that go through the blocks in
+// order; HashAt suits random access. A read error makes the hash all
+// zeros (which no block matches) and is kept for Err and Verify.
 func (ix *Index) Hash(i int) [HashSize]byte {
 	var h [HashSize]byte
-	copy(h[:], ix.hashes[i*HashSize:])
+	if ix.ra == nil {
+		copy(h[:], ix.hashes[i*HashSize:])
+		return h
+	}
+	if k := i - ix.winFirst; k >= 0 && (k+1)*HashSize <= len(ix.win) {
+		copy(h[:], ix.win[k*HashSize:])
+		return h
+	}
+	n := min(windowHashes, ix.blocks-i)
+	if cap(ix.win) < windowHashes*HashSize {
+		ix.win = make([]byte, windowHashes*HashSize)
+	}
+	ix.win = ix.win[:n*HashSize]
+	ix.winFirst = i
+	if _, err := ix.ra.ReadAt(ix.win, HeaderSize+int64(i)*HashSize); err != nil {
+		ix.win = ix.win[:0]
+		ix.fail(i, err)
+		return h
+	}
+	copy(h[:], ix.win)
 	return h
 }
+
+// windowHashes is how many hashes an opened index reads at once.
+const windowHashes = 2048
+
+// HashAt is Hash for random access: an opened index reads this one hash.
+func (ix *Index) HashAt(i int) [HashSize]byte {
+	var h [HashSize]byte
+	if ix.ra == nil {
+		copy(h[:], ix.hashes[i*HashSize:])
+		return h
+	}
+	if _, err := ix.ra.ReadAt(h[:], HeaderSize+int64(i)*HashSize); err != nil {
+		ix.fail(i, err)
+		return [HashSize]byte{}
+	}
+	return h
+}
+
+func (ix *Index) fail(i int, err error) {
+	if ix.err == nil {
+		ix.err = fmt.Errorf("blockindex: read the hash of block %d: %w", i, err)
+	}
+}
+
+// Err is the first error reading an opened index's hashes.
+func (ix *Index) Err() error { return ix.err }
 
 // ImageHex is the image SHA-256 in lowercase hex, as requests carry it.
 func (ix *Index) ImageHex() string { return hex.EncodeToString(ix.ImageSHA256[:]) }
 
 // EncodedSize is the size of the encoded index.
-func (ix *Index) EncodedSize() int64 { return HeaderSize + int64(len(ix.hashes)) }
+func (ix *Index) EncodedSize() int64 { return HeaderSize + int64(ix.blocks)*HashSize }
 
 // MismatchError is a block whose bytes do not hash to the index's entry.
 type MismatchError struct {
@@ -121,7 +180,11 @@ func (ix *Index) Verify(i int, data []byte) error {
 		return fmt.Errorf("block %d (bytes %d+) is %d bytes, the index says %d", i, off, len(data), n)
 	}
 	got := sha256.Sum256(data)
-	if want := ix.Hash(i); got != want {
+	want := ix.Hash(i)
+	if ix.err != nil {
+		return ix.err
+	}
+	if got != want {
 		return &MismatchError{Block: i, Offset: off, Got: got, Want: want}
 	}
 	return nil
@@ -138,12 +201,13 @@ func Build(r io.Reader, blockSize int) (*Index, error) {
 	for {
 		n, err := io.ReadFull(r, buf)
 		if n > 0 {
-			if ix.Blocks() >= MaxBlocks {
+			if ix.blocks >= MaxBlocks {
 				return nil, fmt.Errorf("blockindex: the image has more than %d blocks of %d bytes; use a larger block size", MaxBlocks, blockSize)
 			}
 			whole.Write(buf[:n])
 			h := sha256.Sum256(buf[:n])
 			ix.hashes = append(ix.hashes, h[:]...)
+			ix.blocks++
 			ix.ImageSize += int64(n)
 		}
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
@@ -157,8 +221,12 @@ func Build(r io.Reader, blockSize int) (*Index, error) {
 	return ix, nil
 }
 
-// MarshalBinary encodes the index.
+// MarshalBinary encodes the index (not an opened one: its encoding is its
+// file).
 func (ix *Index) MarshalBinary() ([]byte, error) {
+	if ix.ra != nil {
+		return nil, errors.New("blockindex: an opened index is not encoded again")
+	}
 	b := make([]byte, HeaderSize, ix.EncodedSize())
 	copy(b, Magic)
 	binary.BigEndian.PutUint32(b[8:], Version)
@@ -173,8 +241,38 @@ func (ix *Index) MarshalBinary() ([]byte, error) {
 // (a truncated or padded file is refused). The index keeps b's hashes
 // without copying them: b must not be changed afterwards.
 func Parse(b []byte) (*Index, error) {
-	if len(b) < HeaderSize {
-		return nil, fmt.Errorf("%w: %d bytes, shorter than the %d-byte header", ErrFormat, len(b), HeaderSize)
+	ix, err := parseHeader(b, int64(len(b)))
+	if err != nil {
+		return nil, err
+	}
+	ix.hashes = b[HeaderSize:len(b):len(b)]
+	return ix, nil
+}
+
+// Open reads the header of the encoded index in r, size bytes long, and
+// checks it as strictly as Parse; the hashes stay in r and are read when
+// asked for (Hash, HashAt), so the index costs a 64 KiB window of memory
+// whatever the image size. r must not change while the index is used.
+func Open(r io.ReaderAt, size int64) (*Index, error) {
+	hdr := make([]byte, HeaderSize)
+	if size >= HeaderSize {
+		if _, err := r.ReadAt(hdr, 0); err != nil {
+			return nil, fmt.Errorf("blockindex: read the header: %w", err)
+		}
+	}
+	ix, err := parseHeader(hdr, size)
+	if err != nil {
+		return nil, err
+	}
+	ix.ra = r
+	return ix, nil
+}
+
+// parseHeader checks the header in b (at least HeaderSize bytes unless
+// size is smaller) of an encoded index of size bytes.
+func parseHeader(b []byte, size int64) (*Index, error) {
+	if size < HeaderSize {
+		return nil, fmt.Errorf("%w: %d bytes, shorter than the %d-byte header", ErrFormat, size, HeaderSize)
 	}
 	if !bytes.Equal(b[:8], []byte(Magic)) {
 		return nil, fmt.Errorf("%w: no %q magic", ErrFormat, Magic)
@@ -186,15 +284,15 @@ func Parse(b []byte) (*Index, error) {
 	if err := checkBlockSize(int(bs)); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrFormat, err)
 	}
-	size := binary.BigEndian.Uint64(b[16:])
-	blocks := (size + uint64(bs) - 1) / uint64(bs)
-	if size > 1<<62 || blocks > MaxBlocks {
-		return nil, fmt.Errorf("%w: image size %d needs more than %d blocks", ErrFormat, size, MaxBlocks)
+	isize := binary.BigEndian.Uint64(b[16:])
+	blocks := (isize + uint64(bs) - 1) / uint64(bs)
+	if isize > 1<<62 || blocks > MaxBlocks {
+		return nil, fmt.Errorf("%w: image size %d needs more than %d blocks", ErrFormat, isize, MaxBlocks)
 	}
-	if want := HeaderSize + blocks*HashSize; uint64(len(b)) != want {
-		return nil, fmt.Errorf("%w: %d bytes, but an image of %d bytes in blocks of %d needs %d (truncated or padded)", ErrFormat, len(b), size, bs, want)
+	if want := HeaderSize + blocks*HashSize; uint64(size) != want {
+		return nil, fmt.Errorf("%w: %d bytes, but an image of %d bytes in blocks of %d needs %d (truncated or padded)", ErrFormat, size, isize, bs, want)
 	}
-	ix := &Index{BlockSize: int(bs), ImageSize: int64(size), hashes: b[HeaderSize:len(b):len(b)]}
+	ix := &Index{BlockSize: int(bs), ImageSize: int64(isize), blocks: int(blocks)}
 	copy(ix.ImageSHA256[:], b[24:56])
 	return ix, nil
 }

@@ -5,6 +5,8 @@ import (
 	"crypto/sha256"
 	"errors"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/gwagent/gwagent/firmware/blockindex"
@@ -128,4 +130,58 @@ func FuzzParse(f *testing.F) {
 			t.Fatal("a parsed index does not encode to the same bytes")
 		}
 	})
+}
+
+// An index opened from a file reads the same hashes as the parsed one, in
+// order (Hash, across windows) and at random (HashAt), and is as strict
+// about truncated and padded files.
+func TestOpenReadsHashesFromTheFile(t *testing.T) {
+	img := image(5000*4096+10, 3)
+	ix, err := blockindex.Build(bytes.NewReader(img), 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, _ := ix.MarshalBinary()
+	path := filepath.Join(t.TempDir(), "ix")
+	if err := os.WriteFile(path, enc, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got, err := blockindex.Open(f, int64(len(enc)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Blocks() != ix.Blocks() || got.ImageSHA256 != ix.ImageSHA256 || got.BlockSize != 4096 || got.EncodedSize() != int64(len(enc)) {
+		t.Fatalf("opened %d blocks, built %d", got.Blocks(), ix.Blocks())
+	}
+	for _, i := range []int{4000, 17, 0, 4999, 2048, 2047} {
+		if got.HashAt(i) != ix.Hash(i) {
+			t.Fatalf("HashAt(%d) differs", i)
+		}
+	}
+	for i := 1000; i < got.Blocks(); i++ { // from the middle, across windows
+		off, n := got.Block(i)
+		if err := got.Verify(i, img[off:off+n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got.Err() != nil {
+		t.Fatal(got.Err())
+	}
+	for _, size := range []int64{int64(len(enc)) - 1, 10} {
+		if _, err := blockindex.Open(f, size); !errors.Is(err, blockindex.ErrFormat) {
+			t.Errorf("Open of %d of %d bytes: %v, want ErrFormat", size, len(enc), err)
+		}
+	}
+	// A file that shrinks under the index: the read error is kept.
+	if err := os.Truncate(path, 100); err != nil {
+		t.Fatal(err)
+	}
+	if err := got.Verify(10, img[10*4096:11*4096]); err == nil || got.Err() == nil {
+		t.Fatalf("Verify after the file was truncated: %v", err)
+	}
 }
