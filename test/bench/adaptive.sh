@@ -2,7 +2,7 @@
 # test/bench/adaptive.sh: the adaptive-update figures of `make bench`
 # (docs/adaptive-updates.md): ext4 update pairs (a few files changed, a
 # package upgrade, everything rewritten) and random block changes (1 %, 10 %,
-# 50 %), each version 2 installed over version 1 adaptively and as a full
+# 50 %, 100 %), each version 2 installed over version 1 adaptively and as a full
 # download in the same run, over loopback and over a rate-limited link.
 # test/bench/cmd/benchadaptive builds the images and drives benchserve,
 # benchinstall and gwctl image index; its comment has the details.
