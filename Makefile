@@ -95,6 +95,7 @@ bench: deps build ## Benchmarks, each as a ratio to a baseline measured in the s
 	$(GO) run ./test/fleet/cmd/fleet bench -bin '$(BUILD)' $(FLEET_BENCH_ARGS)
 	GO='$(GO)' BUILD='$(BUILD)' test/bench/run.sh
 	GO='$(GO)' BUILD='$(BUILD)' test/bench/agent.sh
+	GO='$(GO)' BUILD='$(BUILD)' test/bench/adaptive.sh
 	$(GO) test -run '^$$' -bench MethodRoundTrip -benchtime 500x ./hub/
 	HUB_BENCH_DEVICES=1000 $(GO) test -run '^$$' -bench ConnectedDevices -benchtime 1x ./hub/
 	$(GO) test -run '^$$' -bench 'Report|HourDownload' -benchmem ./twin/...

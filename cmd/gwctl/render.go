@@ -22,6 +22,9 @@ type watchPrinter struct {
 	json bool
 	tty  bool
 	bar  *progressbar.ProgressBar // only while downloading on a terminal
+	// fellBack is the adaptive fallback reason printed last, so that it is
+	// printed once.
+	fellBack string
 }
 
 func newWatchPrinter(w io.Writer, loc *time.Location, jsonOut, tty bool) *watchPrinter {
@@ -52,6 +55,11 @@ func (p *watchPrinter) event(e service.WatchEvent) {
 	if p.json {
 		p.line(e)
 		return
+	}
+	if a := e.State.Adaptive; a != nil && a.Fallback != "" && a.Fallback != p.fellBack {
+		p.fellBack = a.Fallback
+		p.finish()
+		fmt.Fprintf(p.w, "%s adaptive install falls back to a full download: %s\n", p.clock(e.Time), a.Fallback)
 	}
 	switch e.Kind {
 	case service.EventRetry:
@@ -118,6 +126,9 @@ func (p *watchPrinter) progressBar(s service.FirmwareState) bool {
 	if s.TotalBytes > 0 {
 		desc = fmt.Sprintf("%s %s of %s", s.Status, humanBytes(s.Bytes), humanBytes(s.TotalBytes))
 	}
+	if s.Adaptive != nil {
+		desc += " (" + adaptiveText(s.Adaptive) + ")"
+	}
 	// Describe draws the bar, so the value goes in first.
 	_ = p.bar.Set(s.Percent)
 	p.bar.Describe(desc)
@@ -140,18 +151,29 @@ func (p *watchPrinter) clock(t time.Time) string {
 }
 
 func transitionText(s service.FirmwareState) string {
+	text := s.Status
 	switch {
 	case s.Failed():
 		if s.Error != nil {
-			return fmt.Sprintf("%s: %s: %s", s.Status, s.Error.Code, s.Error.Message)
+			text = fmt.Sprintf("%s: %s: %s", s.Status, s.Error.Code, s.Error.Message)
 		}
-		return s.Status
 	case s.Status == service.StatusCompleted && s.CurrentVersion != "":
-		return fmt.Sprintf("%s (running %s)", s.Status, s.CurrentVersion)
+		text = fmt.Sprintf("%s (running %s)", s.Status, s.CurrentVersion)
 	case s.Status == service.StatusDownloading && s.TargetVersion != "":
-		return fmt.Sprintf("%s version %s", s.Status, s.TargetVersion)
+		text = fmt.Sprintf("%s version %s", s.Status, s.TargetVersion)
 	}
-	return s.Status
+	// Once the download is over (verifying) and at the end: what an
+	// adaptive install cost.
+	if s.Adaptive != nil && (s.Status == service.StatusVerifying || s.Terminal()) {
+		text += ", adaptive: " + adaptiveText(s.Adaptive)
+	}
+	return text
+}
+
+// adaptiveText: "fetched 2.4 MB, reused 266 MB", what an adaptive install
+// obtained so far.
+func adaptiveText(a *service.FirmwareAdaptive) string {
+	return fmt.Sprintf("fetched %s, reused %s", humanBytes(a.BytesFetched), humanBytes(a.BytesReused))
 }
 
 // retryText: "retrying: attempt 3 failed: <lastError>; next attempt at 15:04:05".
@@ -166,7 +188,8 @@ func (p *watchPrinter) retryText(r *service.FirmwareRetry) string {
 	return s
 }
 
-// progressText: "downloading 42% (4.2 MB of 10 MB)", or what is known of it.
+// progressText: "downloading 42% (4.2 MB of 10 MB)", or what is known of it,
+// and for an adaptive install "; fetched 1 MB, reused 3.2 MB".
 func progressText(s service.FirmwareState) string {
 	var b strings.Builder
 	b.WriteString(s.Status)
@@ -180,6 +203,9 @@ func progressText(s service.FirmwareState) string {
 		fmt.Fprintf(&b, " %s of %s", humanBytes(s.Bytes), humanBytes(s.TotalBytes))
 	case s.Bytes > 0:
 		fmt.Fprintf(&b, " (%s)", humanBytes(s.Bytes))
+	}
+	if s.Adaptive != nil {
+		fmt.Fprintf(&b, "; %s", adaptiveText(s.Adaptive))
 	}
 	return b.String()
 }

@@ -99,6 +99,10 @@ desired firmware carries a daily maintenance window: each gateway downloads
 and verifies at once, then waits (counted as waiting) and applies inside the
 window. Without them a gateway's own update.window applies, if set.
 
+With --index-uri (the image's block index, gwctl image index) the desired
+firmware carries indexUri: each gateway installs adaptively, fetching only the
+blocks it does not already hold (docs/adaptive-updates.md).
+
 With --watch, drive the rollout until it ends (as "gwctl rollout run").`,
 		Args: exactArgs("NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -114,6 +118,7 @@ With --watch, drive the rollout until it ends (as "gwctl rollout run").`,
 	fl.StringVar(&f.fw.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
 	fl.Int64Var(&f.fw.Size, "size", 0, "size of the image in bytes")
 	fl.StringVar(&f.fw.SignatureURI, "signature-uri", "", "URL of the image's signature")
+	fl.StringVar(&f.fw.IndexURI, "index-uri", "", indexURIUsage)
 	f.window.register(cmd)
 	fl.StringVar(&f.query, "query", "", "select the devices whose twin matches this WHERE condition")
 	fl.StringVar(&f.devices, "devices", "", "select these devices (comma-separated ids)")
@@ -138,7 +143,7 @@ func (f *rolloutFlags) validate(name string) error {
 	if strings.TrimSpace(f.fw.Version) == "" {
 		return usageErr("--version is required: devices compare it with the version they run")
 	}
-	w, err := checkImageFlags(f.fw.SHA256, f.fw.Size, f.window)
+	w, err := checkImageFlags(f.fw.SHA256, f.fw.Size, f.fw.IndexURI, f.window)
 	if err != nil {
 		return err
 	}

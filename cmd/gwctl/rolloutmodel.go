@@ -104,6 +104,7 @@ type fwDesired struct {
 	SHA256       string    `json:"sha256,omitempty"`
 	Size         int64     `json:"size,omitempty"`
 	SignatureURI string    `json:"signatureUri,omitempty"`
+	IndexURI     string    `json:"indexUri,omitempty"`
 	Window       *fwWindow `json:"window,omitempty"`
 }
 

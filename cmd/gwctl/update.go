@@ -22,6 +22,7 @@ type fwRequest struct {
 	SHA256       string    `json:"sha256,omitempty"`
 	Size         int64     `json:"size,omitempty"`
 	SignatureURI string    `json:"signatureUri,omitempty"`
+	IndexURI     string    `json:"indexUri,omitempty"`
 	Window       *fwWindow `json:"window,omitempty"`
 }
 
@@ -52,9 +53,21 @@ func (w fwWindow) resolve() (*fwWindow, error) {
 	return nil, nil
 }
 
-// checkImageFlags checks --sha256 and --size of a command that sends an
-// update and returns the window its --window-* flags give (nil for none).
-func checkImageFlags(sha string, size int64, w fwWindow) (*fwWindow, error) {
+// indexURIUsage is the help of --index-uri, the same on every command
+// that sends an update.
+const indexURIUsage = "URL of the image's block index (gwctl image index): install adaptively, fetching only the blocks the device lacks (indexUri)"
+
+// checkImageFlags checks --sha256, --size and --index-uri of a command that
+// sends an update and returns the window its --window-* flags give (nil for
+// none).
+func checkImageFlags(sha string, size int64, indexURI string, w fwWindow) (*fwWindow, error) {
+	if indexURI != "" {
+		// The device fetches the index's ranges over HTTP(S) only.
+		u, err := url.Parse(indexURI)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, usageErr("--index-uri must be an absolute http(s) URL, not %q", indexURI)
+		}
+	}
 	if sha != "" {
 		if b, err := hex.DecodeString(sha); err != nil || len(b) != 32 {
 			return nil, usageErr("--sha256 must be 64 hex digits")
@@ -86,11 +99,16 @@ type updateFlags struct {
 func (a *app) updateCommand() *cobra.Command {
 	var f updateFlags
 	cmd := &cobra.Command{
-		Use:   "update ID --uri URL [--version V] [--sha256 H] [--size N] [--watch]",
+		Use:   "update ID --uri URL [--version V] [--sha256 H] [--size N] [--index-uri URL] [--watch]",
 		Short: "Start a firmware update and optionally watch it to the end",
 		Long: `Invoke the firmwareUpdate direct method with {"fwPackageUri": URL} (plus version,
-sha256, size and signatureUri when given) and print the update id the device
-accepted it under.
+sha256, size, signatureUri and indexUri when given) and print the update id the
+device accepted it under.
+
+With --index-uri (the image's block index, written by gwctl image index and
+served next to the image) the device installs adaptively: it copies the blocks
+it already holds and fetches only the others with Range requests
+(docs/adaptive-updates.md).
 
 With --watch, poll the device twin (every --interval, slower when the hub
 throttles) and print every change of properties.reported.firmwareStatus
@@ -98,7 +116,10 @@ throttles) and print every change of properties.reported.firmwareStatus
 progress: a progress bar on a terminal, plain lines otherwise. Only states of
 this update count (firmware.updateId), never one left by an earlier update.
 Phases that happened between two polls are printed too, in order and with
-their own times, from the update's entry in firmwareHistory.
+their own times, from the update's entry in firmwareHistory. An adaptive
+install shows the bytes it fetched and reused (firmware.adaptive) with its
+progress and when the download ends, and its fallback to a full download with
+the reason.
 While the device retries its download, each failed attempt is printed
 ("retrying: attempt 3 failed: …; next attempt at …"). When the hub itself
 cannot be reached, that is printed once with the cause and the watch keeps
@@ -126,6 +147,7 @@ of an update that waits for a window needs a --timeout that reaches it.
 	fl.StringVar(&f.req.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
 	fl.Int64Var(&f.req.Size, "size", 0, "size of the image in bytes")
 	fl.StringVar(&f.req.SignatureURI, "signature-uri", "", "URL of the image's signature")
+	fl.StringVar(&f.req.IndexURI, "index-uri", "", indexURIUsage)
 	f.window.register(cmd)
 	fl.BoolVar(&f.watch, "watch", false, "follow the update until it completes or fails")
 	fl.DurationVar(&f.interval, "interval", time.Second, "twin polling interval with --watch")
@@ -141,7 +163,7 @@ func (f *updateFlags) validate() error {
 	if err != nil || u.Scheme == "" || u.Host == "" {
 		return usageErr("--uri must be an absolute URL, not %q", f.req.URI)
 	}
-	w, err := checkImageFlags(f.req.SHA256, f.req.Size, f.window)
+	w, err := checkImageFlags(f.req.SHA256, f.req.Size, f.req.IndexURI, f.window)
 	if err != nil {
 		return err
 	}

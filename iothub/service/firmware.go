@@ -45,6 +45,18 @@ type FirmwareWindow struct {
 	OpensAt  time.Time `json:"opensAt,omitzero"`
 }
 
+// FirmwareAdaptive is the reported firmware.adaptive of an adaptive
+// install (an update with indexUri, docs/adaptive-updates.md): the bytes
+// fetched over the network (the block index and the Range requests; after a
+// fallback, the full download's too), the image bytes reused from the
+// device, and why the install fell back to a full download (empty while it
+// is adaptive).
+type FirmwareAdaptive struct {
+	BytesFetched int64  `json:"bytesFetched"`
+	BytesReused  int64  `json:"bytesReused"`
+	Fallback     string `json:"fallback,omitempty"`
+}
+
 // FirmwareError is the reported firmware.error.
 type FirmwareError struct {
 	Code    string `json:"code"`
@@ -65,6 +77,8 @@ type FirmwareState struct {
 	Error          *FirmwareError  `json:"error,omitempty"`
 	Retry          *FirmwareRetry  `json:"retry,omitempty"` // while a download retries
 	Window         *FirmwareWindow `json:"window,omitempty"`
+	// Adaptive is set for an adaptive install, nil otherwise.
+	Adaptive *FirmwareAdaptive `json:"adaptive,omitempty"`
 	// Timestamps: the tutorial's and firmware.updatedAt. Zero when absent.
 	LogTime              time.Time `json:"logTime,omitzero"`
 	DownloadComplete     time.Time `json:"downloadComplete,omitzero"`
@@ -124,6 +138,11 @@ func ParseFirmwareState(reported map[string]any) FirmwareState {
 	}
 	if w, ok := fw["window"].(map[string]any); ok {
 		s.Window = &FirmwareWindow{Start: str(w["start"]), Duration: str(w["duration"]), TimeZone: str(w["timeZone"]), OpensAt: timestamp(w["opensAt"])}
+	}
+	if a, ok := fw["adaptive"].(map[string]any); ok {
+		s.Adaptive = &FirmwareAdaptive{Fallback: str(a["fallback"])}
+		s.Adaptive.BytesFetched, _ = integer(a["bytesFetched"])
+		s.Adaptive.BytesReused, _ = integer(a["bytesReused"])
 	}
 	s.Phases = historyPhases(reported, s.UpdateID)
 	return s

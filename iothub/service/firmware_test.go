@@ -77,3 +77,31 @@ func TestParseFirmwareWindow(t *testing.T) {
 		t.Fatalf("window null parsed as %+v", s.Window)
 	}
 }
+
+func TestParseFirmwareAdaptive(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		doc  string
+		want *FirmwareAdaptive
+	}{
+		{"adaptive", `{"firmwareStatus":"downloading","firmware":{"adaptive":{"bytesFetched":2359296,"bytesReused":264241152,"fallback":null}}}`,
+			&FirmwareAdaptive{BytesFetched: 2359296, BytesReused: 264241152}},
+		{"fallback", `{"firmwareStatus":"downloading","firmware":{"adaptive":{"bytesFetched":10,"bytesReused":0,"fallback":"the server ignores Range requests"}}}`,
+			&FirmwareAdaptive{BytesFetched: 10, Fallback: "the server ignores Range requests"}},
+		{"null", `{"firmwareStatus":"downloading","firmware":{"adaptive":null}}`, nil},
+		{"absent", `{"firmwareStatus":"downloading","firmware":{"bytes":5}}`, nil},
+		{"mistyped counts stay zero", `{"firmwareStatus":"downloading","firmware":{"adaptive":{"bytesFetched":"x","bytesReused":1.5}}}`,
+			&FirmwareAdaptive{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var rep map[string]any
+			if err := json.Unmarshal([]byte(tc.doc), &rep); err != nil {
+				t.Fatal(err)
+			}
+			got := ParseFirmwareState(rep).Adaptive
+			if (got == nil) != (tc.want == nil) || got != nil && *got != *tc.want {
+				t.Fatalf("adaptive %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}

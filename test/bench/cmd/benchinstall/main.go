@@ -52,7 +52,13 @@ type result struct {
 	// Apply is the applying phase: the switch (the slot is hashed again only after a restart between verifying and applying).
 	Apply float64 `json:"apply_s"`
 	Phase string  `json:"final_phase"`
-	Error string  `json:"error,omitempty"`
+	// Fetched, Reused and Fallback are the adaptive install's counts
+	// (firmware.AdaptiveStatus) as last reported, for an update with
+	// -index-url.
+	Fetched  int64  `json:"bytes_fetched"`
+	Reused   int64  `json:"bytes_reused"`
+	Fallback string `json:"fallback,omitempty"`
+	Error    string `json:"error,omitempty"`
 }
 
 type rebootFunc func(context.Context) error
@@ -61,6 +67,7 @@ func (f rebootFunc) Reboot(ctx context.Context) error { return f(ctx) }
 
 func main() {
 	url := flag.String("url", "", "image URL")
+	indexURL := flag.String("index-url", "", "block index URL (indexUri): install adaptively, reusing slot A's blocks")
 	sum := flag.String("sha256", "", "image SHA-256 (hex)")
 	size := flag.Int64("size", 0, "image size in bytes")
 	dir := flag.String("dir", "", "device folder: slot-a, slot-b, bootenv and state live here (created by the caller)")
@@ -83,7 +90,7 @@ func main() {
 			os.Exit(2)
 		}
 	}
-	res, err := run(*dir, firmware.Request{URI: *url, SHA256: *sum, Size: *size, Version: "2.0.0"}, *checkpoint, *timeout)
+	res, err := run(*dir, firmware.Request{URI: *url, IndexURI: *indexURL, SHA256: *sum, Size: *size, Version: "2.0.0"}, *checkpoint, *timeout)
 	if prof != nil {
 		pprof.StopCPUProfile()
 		prof.Close()
@@ -149,6 +156,9 @@ func run(dir string, req firmware.Request, checkpoint int64, timeout time.Durati
 			}
 			if p.Bytes > res.Bytes {
 				res.Bytes = p.Bytes
+			}
+			if a := p.Adaptive; a != nil {
+				res.Fetched, res.Reused, res.Fallback = a.BytesFetched, a.BytesReused, a.Fallback
 			}
 			if p.Phase.Terminal() {
 				pp := p

@@ -2,7 +2,9 @@
 // (test/bench/run.sh): a static file server on loopback that counts the body
 // bytes it writes, so the benchmark can tell how much a download cost, and
 // that can SIGKILL a process once a given number of bytes has been served,
-// which puts a kill -9 at an exact point of a download.
+// which puts a kill -9 at an exact point of a download. With -rate it
+// sends at most that many body bytes per second over all its connections
+// together, as one shared link would.
 //
 // Endpoints:
 //
@@ -16,6 +18,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -32,6 +35,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 type requestStat struct {
@@ -44,6 +49,8 @@ type server struct {
 	dir   string
 	port  int
 	bytes atomic.Int64
+	// link, when set, paces the body bytes of all connections together.
+	link *rate.Limiter
 
 	mu       sync.Mutex
 	requests []*requestStat
@@ -64,10 +71,32 @@ type countingWriter struct {
 	http.ResponseWriter
 	s      *server
 	st     *requestStat
-	remote string // the client's address, to find its socket at the kill
+	remote string          // the client's address, to find its socket at the kill
+	ctx    context.Context // the request's, to stop pacing when the client goes
 }
 
 func (w *countingWriter) Write(p []byte) (int, error) {
+	if w.s.link == nil {
+		return w.write(p)
+	}
+	// Paced: hand the connection at most a burst at a time.
+	var sent int
+	for len(p) > 0 {
+		chunk := min(len(p), w.s.link.Burst())
+		if err := w.s.link.WaitN(w.ctx, chunk); err != nil {
+			return sent, err
+		}
+		n, err := w.write(p[:chunk])
+		sent += n
+		if err != nil {
+			return sent, err
+		}
+		p = p[chunk:]
+	}
+	return sent, nil
+}
+
+func (w *countingWriter) write(p []byte) (int, error) {
 	n, err := w.ResponseWriter.Write(p)
 	total := w.s.bytes.Add(int64(n))
 	w.s.mu.Lock()
@@ -114,7 +143,7 @@ func (s *server) image(w http.ResponseWriter, r *http.Request) {
 	s.mu.Unlock()
 	// A strong ETag lets a resumed download use If-Range, as a CDN would.
 	w.Header().Set("ETag", fmt.Sprintf(`"%x-%x"`, fi.Size(), fi.ModTime().UnixNano()))
-	http.ServeContent(&countingWriter{ResponseWriter: w, s: s, st: st, remote: r.RemoteAddr}, r, name, fi.ModTime(), f)
+	http.ServeContent(&countingWriter{ResponseWriter: w, s: s, st: st, remote: r.RemoteAddr, ctx: r.Context()}, r, name, fi.ModTime(), f)
 }
 
 func (s *server) stats(w http.ResponseWriter, _ *http.Request) {
@@ -162,6 +191,7 @@ func main() {
 	dir := flag.String("dir", ".", "folder whose files are served under /img/")
 	addr := flag.String("addr", "127.0.0.1:0", "listen address (loopback only)")
 	portFile := flag.String("port-file", "", "write the chosen port here once listening")
+	bps := flag.Int64("rate", 0, "send at most this many body bytes per second over all connections (0: no limit)")
 	flag.Parse()
 
 	host, _, err := net.SplitHostPort(*addr)
@@ -176,6 +206,12 @@ func main() {
 		log.Fatalf("benchserve: %v", err)
 	}
 	s := &server{dir: *dir, port: ln.Addr().(*net.TCPAddr).Port}
+	if *bps > 0 {
+		// A 64 KiB burst (less on a slow link): about what a link's
+		// buffers hold, and small enough that short Range requests are
+		// paced too.
+		s.link = rate.NewLimiter(rate.Limit(*bps), int(min(*bps/8+1, 64<<10)))
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /img/{name}", s.image)
 	mux.HandleFunc("GET /stats", s.stats)
