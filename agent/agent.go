@@ -269,6 +269,7 @@ func (a *Agent) newManager(cfg *config.Config, client *http.Client, inst firmwar
 		AllowedHosts:     cfg.Update.AllowedHosts,
 		AdaptiveFallback: cfg.Update.AdaptiveFallback,
 		MaxRangeBytes:    int64(cfg.Update.MaxRangeBytes),
+		AdaptiveMinReuse: adaptiveMinReuse(cfg.Update.AdaptiveMinReuse),
 		Window:           cfg.Update.Window,
 		Signatures:       &signature.Policy{KeyDir: cfg.Signature.KeyDir, AllowUnsigned: cfg.Signature.AllowUnsigned},
 		Compatible:       cfg.Device.Compatible,
@@ -561,4 +562,14 @@ func (a *Agent) saveHealthLoop(ctx context.Context) {
 		}
 		reported = p != nil
 	}
+}
+
+// adaptiveMinReuse maps update.adaptiveMinReuse onto
+// firmware.Config.AdaptiveMinReuse, where 0 means the default and a
+// negative share "always assemble".
+func adaptiveMinReuse(share float64) float64 {
+	if share == 0 {
+		return -1
+	}
+	return share
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -236,6 +237,11 @@ type Update struct {
 	// MaxRangeBytes bounds one Range request of an adaptive install
 	// (firmware.Config.MaxRangeBytes).
 	MaxRangeBytes int
+	// AdaptiveMinReuse is the share of a new image (0 to 1) the device must
+	// already hold for an adaptive install to assemble it; below it the
+	// install downloads the plain image. 0: always assemble
+	// (firmware.Config.AdaptiveMinReuse).
+	AdaptiveMinReuse float64
 	// HealthSystemState is which `systemctl is-system-running` answers
 	// pass the health check of a trial boot: running, degraded (running
 	// or degraded) or ignore (not asked).
@@ -362,6 +368,8 @@ var keys = []key{
 	{name: "update.adaptiveFallback", def: "full", usage: "when an adaptive install (indexUri) cannot go on: full (download the whole image) or fail",
 		set: oneOf(func(c *Config) *string { return &c.Update.AdaptiveFallback }, "full", "fail")},
 	{name: "update.maxRangeBytes", def: 1 << 20, set: intIn(func(c *Config) *int { return &c.Update.MaxRangeBytes }, 4096, 100<<20)},
+	{name: "update.adaptiveMinReuse", def: "3%", usage: "share of a new image the device must hold for an adaptive install to assemble it, e.g. 3% (0%: always)",
+		set: percent(func(c *Config) *float64 { return &c.Update.AdaptiveMinReuse })},
 	{name: "update.proxy", def: "", usage: "HTTP proxy of downloads, http://host:port (empty: https_proxy, http_proxy and NO_PROXY)",
 		set: str(func(c *Config) *string { return &c.Update.Proxy.URL })},
 	{name: "update.proxyCredentialsFile", def: "", usage: "file holding user:password for update.proxy",
@@ -886,6 +894,27 @@ func dur(field func(*Config) *time.Duration, lo, hi time.Duration) func(*Config,
 			return fmt.Errorf("must be between %s and %s, got %s", lo, hi, d)
 		}
 		*field(c) = d
+		return nil
+	}
+}
+
+// percent reads a share written as a percentage, "3%" or "12.5%", into a
+// fraction (0.03, 0.125), from 0% to 100%.
+func percent(field func(*Config) *float64) func(*Config, any) error {
+	return func(c *Config, raw any) error {
+		x, ok := raw.(string)
+		if !ok {
+			return fmt.Errorf("must be a percentage like 3%%, not %v", raw)
+		}
+		num, found := strings.CutSuffix(strings.TrimSpace(x), "%")
+		v, err := strconv.ParseFloat(strings.TrimSpace(num), 64)
+		if !found || err != nil || math.IsNaN(v) {
+			return fmt.Errorf("%q is not a percentage like 3%%", x)
+		}
+		if v < 0 || v > 100 {
+			return fmt.Errorf("must be between 0%% and 100%%, got %s", x)
+		}
+		*field(c) = v / 100
 		return nil
 	}
 }

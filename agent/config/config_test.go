@@ -474,6 +474,36 @@ func TestWindow(t *testing.T) {
 	}
 }
 
+func TestAdaptiveMinReuse(t *testing.T) {
+	csLine := "hub:\n  connectionString: \"" + cs + "\"\n"
+	for _, tc := range []struct {
+		yaml string
+		want float64
+		err  string
+	}{
+		{"", 0.03, ""},
+		{"update:\n  adaptiveMinReuse: 12.5%\n", 0.125, ""},
+		{"update:\n  adaptiveMinReuse: 0%\n", 0, ""},
+		{"update:\n  adaptiveMinReuse: 3\n", 0, "config: update.adaptiveMinReuse: must be a percentage like 3%, not 3"},
+		{"update:\n  adaptiveMinReuse: lots%\n", 0, `config: update.adaptiveMinReuse: "lots%" is not a percentage like 3%`},
+		{"update:\n  adaptiveMinReuse: 120%\n", 0, "config: update.adaptiveMinReuse: must be between 0% and 100%, got 120%"},
+	} {
+		c, err := load(t, csLine+tc.yaml)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%q: error %v, want %q", tc.yaml, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%q: %v", tc.yaml, err)
+		}
+		if c.Update.AdaptiveMinReuse != tc.want {
+			t.Errorf("%q: %v, want %v", tc.yaml, c.Update.AdaptiveMinReuse, tc.want)
+		}
+	}
+}
+
 // The package's account reads the secrets through the unit's ACL entry: a
 // root shell (gwagent provision, gwagent access) must not call that entry
 // another reader. The test stands in the system group daemon for gwagent.
