@@ -418,10 +418,17 @@ func (d *driver) finishStart(ctx context.Context, r *record, twins []iothub.Twin
 	if err := d.checkConflicts(ctx, name, untagged); err != nil {
 		return err
 	}
+	total := 0
+	for _, n := range r.sizes {
+		total += n
+	}
+	if total != len(ids) || total != r.Plan.Devices {
+		return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s: record's wave sizes %q do not add up to its %d devices", name, r.Plan.Sizes, r.Plan.Devices)}
+	}
 	// Members in id order: wave 1 gets the first sizes[0] devices, and so on.
 	i := 0
 	for w, n := range r.sizes {
-		for _, id := range ids[i:min(i+n, len(ids))] {
+		for _, id := range ids[i : i+n] {
 			if got, ok := tagged[id]; ok && got == w+1 {
 				continue
 			}
