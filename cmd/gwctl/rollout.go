@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"os/user"
+	"reflect"
 	"slices"
 	"strings"
 	"time"
@@ -65,10 +68,12 @@ gwctl-rollout.NAME whose twin tags hold the plan and the state, and a tag
 tags.rollout = {"name": NAME, "wave": n} on each member. Any operator with the
 service connection string sees and drives the same rollout ("status", "run").
 
-States: running, paused, completed, stopped (a failure threshold was passed),
-cancelled. Devices: pending (desired firmware written, no answer yet), running,
-waiting (for a maintenance window), completed, failed (with the error code),
-offline (not answered and disconnected).
+States: starting (start tags the members; a start that was cut off is
+finished by run, resume, status --watch or the same start again), running,
+paused, completed, stopped (a failure threshold was passed), cancelled.
+Devices: pending (desired firmware written, no answer yet), running, waiting
+(for a maintenance window), completed, failed (with the error code), offline
+(not answered and disconnected).
 
 Exit codes: 0 ok; 1 the rollout stopped or was cancelled (run, start --watch,
 status --watch, resume), or the
@@ -91,8 +96,14 @@ func (a *app) rolloutStartCommand() *cobra.Command {
 "tags.site = 'berlin' AND tags.ring = 'canary'"; --devices: a list of ids),
 split them into waves (--waves: counts or percentages of the selected devices,
 cumulative; default 10%,100%), tag every member with its wave, and write the
-desired firmware on the first wave. Devices that are members of another
-rollout that is running or paused are refused.
+desired firmware on the first wave once every member is tagged. Devices that
+are members of another rollout that is running, paused or starting are
+refused.
+
+A start that was cut off (Ctrl-C, a dropped connection) leaves the rollout
+starting: "gwctl rollout run NAME" (or resume, status --watch, or this start
+again with the same flags) finishes it, if the selection still gives the same
+devices; cancel ends it.
 
 With --window-start and --window-duration (and --window-tz, default UTC) the
 desired firmware carries a daily maintenance window: each gateway downloads
@@ -242,8 +253,16 @@ func (d *driver) write(ctx context.Context, id string, patch any, etag string) (
 
 func (a *app) rolloutStart(ctx context.Context, c *service.Client, name string, f *rolloutFlags) error {
 	d := a.newDriver(c, f.rate)
+	// A record left "starting" by a start that was cut off is finished when
+	// this start asks for the same plan over the same devices.
+	var prev *record
 	if _, err := c.GetDevice(ctx, recordID(name)); err == nil {
-		return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s already exists (see gwctl rollout status %s)", name, name)}
+		if prev, err = d.readRecord(ctx, name); err != nil {
+			return err
+		}
+		if prev.State.State != stateStarting {
+			return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s already exists (see gwctl rollout status %s)", name, name)}
+		}
 	} else if service.Code(err) != iothub.CodeDeviceNotFound {
 		return failure(err, recordID(name))
 	}
@@ -256,57 +275,210 @@ func (a *app) rolloutStart(ctx context.Context, c *service.Client, name string, 
 	if err != nil {
 		return usageErr("--waves %q: %v", f.waves, err)
 	}
-	if err := d.checkConflicts(ctx, name, twins); err != nil {
-		return err
-	}
 
 	success, _ := parsePercent("success", f.success)
 	maxFail, _ := parsePercent("max-failures", f.maxFailures)
 	f.fw.UpdateID = name
 	p := plan{Firmware: f.fw, Waves: f.waves, Success: success, MaxFailures: maxFail, Selection: selection,
-		Devices: len(twins), CreatedBy: operator(), CreatedAt: nowText()}
+		Devices: len(twins), MemberDigest: memberDigest(twinIDs(twins)), CreatedBy: operator(), CreatedAt: nowText()}
+	if len(f.query) <= maxSelectionText {
+		p.Query = f.query
+	}
+	if list := strings.Join(twinIDs(twins), ","); f.devices != "" && len(list) <= maxSelectionText {
+		p.DeviceList = list
+	}
 	var sz []string
 	for _, n := range sizes {
 		sz = append(sz, fmt.Sprint(n))
 	}
 	p.Sizes = strings.Join(sz, ",")
 
-	if _, err := c.CreateDisabledDevice(ctx, recordID(name), "record of gwctl rollout "+name); err != nil {
-		if service.Code(err) == iothub.CodeDeviceAlreadyExists {
-			return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s already exists", name), err: err}
+	r := prev
+	if r != nil {
+		if !samePlan(r.Plan, p) {
+			return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s already exists and did not finish starting, with another plan or other devices; "+
+				"run gwctl rollout run %s to finish it, or cancel it", name, name)}
 		}
-		return failure(err, recordID(name))
-	}
-	st := rstate{State: stateStarting, UpdatedAt: nowText()}
-	t, err := d.write(ctx, recordID(name), map[string]any{"tags": recordTags(name, p, st)}, "")
-	if err != nil {
-		return failure(err, recordID(name))
-	}
-
-	// Members in id order: wave 1 gets the first sizes[0] devices, and so on.
-	ids := make([]string, 0, len(twins))
-	for _, t := range twins {
-		ids = append(ids, t.DeviceID)
-	}
-	slices.Sort(ids)
-	i := 0
-	for w, n := range sizes {
-		for _, id := range ids[i : i+n] {
-			if err := d.tagMember(ctx, name, id, w+1, &p.Firmware, w == 0); err != nil {
-				return failure(err, id)
+		fmt.Fprintf(a.stderr, "rollout %s did not finish starting; finishing it\n", name)
+	} else {
+		if err := d.checkConflicts(ctx, name, twins); err != nil {
+			return err
+		}
+		if _, err := c.CreateDisabledDevice(ctx, recordID(name), "record of gwctl rollout "+name); err != nil {
+			if service.Code(err) == iothub.CodeDeviceAlreadyExists {
+				return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s already exists", name), err: err}
 			}
+			return failure(err, recordID(name))
 		}
-		i += n
+		st := rstate{State: stateStarting, UpdatedAt: nowText()}
+		t, err := d.write(ctx, recordID(name), map[string]any{"tags": recordTags(name, p, st)}, "")
+		if err != nil {
+			return failure(err, recordID(name))
+		}
+		r = &record{Name: name, Plan: p, State: st, ETag: t.ETag, sizes: sizes}
 	}
-	st = rstate{State: stateRunning, Wave: 1, UpdatedAt: nowText()}
-	if _, err := d.write(ctx, recordID(name), map[string]any{"tags": map[string]any{"state": st}}, t.ETag); err != nil {
-		return failure(err, recordID(name))
+	if err := d.finishStart(ctx, r, twins); err != nil {
+		return err
+	}
+	if r.State.State != stateRunning || r.State.Wave != 1 {
+		// Another operator finished the start and moved on, or cancelled it.
+		fmt.Fprintf(a.stderr, "rollout %s is %s\n", name, r.State.State)
+		return d.printStatus(ctx, name)
+	}
+	// Wave 1 begins: its members get the desired firmware. A cut here is
+	// finished by the next step, as any wave whose assignment was cut off.
+	ids := twinIDs(twins)
+	ms := make([]member, 0, sizes[0])
+	for _, id := range ids[:sizes[0]] {
+		ms = append(ms, member{ID: id, Wave: 1})
+	}
+	if err := d.assign(ctx, r, ms, 1); err != nil {
+		return err
 	}
 	fmt.Fprintf(a.stderr, "rollout %s started: %d devices in %d waves (%s); wave 1 has begun\n", name, len(ids), len(sizes), p.Sizes)
 	if f.watch {
 		return d.loop(ctx, name, f.interval)
 	}
 	return d.printStatus(ctx, name)
+}
+
+// twinIDs returns the device ids of twins, sorted: members are placed in
+// waves in this order.
+func twinIDs(twins []iothub.Twin) []string {
+	ids := make([]string, 0, len(twins))
+	for _, t := range twins {
+		ids = append(ids, t.DeviceID)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// samePlan reports whether a start asks for what a starting record holds:
+// the same firmware, waves and thresholds over the same devices.
+func samePlan(a, b plan) bool {
+	return reflect.DeepEqual(a.Firmware, b.Firmware) && a.Waves == b.Waves && a.Sizes == b.Sizes &&
+		a.Success == b.Success && a.MaxFailures == b.MaxFailures && a.MemberDigest != "" && a.MemberDigest == b.MemberDigest
+}
+
+// finishStart tags every selected device (twins, the plan's selection run
+// now) with its wave, then sets the rollout running at wave 1 with the
+// record's etag. It is idempotent: members already tagged keep their tag,
+// so a start that was cut off is finished by running it again. The
+// selection must give the same devices as when the plan was made (its
+// digest): a device added or removed since would shift the waves, so the
+// rollout is refused, naming the difference, rather than finished over
+// other devices. No member has its desired firmware before the rollout is
+// running, so a refused or cancelled start has updated nothing.
+func (d *driver) finishStart(ctx context.Context, r *record, twins []iothub.Twin) error {
+	name := r.Name
+	ids := twinIDs(twins)
+	if r.Plan.MemberDigest == "" {
+		return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s did not finish starting and its record has no member digest (started by an older gwctl); "+
+			"cancel it and start the update again under another name", name)}
+	}
+	if memberDigest(ids) != r.Plan.MemberDigest {
+		var gone []string
+		selected := map[string]bool{}
+		for _, id := range ids {
+			selected[id] = true
+		}
+		ms, err := d.members(ctx, name)
+		if err != nil {
+			return err
+		}
+		for _, m := range ms {
+			if !selected[m.ID] {
+				gone = append(gone, m.ID)
+			}
+		}
+		slices.Sort(gone)
+		msg := fmt.Sprintf("rollout %s did not finish starting, and its selection (%s) now gives %d devices, not the %d it gave at start",
+			name, r.Plan.Selection, len(ids), r.Plan.Devices)
+		if len(ids) == r.Plan.Devices {
+			msg = fmt.Sprintf("rollout %s did not finish starting, and its selection (%s) now gives other devices than at start (%d of them)",
+				name, r.Plan.Selection, len(ids))
+		}
+		if len(gone) > 0 {
+			msg += "; members tagged but no longer selected: " + few(gone)
+		}
+		msg += "; no device was updated: cancel it and start the update again under another name"
+		return &exitError{code: exitFailure, msg: msg}
+	}
+	var untagged []iothub.Twin
+	tagged := map[string]int{} // id → wave, for devices already tagged for this rollout
+	for _, t := range twins {
+		tag, _ := t.Tags["rollout"].(map[string]any)
+		if tag["name"] != name {
+			untagged = append(untagged, t)
+			continue
+		}
+		w, _ := jsonInt(tag["wave"])
+		tagged[t.DeviceID] = w
+	}
+	if err := d.checkConflicts(ctx, name, untagged); err != nil {
+		return err
+	}
+	total := 0
+	for _, n := range r.sizes {
+		total += n
+	}
+	if total != len(ids) || total != r.Plan.Devices {
+		return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s: record's wave sizes %q do not add up to its %d devices", name, r.Plan.Sizes, r.Plan.Devices)}
+	}
+	// Members in id order: wave 1 gets the first sizes[0] devices, and so on.
+	i := 0
+	for w, n := range r.sizes {
+		for _, id := range ids[i : i+n] {
+			if got, ok := tagged[id]; ok && got == w+1 {
+				continue
+			}
+			if err := d.tagMember(ctx, name, id, w+1, nil, false); err != nil {
+				return failure(err, id)
+			}
+		}
+		i += n
+	}
+	st := rstate{State: stateRunning, Wave: 1, UpdatedAt: nowText()}
+	t, err := d.write(ctx, recordID(name), map[string]any{"tags": map[string]any{"state": st}}, r.ETag)
+	if err != nil {
+		if service.HTTPStatus(err) == 412 {
+			// Another operator finished it first (or changed it): go on
+			// from what the record holds now.
+			nr, err := d.readRecord(ctx, name)
+			if err != nil {
+				return err
+			}
+			*r = *nr
+			return nil
+		}
+		return failure(err, recordID(name))
+	}
+	r.State, r.ETag = st, t.ETag
+	return nil
+}
+
+// memberDigest identifies a set of sorted device ids: the record keeps it
+// (not the ids, which would not fit in 8 KB of tags) to check that a start
+// finished later selects the same devices.
+func memberDigest(sortedIDs []string) string {
+	h := sha256.New()
+	for _, id := range sortedIDs {
+		h.Write([]byte(id))
+		h.Write([]byte{'\n'})
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// reselect runs a starting rollout's selection again, from the query or
+// the device list its record keeps.
+func (d *driver) reselect(ctx context.Context, r *record) ([]iothub.Twin, error) {
+	f := &rolloutFlags{query: r.Plan.Query, devices: r.Plan.DeviceList}
+	if f.query == "" && f.devices == "" {
+		return nil, &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s did not finish starting, and its selection is too long to be kept in its record: "+
+			"run gwctl rollout start %s again with the same flags to finish it, or cancel it", r.Name, r.Name)}
+	}
+	twins, _, err := d.selectDevices(ctx, f)
+	return twins, err
 }
 
 // tagMember marks a device as a member of wave w; assign also writes the
@@ -524,11 +696,24 @@ func (d *driver) step(ctx context.Context, name string) (rolloutStatus, error) {
 	if err != nil {
 		return rolloutStatus{}, err
 	}
-	st := summarize(r, ms)
 	if r.State.State == stateStarting {
-		return st, &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s did not finish starting (start was cut off while tagging its members); "+
-			"cancel it and start the update again under another name", name)}
+		// start was cut off while tagging the members: finish it from the
+		// selection the record keeps, then step the running rollout.
+		twins, err := d.reselect(ctx, r)
+		if err != nil {
+			return summarize(r, ms), err
+		}
+		if err := d.finishStart(ctx, r, twins); err != nil {
+			return summarize(r, ms), err
+		}
+		if r.State.State == stateRunning {
+			fmt.Fprintf(d.a.stderr, "rollout %s: finished starting; wave %d has begun\n", name, r.State.Wave)
+		}
+		if ms, err = d.members(ctx, name); err != nil {
+			return rolloutStatus{}, err
+		}
 	}
+	st := summarize(r, ms)
 	if r.State.State != stateRunning {
 		return st, nil
 	}
@@ -757,6 +942,9 @@ func (d *driver) transition(ctx context.Context, verb, name string, interval tim
 		r, err := d.readRecord(ctx, name)
 		if err != nil {
 			return err
+		}
+		if verb == "resume" && r.State.State == stateStarting {
+			return d.loop(ctx, name, interval) // its first step finishes the start
 		}
 		if !slices.Contains(from, r.State.State) {
 			return &exitError{code: exitFailure, msg: fmt.Sprintf("rollout %s is %s; %s needs it %s", name, r.State.State, verb, strings.Join(from, " or "))}

@@ -186,6 +186,12 @@ func (fd *fleetDevice) times() (got, done time.Time) {
 // run runs one gwctl invocation (a fresh "operator") bounded by timeout.
 func (e *env) run(t *testing.T, timeout time.Duration, args ...string) result {
 	t.Helper()
+	return e.runCut(t, timeout, nil, args...)
+}
+
+// runCut is run, interrupted (as by Ctrl-C) as soon as cut reports true.
+func (e *env) runCut(t *testing.T, timeout time.Duration, cut func() bool, args ...string) result {
+	t.Helper()
 	var out, errb bytes.Buffer
 	vars := map[string]string{"IOTHUB_CONNECTION_STRING": e.cs, "GWCTL_CA_FILE": e.ca}
 	a := &app{stdout: &out, stderr: &errb, getenv: func(k string) string { return vars[k] }, isTerminal: func() bool { return false }, loc: time.UTC}
@@ -193,6 +199,25 @@ func (e *env) run(t *testing.T, timeout time.Duration, args ...string) result {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer time.AfterFunc(timeout, cancel).Stop()
 	defer cancel()
+	if cut != nil {
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			tick := time.NewTicker(10 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+					if cut() {
+						cancel()
+						return
+					}
+				}
+			}
+		}()
+	}
 	code := a.run(ctx, append([]string{"--endpoint", e.endpoint}, args...))
 	return result{out.String(), errb.String(), code}
 }
@@ -676,4 +701,184 @@ func TestRolloutTwoOperators(t *testing.T) {
 			t.Errorf("wave %d: %+v", i+1, st.Waves[i])
 		}
 	}
+}
+
+// members counts the devices tagged for rollout name, and those of them
+// assigned (desired firmware written); -1 when the query fails.
+func (rh *rolloutHub) members(name string) (tagged, assigned int) {
+	items, err := rh.svc.Query(context.Background(), "SELECT * FROM devices WHERE tags.rollout.name = '"+name+"'")
+	if err != nil {
+		return -1, -1
+	}
+	for _, raw := range items {
+		if m, ok := parseMember(name, raw); ok {
+			tagged++
+			if m.Assigned {
+				assigned++
+			}
+		}
+	}
+	return tagged, assigned
+}
+
+// cutStart runs start paced at a few writes a second and interrupts it
+// once at least n members are tagged; the record is left starting, with
+// some members (not all) tagged and none assigned.
+func (rh *rolloutHub) cutStart(t *testing.T, name string, n, of int, args ...string) {
+	t.Helper()
+	cut := func() bool { tagged, _ := rh.members(name); return tagged >= n }
+	r := rh.env.runCut(t, time.Minute, cut, append(startCmd(name, args...), "--rate", "4")...)
+	if r.code != exitCanceled {
+		t.Fatalf("cut start: exit %d, want %d\n%s\n%s", r.code, exitCanceled, r.stdout, r.stderr)
+	}
+	tagged, assigned := rh.members(name)
+	if tagged < n || tagged >= of || assigned != 0 {
+		t.Fatalf("after the cut start: %d of %d members tagged, %d assigned; want some tagged, none assigned", tagged, of, assigned)
+	}
+	if st := rh.status(t, name); st.State != stateStarting {
+		t.Fatalf("after the cut start: state %s, want starting", st.State)
+	}
+}
+
+// checkWaves: each device in waves[i] is a member of rollout name in wave
+// i+1 with its desired firmware; every device in others carries neither.
+func (rh *rolloutHub) checkWaves(t *testing.T, name string, waves [][]string, others ...string) {
+	t.Helper()
+	for i, ids := range waves {
+		for _, id := range ids {
+			tw, err := rh.svc.GetTwin(t.Context(), id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tag, _ := tw.Tags["rollout"].(map[string]any)
+			if w, _ := jsonInt(tag["wave"]); tag["name"] != name || w != i+1 || tag["assigned"] != true {
+				t.Errorf("%s: tags.rollout %v, want %s wave %d assigned", id, tag, name, i+1)
+			}
+			if fw, _ := tw.Properties.Desired["firmware"].(map[string]any); fw["updateId"] != name {
+				t.Errorf("%s: desired firmware %v, want rollout %s's", id, fw, name)
+			}
+		}
+	}
+	for _, id := range others {
+		tw, err := rh.svc.GetTwin(t.Context(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tw.Tags["rollout"] != nil || tw.Properties.Desired["firmware"] != nil {
+			t.Errorf("%s is not selected but has tags %v, desired %v", id, tw.Tags, tw.Properties.Desired)
+		}
+	}
+}
+
+// TestRolloutInterruptedStartFinishedByRun: a start cut off while tagging
+// its members is finished by run from the query the record keeps, with
+// exactly the devices selected at start in their waves.
+func TestRolloutInterruptedStartFinishedByRun(t *testing.T) {
+	rh := startRolloutHub(t, 10)
+	if _, err := rh.h.CreateDevice("gw-paris"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rh.svc.UpdateTwin(t.Context(), "gw-paris", map[string]any{"tags": map[string]any{"site": "paris"}}, ""); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range append(rh.ids, "gw-paris") {
+		rh.online(t, id, outComplete)
+	}
+	query := []string{"--query", "tags.site = 'berlin'", "--waves", "3,100%"}
+	rh.cutStart(t, "r8", 3, 10, query...)
+
+	r := rh.env.run(t, 30*time.Second, append(startCmd("r8", query...), "--version", "2.2.0")...)
+	if r.code != exitFailure || !strings.Contains(r.stderr, "did not finish starting, with another plan") {
+		t.Errorf("start again with another version: exit %d: %s", r.code, r.stderr)
+	}
+	r = rh.env.run(t, time.Minute, "rollout", "run", "r8", "--interval", "100ms")
+	if r.code != exitOK || !strings.Contains(r.stdout, "rollout r8: completed, wave 2 of 2") || !strings.Contains(r.stderr, "finished starting") {
+		t.Fatalf("run exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	st := rh.status(t, "r8")
+	if st.Devices != 10 || st.Counts.Completed != 10 || st.Waves[0].Size != 3 || st.Waves[1].Size != 7 {
+		t.Errorf("status %+v", st)
+	}
+	rh.checkWaves(t, "r8", [][]string{rh.ids[:3], rh.ids[3:]}, "gw-paris")
+}
+
+// TestRolloutInterruptedStartFinishedAgain: a start of a device list cut
+// off is finished by status --watch (the record keeps the list), and by
+// the same start run again.
+func TestRolloutInterruptedStartFinishedAgain(t *testing.T) {
+	rh := startRolloutHub(t, 8)
+	for _, id := range rh.ids {
+		rh.online(t, id, outComplete)
+	}
+	list := []string{"--devices", "gw-06,gw-02,gw-04,gw-01,gw-03,gw-05", "--waves", "2,100%"}
+	rh.cutStart(t, "ra", 2, 6, list...)
+	r := rh.env.run(t, time.Minute, "rollout", "status", "ra", "--watch", "--interval", "100ms")
+	if r.code != exitOK || !strings.Contains(r.stdout, "rollout ra: completed, wave 2 of 2") {
+		t.Fatalf("status --watch exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	rh.checkWaves(t, "ra", [][]string{rh.ids[:2], rh.ids[2:6]}, rh.ids[6:]...)
+
+	rh.cutStart(t, "rb", 2, 6, list...)
+	r = rh.env.run(t, time.Minute, append(startCmd("rb", list...), "--watch")...)
+	if r.code != exitOK || !strings.Contains(r.stderr, "did not finish starting; finishing it") || !strings.Contains(r.stdout, "rollout rb: completed, wave 2 of 2") {
+		t.Fatalf("start again exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	rh.checkWaves(t, "rb", [][]string{rh.ids[:2], rh.ids[2:6]})
+}
+
+// TestRolloutInterruptedStartCancelled: an interrupted start whose query
+// now selects another set is refused, naming the difference; once the set
+// is back, a run cut while assigning wave 1 and a cancel leave no desired
+// firmware on any device, and the devices are free for the next rollout.
+func TestRolloutInterruptedStartCancelled(t *testing.T) {
+	rh := startRolloutHub(t, 6)
+	query := []string{"--query", "tags.site = 'berlin'", "--waves", "4,100%"}
+	rh.cutStart(t, "r9", 2, 6, query...)
+
+	if _, err := rh.h.CreateDevice("gw-07"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rh.svc.UpdateTwin(t.Context(), "gw-07", map[string]any{"tags": map[string]any{"site": "berlin"}}, ""); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range [][]string{{"run", "r9", "--interval", "100ms"}, {"resume", "r9"}} {
+		r := rh.env.run(t, 30*time.Second, append([]string{"rollout"}, cmd...)...)
+		if r.code != exitFailure || !strings.Contains(r.stderr, "now gives 7 devices, not the 6 it gave at start") {
+			t.Errorf("%s with a device added: exit %d: %s", cmd[0], r.code, r.stderr)
+		}
+	}
+	if tagged, assigned := rh.members("r9"); tagged >= 6 || assigned != 0 {
+		t.Fatalf("refused finish changed members: %d tagged, %d assigned", tagged, assigned)
+	}
+	if err := rh.svc.DeleteDevice(t.Context(), "gw-07"); err != nil {
+		t.Fatal(err)
+	}
+
+	// The set is back: run finishes the start; cut it while wave 1 is
+	// being assigned.
+	cut := func() bool { _, assigned := rh.members("r9"); return assigned >= 1 }
+	r := rh.env.runCut(t, time.Minute, cut, "rollout", "run", "r9", "--interval", "100ms", "--rate", "4")
+	if r.code != exitCanceled {
+		t.Fatalf("cut run: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	if tagged, assigned := rh.members("r9"); tagged != 6 || assigned < 1 {
+		t.Fatalf("after the cut run: %d tagged, %d assigned", tagged, assigned)
+	}
+	r = rh.env.run(t, 30*time.Second, "rollout", "cancel", "r9")
+	if r.code != exitOK {
+		t.Fatalf("cancel exit %d: %s", r.code, r.stderr)
+	}
+	for _, id := range rh.ids {
+		if fw := rh.desired(t, id); fw != nil {
+			t.Errorf("%s still has desired firmware %v", id, fw)
+		}
+	}
+	if st := rh.status(t, "r9"); st.State != stateCancelled {
+		t.Errorf("status %+v", st)
+	}
+	r = rh.env.run(t, 30*time.Second, startCmd("r10", query...)...)
+	if r.code != exitOK {
+		t.Fatalf("start after cancel: exit %d: %s", r.code, r.stderr)
+	}
+	rh.checkWaves(t, "r10", [][]string{rh.ids[:4]})
 }

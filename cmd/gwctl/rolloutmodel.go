@@ -92,8 +92,14 @@ type plan struct {
 	MaxFailures float64   `json:"maxFailures"`
 	Selection   string    `json:"selection"` // the query, or "N devices listed"
 	Devices     int       `json:"devices"`
-	CreatedBy   string    `json:"createdBy,omitempty"`
-	CreatedAt   string    `json:"createdAt"`
+	// What a start that was cut off needs to be finished: the selection
+	// run again (the query, or the listed ids, when they fit in
+	// maxSelectionText) must give the same devices (memberDigest).
+	Query        string `json:"query,omitempty"`
+	DeviceList   string `json:"deviceList,omitempty"`
+	MemberDigest string `json:"memberDigest,omitempty"`
+	CreatedBy    string `json:"createdBy,omitempty"`
+	CreatedAt    string `json:"createdAt"`
 }
 
 // fwDesired is the desired firmware property (docs/twin.md).
