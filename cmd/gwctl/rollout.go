@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"os"
 	"os/user"
 	"reflect"
@@ -124,13 +123,7 @@ With --watch, drive the rollout until it ends (as "gwctl rollout run").`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.fw.URI, "uri", "", "URL of the firmware image (fwPackageUri)")
-	fl.StringVar(&f.fw.Version, "version", "", "version of the image")
-	fl.StringVar(&f.fw.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
-	fl.Int64Var(&f.fw.Size, "size", 0, "size of the image in bytes")
-	fl.StringVar(&f.fw.SignatureURI, "signature-uri", "", "URL of the image's signature")
-	fl.StringVar(&f.fw.IndexURI, "index-uri", "", indexURIUsage)
-	f.window.register(cmd)
+	f.fw.register(cmd, &f.window)
 	fl.StringVar(&f.query, "query", "", "select the devices whose twin matches this WHERE condition")
 	fl.StringVar(&f.devices, "devices", "", "select these devices (comma-separated ids)")
 	fl.StringVar(&f.waves, "waves", defaultWaves, "cumulative wave sizes: counts or percentages of the selected devices")
@@ -147,18 +140,12 @@ func (f *rolloutFlags) validate(name string) error {
 	if !validRolloutName(name) {
 		return usageErr("rollout name %q: use 1-64 letters, digits, '-', '_' or '.'", name)
 	}
-	u, err := url.Parse(f.fw.URI)
-	if err != nil || u.Scheme == "" || u.Host == "" {
-		return usageErr("--uri must be an absolute URL, not %q", f.fw.URI)
+	if err := f.fw.check(f.window); err != nil {
+		return err
 	}
 	if strings.TrimSpace(f.fw.Version) == "" {
 		return usageErr("--version is required: devices compare it with the version they run")
 	}
-	w, err := checkImageFlags(f.fw.SHA256, f.fw.Size, f.fw.IndexURI, f.window)
-	if err != nil {
-		return err
-	}
-	f.fw.Window = w
 	if (f.query == "") == (f.devices == "") {
 		return usageErr("give one of --query or --devices")
 	}

@@ -103,15 +103,11 @@ type plan struct {
 }
 
 // fwDesired is the desired firmware property (docs/twin.md).
+// It is the firmwareUpdate payload plus the id of the desired update;
+// a rollout always sets the version.
 type fwDesired struct {
-	UpdateID     string    `json:"updateId"`
-	URI          string    `json:"fwPackageUri"`
-	Version      string    `json:"version"`
-	SHA256       string    `json:"sha256,omitempty"`
-	Size         int64     `json:"size,omitempty"`
-	SignatureURI string    `json:"signatureUri,omitempty"`
-	IndexURI     string    `json:"indexUri,omitempty"`
-	Window       *fwWindow `json:"window,omitempty"`
+	UpdateID string `json:"updateId"`
+	fwRequest
 }
 
 // rstate is the rollout's state.

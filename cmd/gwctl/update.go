@@ -57,26 +57,45 @@ func (w fwWindow) resolve() (*fwWindow, error) {
 // that sends an update.
 const indexURIUsage = "URL of the image's block index (gwctl image index): install adaptively, fetching only the blocks the device lacks (indexUri)"
 
-// checkImageFlags checks --sha256, --size and --index-uri of a command that
-// sends an update and returns the window its --window-* flags give (nil for
-// none).
-func checkImageFlags(sha string, size int64, indexURI string, w fwWindow) (*fwWindow, error) {
-	if indexURI != "" {
+// register adds the image flags of a command that sends an update
+// (--uri, --version, --sha256, --size, --signature-uri, --index-uri) and
+// the --window-* flags into w.
+func (r *fwRequest) register(cmd *cobra.Command, w *fwWindow) {
+	fl := cmd.Flags()
+	fl.StringVar(&r.URI, "uri", "", "URL of the firmware image (fwPackageUri)")
+	fl.StringVar(&r.Version, "version", "", "version of the image")
+	fl.StringVar(&r.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
+	fl.Int64Var(&r.Size, "size", 0, "size of the image in bytes")
+	fl.StringVar(&r.SignatureURI, "signature-uri", "", "URL of the image's signature")
+	fl.StringVar(&r.IndexURI, "index-uri", "", indexURIUsage)
+	w.register(cmd)
+	_ = cmd.MarkFlagRequired("uri")
+}
+
+// check checks the image flags and sets the window the --window-* flags
+// give (nil for none).
+func (r *fwRequest) check(w fwWindow) error {
+	u, err := url.Parse(r.URI)
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		return usageErr("--uri must be an absolute URL, not %q", r.URI)
+	}
+	if r.IndexURI != "" {
 		// The device fetches the index's ranges over HTTP(S) only.
-		u, err := url.Parse(indexURI)
+		u, err := url.Parse(r.IndexURI)
 		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return nil, usageErr("--index-uri must be an absolute http(s) URL, not %q", indexURI)
+			return usageErr("--index-uri must be an absolute http(s) URL, not %q", r.IndexURI)
 		}
 	}
-	if sha != "" {
-		if b, err := hex.DecodeString(sha); err != nil || len(b) != 32 {
-			return nil, usageErr("--sha256 must be 64 hex digits")
+	if r.SHA256 != "" {
+		if b, err := hex.DecodeString(r.SHA256); err != nil || len(b) != 32 {
+			return usageErr("--sha256 must be 64 hex digits")
 		}
 	}
-	if size < 0 {
-		return nil, usageErr("--size must not be negative")
+	if r.Size < 0 {
+		return usageErr("--size must not be negative")
 	}
-	return w.resolve()
+	r.Window, err = w.resolve()
+	return err
 }
 
 // fwAnswer is gwagent's answer to firmwareUpdate (200 accepted, 409 busy,
@@ -142,32 +161,19 @@ of an update that waits for a window needs a --timeout that reaches it.
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.req.URI, "uri", "", "URL of the firmware image (fwPackageUri)")
-	fl.StringVar(&f.req.Version, "version", "", "version of the image")
-	fl.StringVar(&f.req.SHA256, "sha256", "", "SHA-256 of the image (64 hex digits)")
-	fl.Int64Var(&f.req.Size, "size", 0, "size of the image in bytes")
-	fl.StringVar(&f.req.SignatureURI, "signature-uri", "", "URL of the image's signature")
-	fl.StringVar(&f.req.IndexURI, "index-uri", "", indexURIUsage)
-	f.window.register(cmd)
+	f.req.register(cmd, &f.window)
 	fl.BoolVar(&f.watch, "watch", false, "follow the update until it completes or fails")
 	fl.DurationVar(&f.interval, "interval", time.Second, "twin polling interval with --watch")
 	fl.DurationVar(&f.timeout, "timeout", 30*time.Minute, "give up watching after this long (exit code 2)")
 	f.methodTimes.register(cmd, "response-timeout")
-	_ = cmd.MarkFlagRequired("uri")
 	cmd.AddCommand(a.updateCancelCommand())
 	return cmd
 }
 
 func (f *updateFlags) validate() error {
-	u, err := url.Parse(f.req.URI)
-	if err != nil || u.Scheme == "" || u.Host == "" {
-		return usageErr("--uri must be an absolute URL, not %q", f.req.URI)
-	}
-	w, err := checkImageFlags(f.req.SHA256, f.req.Size, f.req.IndexURI, f.window)
-	if err != nil {
+	if err := f.req.check(f.window); err != nil {
 		return err
 	}
-	f.req.Window = w
 	if f.interval < 100*time.Millisecond {
 		return usageErr("--interval must be at least 100ms (twin reads are throttled per hub)")
 	}
