@@ -49,16 +49,8 @@ func (i *Installer) LocalBlocks(ctx context.Context, u firmware.Update) (running
 
 // openLocal opens slot read-only as a firmware.LocalImage of its capacity.
 func (i *Installer) openLocal(slot string) (*localSlot, error) {
-	f, err := os.Open(i.paths[slot])
+	f, err := i.openReadOnly(slot)
 	if err != nil {
-		return nil, fmt.Errorf("abpart: open slot %s: %w", slot, err)
-	}
-	fi, err := f.Stat()
-	if err == nil {
-		err = i.checkType(slot, fi)
-	}
-	if err != nil {
-		f.Close()
 		return nil, err
 	}
 	n, err := i.capacity(slot)

@@ -229,6 +229,21 @@ func (i *Installer) ReadBack(ctx context.Context, u firmware.Update) (firmware.S
 // openStored opens slot for reading back, with a file descriptor of its
 // own (the sink may still be writing through another).
 func (i *Installer) openStored(slot string) (*storedSlot, error) {
+	f, err := i.openReadOnly(slot)
+	if err != nil {
+		return nil, err
+	}
+	// The slot is read once, start to end: a larger read-ahead window keeps
+	// the storage busy while the reader hashes.
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_SEQUENTIAL); err != nil {
+		i.log.Debug("fadvise SEQUENTIAL failed", zap.Error(err))
+	}
+	return &storedSlot{f: f, slot: slot, log: i.log}, nil
+}
+
+// openReadOnly opens slot's device (or file) read-only, checking that it
+// is of the kind the installer was set up for.
+func (i *Installer) openReadOnly(slot string) (*os.File, error) {
 	f, err := os.Open(i.paths[slot])
 	if err != nil {
 		return nil, fmt.Errorf("abpart: open slot %s: %w", slot, err)
@@ -241,12 +256,7 @@ func (i *Installer) openStored(slot string) (*storedSlot, error) {
 		f.Close()
 		return nil, err
 	}
-	// The slot is read once, start to end: a larger read-ahead window keeps
-	// the storage busy while the reader hashes.
-	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_SEQUENTIAL); err != nil {
-		i.log.Debug("fadvise SEQUENTIAL failed", zap.Error(err))
-	}
-	return &storedSlot{f: f, slot: slot, log: i.log}, nil
+	return f, nil
 }
 
 // storedSlot reads a slot back from the storage. Each section's pages are
