@@ -33,26 +33,29 @@ import (
 // index blocks of 4 KiB (the default) and 64 KiB, over
 // loopback at full speed (the worst case for adaptive installs: the network
 // costs nothing, reading and hashing the slots is all) and over a link
-// served at 20 MB/s. Run with -count and take medians:
+// served at 20 MB/s, and over loopback with 5 ms added to every request
+// of the image (a round trip; the index request is not delayed). Run with
+// -count and take medians:
 //
 //	go test -run '^$' -bench Adaptive -count 3 ./firmware/abpart
 func BenchmarkAdaptive(b *testing.B) {
 	const size = 64 << 20
 	for _, link := range []struct {
 		name string
-		rate int64 // bytes per second, 0: as fast as loopback goes
-	}{{"loopback", 0}, {"20MBps", 20e6}} {
+		rate int64         // bytes per second, 0: as fast as loopback goes
+		rtt  time.Duration // added to every request of the image, a link's round trip
+	}{{"loopback", 0, 0}, {"20MBps", 20e6, 0}, {"5msRTT", 0, 5 * time.Millisecond}} {
 		for _, bs := range []int{blockindex.DefaultBlockSize, 64 << 10} {
 			for _, pct := range []int{1, 10, 50, 100} {
 				b.Run(link.name+"/"+strconv.Itoa(bs>>10)+"KiB/"+strconv.Itoa(pct)+"pct", func(b *testing.B) {
-					benchAdaptive(b, size, bs, pct, link.rate)
+					benchAdaptive(b, size, bs, pct, link.rate, link.rtt)
 				})
 			}
 		}
 	}
 }
 
-func benchAdaptive(b *testing.B, size, bs, pct int, rate int64) {
+func benchAdaptive(b *testing.B, size, bs, pct int, rate int64, rtt time.Duration) {
 	r := rand.New(rand.NewPCG(uint64(pct), 2))
 	v1 := make([]byte, size)
 	fillRandom(r, v1)
@@ -73,6 +76,8 @@ func benchAdaptive(b *testing.B, size, bs, pct int, rate int64) {
 		body := v2
 		if req.URL.Path == "/fw.img.bidx" {
 			body = idx
+		} else if rtt > 0 {
+			time.Sleep(rtt)
 		}
 		http.ServeContent(countWriter{w, &sent, rate}, req, "fw", time.Time{}, bytes.NewReader(body))
 	}))
