@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -128,8 +130,13 @@ func (s *streamer) assemble(ctx context.Context, u Update, log *zap.Logger) erro
 	}
 	defer src.close()
 
-	a := &assembler{s: s, ix: ix, url: u.Request.URI, src: src, running: running, target: target,
-		buf: make([]byte, ix.BlockSize), fbuf: make([]byte, ix.BlockSize), out: make([]byte, 0, max(copyBufSize, ix.BlockSize))}
+	// The writer verifies the fetched blocks with its own reader of the
+	// index file: an opened index is not safe for concurrent use.
+	wix, err := blockindex.Open(ixf, ix.EncodedSize())
+	if err != nil {
+		return coded(CodeDownload, fmt.Errorf("adaptive install: open the block index again: %w", err))
+	}
+	a := newAssembler(s, ix, wix, u.Request.URI, src, running, target)
 	if s.cp.Written > 0 {
 		// A resumed install: the run before may have written past its last
 		// checkpoint, at most about two checkpoint intervals (the syncer's
@@ -279,48 +286,187 @@ func (s *streamer) runningBlocks(ctx context.Context, ix *blockindex.Index, runn
 	return src, nil
 }
 
+// maxInFlight bounds the Range requests of an adaptive install in flight
+// at once. Scattered changes cost one request per run of changed blocks,
+// and on a link with a long round trip (a satellite's 600 ms) one request
+// at a time spends the install waiting; a few at a time hide most of it,
+// and the blocks still reach the stream in order.
+const maxInFlight = 4
+
 // assembler writes the image block by block, in order, into the stream.
+// Two goroutines share the work: the planner (plan) walks the blocks,
+// reads and verifies the ones the device holds and starts a bounded Range
+// request for each run of the others, at most maxInFlight at once, each
+// into its own buffer; the writer (the caller of run) takes the local
+// blocks and the fetched runs in block order, verifies the fetched blocks
+// and hands everything to the stream, so checkpoints only ever count bytes
+// written in order. Memory is bounded by the buffers: maxInFlight runs of
+// at most Config.MaxRangeBytes and localPieces pieces of local blocks.
 type assembler struct {
 	s       *streamer
-	ix      *blockindex.Index
 	url     string
-	src     *scanSource // per block, in order: the block of the running image that holds it, -1 if none
 	running LocalImage
 	target  LocalImage
 	// targetEnd bounds the part of the target that may hold blocks of an
 	// earlier attempt of this update (0: none).
 	targetEnd int64
-	buf       []byte // one block, read from the device
-	// out holds verified blocks not yet handed to the stream, so the sink
-	// is written in large pieces (at most copyBufSize); outFetched and
-	// outReused count them until they are.
-	out                   []byte
-	outFetched, outReused int64
-	fbuf                  []byte // one block, fetched
+	first     int // the block the install goes on at
 
-	fromRunning, fromTarget int64 // bytes reused from each
-	ranges, refetched       int
+	// Owned by the planner.
+	ix                      *blockindex.Index // not safe for concurrent use: the planner's
+	src                     *scanSource       // per block, in order: the block of the running image that holds it, -1 if none
+	fromRunning, fromTarget int64             // bytes reused from each
+	ranges                  int
 	// needed counts the bytes fetched because the device does not hold
 	// them, bridged those fetched to save a Range request; bridging is
 	// the blocks of the gap being bridged still to come.
 	needed, bridged int64
 	bridging        int
+
+	// Owned by the writer.
+	wix *blockindex.Index // the writer's own reader of the same index file
+	// out holds verified blocks not yet handed to the stream, so the sink
+	// is written in large pieces (at most copyBufSize); outFetched and
+	// outReused count them until they are.
+	out                   []byte
+	outFetched, outReused int64
+	refetched             int
+
+	// Free buffers, handed from the writer back to the planner: of runs
+	// to fetch (maxInFlight) and of local blocks (localPieces).
+	fetchBufs, localBufs chan []byte
+
+	// The image's validators (If-Range), as the first Range request
+	// learned them, for the requests after it.
+	vmu                sync.Mutex
+	etag, lastModified string
+}
+
+// localPieces is how many pieces of local blocks (each at most
+// copyBufSize, or a block) the planner may read ahead: one between every
+// two runs in flight, so that scattered changes do not hold the requests
+// back. A piece's buffer grows only as far as its blocks need.
+const localPieces = maxInFlight + 1
+
+// piece is the next part of the image, in block order, from the planner to
+// the writer: verified local blocks from block first, a run being fetched,
+// or the error that stopped the planner.
+type piece struct {
+	first int
+	local []byte
+	fetch *rangeFetch
+	err   error
+}
+
+// rangeFetch is one Range request of blocks [r0, r1) into buf; n, err and
+// the validators are set when done is closed.
+type rangeFetch struct {
+	r0, r1             int
+	buf                []byte
+	done               chan struct{}
+	n                  int
+	err                error
+	etag, lastModified string
+}
+
+func newAssembler(s *streamer, ix, wix *blockindex.Index, url string, src *scanSource, running, target LocalImage) *assembler {
+	a := &assembler{s: s, ix: ix, wix: wix, url: url, src: src, running: running, target: target,
+		first: int(s.cp.Written / int64(ix.BlockSize)), out: make([]byte, 0, max(copyBufSize, ix.BlockSize)),
+		fetchBufs: make(chan []byte, maxInFlight), localBufs: make(chan []byte, localPieces),
+		etag: s.cp.ETag, lastModified: s.cp.LastModified}
+	for range maxInFlight {
+		a.fetchBufs <- nil // allocated when first taken, as large as the run needs
+	}
+	for range localPieces {
+		a.localBufs <- nil
+	}
+	return a
 }
 
 func (a *assembler) run(ctx context.Context) error {
-	if err := a.assemble(ctx); err != nil {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pieces := make(chan piece, maxInFlight+localPieces+1) // never full: every piece but the last holds a buffer
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer close(pieces)
+		if err := a.plan(ctx, pieces, &wg); err != nil {
+			select {
+			case pieces <- piece{err: err}:
+			case <-ctx.Done():
+			}
+		}
+	}()
+	err := a.consume(ctx, pieces)
+	// Stop the planner and the requests in flight (when the writer
+	// stopped early) and wait for them: nothing outlives the install.
+	cancel()
+	wg.Wait()
+	if err != nil {
 		return err
 	}
 	return a.flush()
 }
 
-func (a *assembler) assemble(ctx context.Context) error {
-	s, ix := a.s, a.ix
+// consume is the writer: it writes the pieces in order until the planner
+// is done.
+func (a *assembler) consume(ctx context.Context, pieces <-chan piece) error {
+	for p := range pieces {
+		if p.err != nil {
+			return p.err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if f := p.fetch; f != nil {
+			err := a.writeFetched(ctx, f)
+			a.fetchBufs <- f.buf[:0]
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		err := a.write(p.first, p.local, false)
+		a.localBufs <- p.local[:0]
+		if err != nil {
+			return err
+		}
+	}
+	// The planner closes pieces early only when the context is done.
+	return ctx.Err()
+}
+
+// plan is the planner: it walks the blocks from a.first and sends the
+// pieces of the image in order.
+func (a *assembler) plan(ctx context.Context, pieces chan<- piece, wg *sync.WaitGroup) error {
+	ix := a.ix
 	bs := int64(ix.BlockSize)
-	first := int(s.cp.Written / bs)
-	maxRun := int(max(1, s.m.cfg.MaxRangeBytes/bs))
-	r0, r1 := first, first // the pending blocks to fetch, [r0, r1)
-	for i := first; i < ix.Blocks(); i++ {
+	maxRun := int(max(1, a.s.m.cfg.MaxRangeBytes/bs))
+	pieceMax := max(copyBufSize, ix.BlockSize) // bytes of local blocks sent at once
+	send := func(p piece) error {
+		select {
+		case pieces <- p:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	var (
+		cur      []byte // local blocks from block curFirst, not sent yet
+		curFirst int
+	)
+	sendLocal := func() error {
+		if len(cur) == 0 {
+			return nil
+		}
+		p := piece{first: curFirst, local: cur}
+		cur = nil
+		return send(p)
+	}
+	r0, r1 := a.first, a.first // the pending blocks to fetch, [r0, r1); while there are any, cur is empty
+	for i := a.first; i < ix.Blocks(); i++ {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -328,47 +474,74 @@ func (a *assembler) assemble(ctx context.Context) error {
 		if err != nil {
 			return coded(CodeDownload, fmt.Errorf("adaptive install: %w", err))
 		}
-		var (
-			data            []byte
-			ok, bridgedHere bool
-		)
+		_, n := ix.Block(i)
+		var ok, bridgedHere bool
 		if r0 < r1 && r1 == i && a.bridge(i, j, r1-r0, maxRun) {
 			a.bridging--
 			bridgedHere = true
-		} else if data, ok, err = a.local(i, j); err != nil {
-			return err
+		} else {
+			if cur == nil || len(cur)+int(n) > pieceMax {
+				if err := sendLocal(); err != nil {
+					return err
+				}
+				if cur, err = take(ctx, a.localBufs, int(n)); err != nil {
+					return err
+				}
+			}
+			cur = slices.Grow(cur, int(n))
+			if len(cur) == 0 {
+				curFirst = i
+			}
+			if ok = a.local(i, j, cur[len(cur):int64(len(cur))+n]); ok {
+				cur = cur[:int64(len(cur))+n]
+			}
 		}
 		if !ok {
 			if !bridgedHere {
-				_, n := ix.Block(i)
 				a.needed += n
 			}
 			if r1-r0 >= maxRun {
-				if err := a.fetch(ctx, r0, r1); err != nil {
+				if err := a.startFetch(ctx, r0, r1, send, wg); err != nil {
 					return err
 				}
 				r0 = r1
 			}
 			if r0 == r1 {
+				if err := sendLocal(); err != nil {
+					return err
+				}
 				r0 = i
 			}
 			r1 = i + 1
 			continue
 		}
 		if r0 < r1 {
-			if err := a.fetch(ctx, r0, r1); err != nil {
+			if err := a.startFetch(ctx, r0, r1, send, wg); err != nil {
 				return err
 			}
 		}
 		r0, r1 = i+1, i+1
-		if err := a.write(i, data, false); err != nil {
+	}
+	if r0 < r1 {
+		if err := a.startFetch(ctx, r0, r1, send, wg); err != nil {
 			return err
 		}
 	}
-	if r0 < r1 {
-		return a.fetch(ctx, r0, r1)
+	return sendLocal()
+}
+
+// take takes a free buffer of at least size bytes, waiting for the writer
+// to hand one back.
+func take(ctx context.Context, free chan []byte, size int) ([]byte, error) {
+	select {
+	case b := <-free:
+		if cap(b) < size {
+			b = make([]byte, 0, size)
+		}
+		return b[:0], nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
-	return nil
 }
 
 // Bridging: a short run of blocks the device holds between two runs to
@@ -411,31 +584,30 @@ func (a *assembler) bridge(i int, j int32, run, maxRun int) bool {
 	return false
 }
 
-// local returns block i from the device, verified, when the device holds
-// it: in the running image (at block j, where the scan found it), else in the target
-// at its own offset (left by an earlier attempt).
-func (a *assembler) local(i int, j int32) ([]byte, bool, error) {
+// local reads block i into b and reports whether the device holds it,
+// verified: in the running image (at block j, where the scan found it),
+// else in the target at its own offset (left by an earlier attempt).
+func (a *assembler) local(i int, j int32, b []byte) bool {
 	off, n := a.ix.Block(i)
-	b := a.buf[:n]
 	if j >= 0 && a.running != nil {
 		if _, err := a.running.ReadAt(b, int64(j)*int64(a.ix.BlockSize)); err == nil && a.ix.Verify(i, b) == nil {
 			a.fromRunning += n
-			return b, true, nil
+			return true
 		}
 	}
 	if a.target != nil && off+n <= min(a.target.Size(), a.targetEnd) {
 		if _, err := a.target.ReadAt(b, off); err == nil && a.ix.Verify(i, b) == nil {
 			a.fromTarget += n
-			return b, true, nil
+			return true
 		}
 	}
-	return nil, false, nil
+	return false
 }
 
-// write queues block i (verified) for the stream, skipping what a resumed
-// install already wrote of it.
+// write queues verified blocks from block i for the stream, skipping what
+// a resumed install already wrote of them.
 func (a *assembler) write(i int, data []byte, fetched bool) error {
-	off, _ := a.ix.Block(i)
+	off, _ := a.wix.Block(i)
 	if skip := a.s.cp.Written + int64(len(a.out)) - off; skip > 0 {
 		data = data[skip:]
 	}
@@ -468,31 +640,64 @@ func (a *assembler) flush() error {
 	return err
 }
 
-// fetch gets blocks [r0, r1) with one bounded Range request (reconnecting
-// from where a broken transfer stopped), verifies each block and writes
-// it. A block that does not match its hash is fetched again on its own
-// once; a second mismatch fails the update, naming the block.
-func (a *assembler) fetch(ctx context.Context, r0, r1 int) error {
+// startFetch starts the Range request of blocks [r0, r1) (reconnecting
+// from where a broken transfer stopped) and sends it to the writer. It
+// waits for a free buffer: at most maxInFlight runs are fetched or wait
+// to be written.
+func (a *assembler) startFetch(ctx context.Context, r0, r1 int, send func(piece) error, wg *sync.WaitGroup) error {
 	a.ranges++
 	start, _ := a.ix.Block(r0)
 	lastOff, lastLen := a.ix.Block(r1 - 1)
-	rr := a.reader(ctx, start, lastOff+lastLen)
-	defer rr.close()
-	for i := r0; i < r1; i++ {
-		_, n := a.ix.Block(i)
-		b := a.fbuf[:n]
-		if _, err := io.ReadFull(rr, b); err != nil {
-			return a.rangeError(i, err)
+	end := lastOff + lastLen
+	buf, err := take(ctx, a.fetchBufs, int(end-start))
+	if err != nil {
+		return err
+	}
+	f := &rangeFetch{r0: r0, r1: r1, buf: buf[:end-start], done: make(chan struct{})}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer close(f.done)
+		a.vmu.Lock()
+		etag, lastModified := a.etag, a.lastModified
+		a.vmu.Unlock()
+		rr := a.reader(ctx, start, end, etag, lastModified)
+		defer rr.close()
+		f.n, f.err = io.ReadFull(rr, f.buf)
+		f.etag, f.lastModified = rr.etag, rr.lastModified
+		a.vmu.Lock()
+		if a.etag == "" && a.lastModified == "" {
+			a.etag, a.lastModified = rr.etag, rr.lastModified
 		}
-		if err := a.ix.Verify(i, b); err != nil {
+		a.vmu.Unlock()
+	}()
+	return send(piece{fetch: f})
+}
+
+// writeFetched waits for a run's Range request, verifies each block and
+// writes it. A block that does not match its hash is fetched again on its
+// own once; a second mismatch fails the update, naming the block. A
+// request that failed fails at the first block it did not bring, after
+// the blocks before it are written.
+func (a *assembler) writeFetched(ctx context.Context, f *rangeFetch) error {
+	<-f.done // the request ends when ctx is done
+	start, _ := a.wix.Block(f.r0)
+	for i := f.r0; i < f.r1; i++ {
+		off, n := a.wix.Block(i)
+		lo := off - start
+		if lo+n > int64(f.n) {
+			return a.rangeError(i, f.err)
+		}
+		b := f.buf[lo : lo+n]
+		if err := a.wix.Verify(i, b); err != nil {
 			a.refetched++
 			a.s.m.log.Warn("adaptive install: a fetched block does not match the index; fetching it again",
 				zap.String("update_id", a.s.cp.UpdateID), zap.Int("block", i), zap.Error(err))
-			if err := a.refetch(ctx, i); err != nil {
+			if err := a.refetch(ctx, i, b); err != nil {
 				return err
 			}
 		}
-		a.s.cp.ETag, a.s.cp.LastModified = rr.etag, rr.lastModified
+		a.s.cp.ETag, a.s.cp.LastModified = f.etag, f.lastModified
 		if err := a.write(i, b, true); err != nil {
 			return err
 		}
@@ -500,28 +705,28 @@ func (a *assembler) fetch(ctx context.Context, r0, r1 int) error {
 	return nil
 }
 
-// refetch fetches block i alone into a.fbuf and verifies it.
-func (a *assembler) refetch(ctx context.Context, i int) error {
-	off, n := a.ix.Block(i)
-	rr := a.reader(ctx, off, off+n)
+// refetch fetches block i alone into b and verifies it.
+func (a *assembler) refetch(ctx context.Context, i int, b []byte) error {
+	off, n := a.wix.Block(i)
+	rr := a.reader(ctx, off, off+n, a.s.cp.ETag, a.s.cp.LastModified)
 	defer rr.close()
-	b := a.fbuf[:n]
 	if _, err := io.ReadFull(rr, b); err != nil {
 		return a.rangeError(i, err)
 	}
-	if err := a.ix.Verify(i, b); err != nil {
+	if err := a.wix.Verify(i, b); err != nil {
 		return coded(CodeVerify, fmt.Errorf("adaptive install: block %d (bytes %d-%d) from %s does not match the index, also when fetched again: %w",
 			i, off, off+n-1, redactURI(a.url), err))
 	}
 	return nil
 }
 
-// reader is a Range reader of the image's bytes [start, end).
-func (a *assembler) reader(ctx context.Context, start, end int64) *rangeReader {
+// reader is a Range reader of the image's bytes [start, end), sent with
+// the image's validators.
+func (a *assembler) reader(ctx context.Context, start, end int64, etag, lastModified string) *rangeReader {
 	s := a.s
 	rr := &rangeReader{
 		ctx: ctx, m: s.m, lastByte: time.Now(), url: a.url, offset: start, end: end,
-		etag: s.cp.ETag, lastModified: s.cp.LastModified, limit: a.ix.ImageSize, rangeOnly: true,
+		etag: etag, lastModified: lastModified, limit: a.wix.ImageSize, rangeOnly: true,
 	}
 	rr.backoff = retry.NewBackoff(s.m.cfg.RetryInitialInterval, s.m.cfg.RetryMaxInterval)
 	return rr
@@ -535,13 +740,13 @@ func (a *assembler) rangeError(i int, err error) error {
 	if a.s.ctx.Err() != nil && errors.Is(err, context.Canceled) {
 		return err
 	}
-	off, n := a.ix.Block(i)
+	off, n := a.wix.Block(i)
 	if errors.Is(err, errNoRanges) {
 		// Its body is not the block asked for.
 		return fallback(CodeVerify, "block %d (bytes %d-%d) from %s: %v", i, off, off+n-1, redactURI(a.url), errNoRanges)
 	}
 	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
-		err = coded(CodeVerify, fmt.Errorf("the server's image ends before the index's %d bytes", a.ix.ImageSize))
+		err = coded(CodeVerify, fmt.Errorf("the server's image ends before the index's %d bytes", a.wix.ImageSize))
 	}
 	return coded(CodeDownload, fmt.Errorf("adaptive install: block %d (bytes %d-%d): %w", i, off, off+n-1, err))
 }

@@ -2,23 +2,29 @@ package abpart
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/gwagent/gwagent/firmware"
 	"github.com/gwagent/gwagent/firmware/blockindex"
+	"github.com/gwagent/gwagent/internal/testutil"
 )
 
 // Adaptive installs through the real state machine: the running slot A holds
@@ -40,6 +46,12 @@ type adaptiveServer struct {
 	ignoreRange bool        // answer every image request 200 with the whole image
 	corrupt     map[int]int // block → times left to corrupt it when sent (-1: always)
 	shift       int64       // send the bytes this far after the ones asked for (once)
+
+	// hold, when set, keeps every Range request waiting until it is
+	// closed (or the request is cancelled); inFlight and maxInFlight
+	// count the Range requests being served.
+	hold                  chan struct{}
+	inFlight, maxInFlight atomic.Int32
 }
 
 func newAdaptiveServer(t *testing.T, img []byte) *adaptiveServer {
@@ -56,6 +68,19 @@ func newAdaptiveServer(t *testing.T, img []byte) *adaptiveServer {
 }
 
 func (s *adaptiveServer) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Range") != "" {
+		n := s.inFlight.Add(1)
+		defer s.inFlight.Add(-1)
+		for m := s.maxInFlight.Load(); n > m && !s.maxInFlight.CompareAndSwap(m, n); m = s.maxInFlight.Load() {
+		}
+		if s.hold != nil {
+			select {
+			case <-s.hold:
+			case <-r.Context().Done():
+				return
+			}
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if r.URL.Path == "/fw.img.bidx" {
@@ -114,6 +139,18 @@ func parseRange(h string, size int64) (a, b int64, ok bool) {
 		b = min(b, size-1)
 	}
 	return a, b, true
+}
+
+// byStart sorts Range headers by their first byte: an adaptive install
+// has several requests in flight, so they reach the server in any order.
+func byStart(ranges []string) []string {
+	ranges = slices.Clone(ranges)
+	start := func(r string) int64 {
+		a, _, _ := parseRange(r, math.MaxInt64)
+		return a
+	}
+	slices.SortFunc(ranges, func(x, y string) int { return cmp.Compare(start(x), start(y)) })
+	return ranges
 }
 
 func (s *adaptiveServer) counts() (ranges []string, imgSent int64, idxSent int) {
@@ -179,7 +216,7 @@ func TestAdaptiveInstall(t *testing.T) {
 	}
 	// Blocks 10-12 in ranges of at most two blocks, then the last block.
 	want := []string{"bytes=40960-49151", "bytes=49152-53247", fmt.Sprintf("bytes=819200-%d", len(v2)-1)}
-	if strings.Join(ranges, " ") != strings.Join(want, " ") {
+	if strings.Join(byStart(ranges), " ") != strings.Join(want, " ") {
 		t.Errorf("ranges %q, want %q", ranges, want)
 	}
 	a.mu.Lock()
@@ -187,6 +224,86 @@ func TestAdaptiveInstall(t *testing.T) {
 	a.mu.Unlock()
 	if st == nil || st.BytesFetched != changed+int64(len(srv.idx)) || st.BytesReused != int64(len(v2))-changed || st.Fallback != "" {
 		t.Errorf("Progress.Adaptive = %+v, want fetched %d, reused %d", st, changed+int64(len(srv.idx)), int64(len(v2))-changed)
+	}
+}
+
+// scatteredPair is version 2 of the running slot's first 200 blocks with
+// every other block changed: a Range request per changed block.
+func scatteredPair(t *testing.T, d *device) []byte {
+	t.Helper()
+	slotA, err := os.ReadFile(d.slots["A"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2 := bytes.Clone(slotA[:200*testBlock])
+	fresh := randomBytes(t, len(v2))
+	for k := 0; k < 200; k += 2 {
+		copy(v2[k*testBlock:(k+1)*testBlock], fresh[k*testBlock:])
+	}
+	return v2
+}
+
+// TestAdaptiveRequestsInFlight: scattered changes are fetched with up to
+// four Range requests at once, never more, and the slot is written in
+// order all the same.
+func TestAdaptiveRequestsInFlight(t *testing.T) {
+	d := newDevice(t, "file")
+	d.guard("A")
+	v2 := scatteredPair(t, d)
+	srv := newAdaptiveServer(t, v2)
+	srv.hold = make(chan struct{})
+	d.tune = func(c *firmware.Config) { c.MaxRangeBytes = testBlock }
+	a := d.startAgent(t, nil)
+	if _, err := a.m.Start(srv.request()); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, agentWait, "four Range requests in flight", func() bool { return srv.inFlight.Load() == 4 })
+	// The planner now waits for the writer, which waits for the first
+	// request: no fifth one may start.
+	time.Sleep(100 * time.Millisecond)
+	close(srv.hold)
+	if !a.waitRebootOrEnd(t) {
+		final, phases := a.result()
+		t.Fatalf("no reboot: %+v, phases %v", final, phases)
+	}
+	got, _ := os.ReadFile(d.slots["B"])
+	if !bytes.Equal(got[:len(v2)], v2) {
+		t.Fatal("slot B does not hold version 2")
+	}
+	ranges, sent, _ := srv.counts()
+	if m := srv.maxInFlight.Load(); m != 4 {
+		t.Errorf("at most %d Range requests in flight, want 4", m)
+	}
+	if len(ranges) != 100 || sent != 100*testBlock {
+		t.Errorf("%d Range requests, %d bytes: want one per changed block, 100", len(ranges), sent)
+	}
+}
+
+// TestAdaptiveCancelInFlight: cancelling an adaptive install stops the
+// Range requests in flight (the server never answers them), and nothing
+// is left running (goleak, TestMain).
+func TestAdaptiveCancelInFlight(t *testing.T) {
+	d := newDevice(t, "file")
+	d.guard("A")
+	v2 := scatteredPair(t, d)
+	srv := newAdaptiveServer(t, v2)
+	srv.hold = make(chan struct{})
+	defer close(srv.hold)
+	d.tune = func(c *firmware.Config) { c.MaxRangeBytes = testBlock }
+	a := d.startAgent(t, nil)
+	id, err := a.m.Start(srv.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, agentWait, "four Range requests in flight", func() bool { return srv.inFlight.Load() == 4 })
+	ctx, cancel := context.WithTimeout(context.Background(), agentWait)
+	defer cancel()
+	if _, err := a.m.Cancel(ctx, id); err != nil {
+		t.Fatalf("cancel with Range requests in flight: %v", err)
+	}
+	testutil.Eventually(t, agentWait, "the Range requests end", func() bool { return srv.inFlight.Load() == 0 })
+	if st := a.m.Status(); st.Phase != firmware.PhaseFailed || st.Err == nil || st.Err.Code != firmware.CodeCancelled {
+		t.Errorf("after cancel: %+v, want failed/%s", st, firmware.CodeCancelled)
 	}
 }
 
@@ -364,7 +481,7 @@ func TestAdaptiveBridgesShortGaps(t *testing.T) {
 	}
 	ranges, sent, _ := srv.counts()
 	want := []string{fmt.Sprintf("bytes=0-%d", 100*testBlock-1), fmt.Sprintf("bytes=%d-%d", 105*testBlock, size-1)}
-	if strings.Join(ranges, " ") != strings.Join(want, " ") {
+	if strings.Join(byStart(ranges), " ") != strings.Join(want, " ") {
 		t.Errorf("ranges %q, want %q", ranges, want)
 	}
 	wire := float64(sent + int64(len(srv.idx)))
