@@ -182,8 +182,11 @@ func defaultHTTPClient() *http.Client {
 }
 
 // NewTransport is the HTTP transport for image downloads: bounded dial,
-// handshake and header waits, few idle connections. tlsConfig may be nil
-// (the system roots).
+// handshake and header waits, few idle connections: as many per host as
+// an adaptive install has Range requests in flight (maxInFlight), so that
+// over HTTP/1.1 they reuse their connections instead of dialling (and
+// handshaking) again for every request. tlsConfig may be nil (the system
+// roots).
 func NewTransport(tlsConfig *tls.Config) *http.Transport {
 	return &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
@@ -191,7 +194,8 @@ func NewTransport(tlsConfig *tls.Config) *http.Transport {
 		TLSHandshakeTimeout:   15 * time.Second,
 		ResponseHeaderTimeout: 30 * time.Second,
 		IdleConnTimeout:       90 * time.Second,
-		MaxIdleConns:          2,
+		MaxIdleConns:          maxInFlight,
+		MaxIdleConnsPerHost:   maxInFlight,
 		ForceAttemptHTTP2:     true,
 		TLSClientConfig:       tlsConfig,
 	}
