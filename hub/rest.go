@@ -389,30 +389,27 @@ func (h *Hub) handlePutJob(w http.ResponseWriter, r *http.Request) {
 		writeError(w, serr)
 		return
 	}
-	v, serr := h.scheduleJob(r.PathValue("id"), b)
-	if serr != nil {
-		writeError(w, serr)
-		return
-	}
-	writeJSON(w, http.StatusOK, v)
+	answerJob(w)(h.scheduleJob(r.PathValue("id"), b))
 }
 
 func (h *Hub) handleGetJob(w http.ResponseWriter, r *http.Request) {
-	v, serr := h.getJob(r.PathValue("id"))
-	if serr != nil {
-		writeError(w, serr)
-		return
-	}
-	writeJSON(w, http.StatusOK, v)
+	answerJob(w)(h.getJob(r.PathValue("id")))
 }
 
 func (h *Hub) handleCancelJob(w http.ResponseWriter, r *http.Request) {
-	v, serr := h.cancelJob(r.PathValue("id"))
-	if serr != nil {
-		writeError(w, serr)
-		return
+	answerJob(w)(h.cancelJob(r.PathValue("id")))
+}
+
+// answerJob returns what answers a job request: the job (200) or the
+// error.
+func answerJob(w http.ResponseWriter) func(v any, serr *svcError) {
+	return func(v any, serr *svcError) {
+		if serr != nil {
+			writeError(w, serr)
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
 	}
-	writeJSON(w, http.StatusOK, v)
 }
 
 // handleListJobs answers GET /jobs/v2/query?jobType=&jobStatus=, paged like

@@ -98,24 +98,11 @@ func run(ctx context.Context, o options) (err error) {
 		_ = os.RemoveAll(tmp)
 	}()
 
-	h, err := hub.New(hub.Config{StateDir: filepath.Join(tmp, "hub"), MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0",
-		HostName: "localhost", Log: zap.NewNop()})
+	h, svc, err := startHub(ctx, tmp, false)
 	if err != nil {
-		return err
-	}
-	if err := h.Start(ctx); err != nil {
 		return err
 	}
 	defer func() { _ = h.Close() }()
-	cs, err := iothub.ParseConnectionString(h.ServiceConnectionString())
-	if err != nil {
-		return err
-	}
-	svc, err := service.New(cs, service.Options{CAFile: h.CAFile(), BaseURL: "https://" + h.HTTPSAddr(),
-		Retry: service.RetryPolicy{MaxTries: 1}})
-	if err != nil {
-		return err
-	}
 	dev, err := svc.CreateDevice(ctx, deviceID)
 	if err != nil {
 		return err
@@ -665,4 +652,29 @@ func (r *straceRun) wait() (*traceSummary, error) {
 	}
 	defer func() { _ = f.Close() }()
 	return summarize(f, r.dur)
+}
+
+// startHub starts a gwhub on loopback ports with its state in dir/hub
+// (and a WebSocket listener when ws) and a service client for it that
+// does not retry.
+func startHub(ctx context.Context, dir string, ws bool) (*hub.Hub, *service.Client, error) {
+	h, err := hub.New(hub.Config{StateDir: filepath.Join(dir, "hub"), MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0",
+		WebSocket: ws, HostName: "localhost", Log: zap.NewNop()})
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := h.Start(ctx); err != nil {
+		return nil, nil, err
+	}
+	cs, err := iothub.ParseConnectionString(h.ServiceConnectionString())
+	if err == nil {
+		var svc *service.Client
+		svc, err = service.New(cs, service.Options{CAFile: h.CAFile(), BaseURL: "https://" + h.HTTPSAddr(),
+			Retry: service.RetryPolicy{MaxTries: 1}})
+		if err == nil {
+			return h, svc, nil
+		}
+	}
+	_ = h.Close()
+	return nil, nil, err
 }

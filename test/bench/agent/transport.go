@@ -9,10 +9,7 @@ import (
 	"slices"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/gwagent/gwagent/hub"
-	"github.com/gwagent/gwagent/iothub"
 	"github.com/gwagent/gwagent/iothub/service"
 )
 
@@ -41,24 +38,11 @@ func runTransports(ctx context.Context, o options) (err error) {
 		}
 		_ = os.RemoveAll(tmp)
 	}()
-	h, err := hub.New(hub.Config{StateDir: filepath.Join(tmp, "hub"), MQTTAddr: "127.0.0.1:0", HTTPSAddr: "127.0.0.1:0",
-		WebSocket: true, HostName: "localhost", Log: zap.NewNop()})
+	h, svc, err := startHub(ctx, tmp, true)
 	if err != nil {
-		return err
-	}
-	if err := h.Start(ctx); err != nil {
 		return err
 	}
 	defer func() { _ = h.Close() }()
-	cs, err := iothub.ParseConnectionString(h.ServiceConnectionString())
-	if err != nil {
-		return err
-	}
-	svc, err := service.New(cs, service.Options{CAFile: h.CAFile(), BaseURL: "https://" + h.HTTPSAddr(),
-		Retry: service.RetryPolicy{MaxTries: 1}})
-	if err != nil {
-		return err
-	}
 
 	runs := []*transportRun{
 		{name: "mqtt", flags: func(h *hub.Hub) []string {
